@@ -1,0 +1,3 @@
+from livegen.cli import main
+
+main()

@@ -1,0 +1,95 @@
+"""The engine's contract with the server: work items in, futures out. No torch here.
+
+The server builds ``GenerationRequest`` objects (inputs already validated and images already
+decoded), hands them to an ``Engine`` and awaits the returned future. ``engine.worker`` holds
+the implementation, the single owner of the device.
+"""
+
+from __future__ import annotations
+
+import enum
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from livegen.protocol.apps import Task
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+__all__ = ["Engine", "EncodedImage", "GenerationRequest", "GenerationResult", "Priority", "Task"]
+
+
+class Priority(enum.IntEnum):
+    """Lower runs first: realtime frames, then sync requests, then queued jobs."""
+
+    REALTIME = 0
+    SYNC = 1
+    QUEUED = 2
+
+
+@dataclass(frozen=True, eq=False)
+class GenerationRequest:
+    model_id: str
+    task: Task
+    prompt: str
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    negative_prompt: str = ""
+    num_images: int = 1
+    strength: float = 1.0
+    guidance_rescale: float = 0.0
+    image: PILImage | None = None  # RGB, already width x height
+    mask: PILImage | None = None  # L, already width x height
+    output_format: Literal["jpeg", "png"] = "jpeg"
+    # Center-crop each result to this (width, height) after generation.
+    crop_to: tuple[int, int] | None = None
+    priority: Priority = Priority.SYNC
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys can share one pipeline call."""
+        return (
+            self.model_id,
+            self.task,
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.guidance_rescale,
+            self.strength if self.task is not Task.TEXT_TO_IMAGE else None,
+        )
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+    width: int
+    height: int
+    content_type: str
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: list[EncodedImage]
+    seed: int
+    has_nsfw_concepts: list[bool]
+    timings: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1
+
+
+class Engine(Protocol):
+    """What the server needs from the engine."""
+
+    def submit(self, request: GenerationRequest) -> Future[GenerationResult]: ...
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise ``InvalidInput`` / ``ModelUnavailable`` for work this engine cannot do."""
+        ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    @property
+    def ready(self) -> bool: ...

@@ -1,0 +1,117 @@
+"""Small pieces every pipeline adapter uses: an LRU for prompt embeddings, seeded generators,
+and turning a batch's outputs back into per-request image lists."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Generic, Protocol, TypeVar
+
+import torch
+from PIL import Image
+
+from livegen.engine import GenerationRequest, Task
+from livegen.protocol.errors import InvalidInput
+
+V = TypeVar("V")
+
+
+class Adapter(Protocol):
+    """One loaded model: validates requests and runs batches of compatible ones."""
+
+    model_id: str
+
+    def check_inputs(self, request: GenerationRequest) -> None: ...
+
+    def __call__(self, batch: Sequence[GenerationRequest]) -> list[list[Image.Image]]: ...
+
+
+class LruCache(Generic[V]):
+    """Prompt embeddings by (prompt, negative prompt, cfg): a repeated prompt is not re-encoded."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[Hashable, V] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get_or_create(self, key: Hashable, create: Callable[[], V]) -> V:
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key]
+        self.misses += 1
+        value = create()
+        if self.capacity > 0:
+            self._items[key] = value
+            if len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def check_common(request: GenerationRequest, *, vae_scale_factor: int = 8) -> None:
+    """Checks every family shares; each adapter adds its own."""
+    if request.width % vae_scale_factor or request.height % vae_scale_factor:
+        raise InvalidInput(
+            f"image size must be a multiple of {vae_scale_factor}, got {request.width}x{request.height}",
+            loc=("body", "image_size"),
+        )
+    if request.task is not Task.TEXT_TO_IMAGE:
+        effective = int(request.num_inference_steps * request.strength)
+        if effective < 1:
+            raise InvalidInput(
+                f"num_inference_steps x strength must be at least 1 (diffusers runs "
+                f"int(steps * strength) steps): {request.num_inference_steps} x {request.strength} "
+                f"runs none; raise num_inference_steps or strength",
+                loc=("body", "strength"),
+            )
+        if request.image is None:
+            raise InvalidInput("an input image is required", loc=("body", "image_url"))
+    if request.task is Task.INPAINTING and request.mask is None:
+        raise InvalidInput("a mask image is required", loc=("body", "mask_url"))
+
+
+def generators(device: torch.device, batch: Sequence[GenerationRequest]) -> list[torch.Generator]:
+    """One generator per image: image i of a request uses seed + i."""
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    return [
+        torch.Generator(gen_device).manual_seed(r.seed + i) for r in batch for i in range(r.num_images)
+    ]
+
+
+def repeat_rows(rows: Sequence[torch.Tensor], batch: Sequence[GenerationRequest]) -> torch.Tensor:
+    """Stack each request's (1, ...) tensor num_images times, in batch order."""
+    return torch.cat([row.expand(r.num_images, *row.shape[1:]) for row, r in zip(rows, batch, strict=True)])
+
+
+def repeat_images(images: Sequence[Image.Image | None], batch: Sequence[GenerationRequest]) -> list[Image.Image]:
+    out: list[Image.Image] = []
+    for image, r in zip(images, batch, strict=True):
+        assert image is not None
+        out.extend([image] * r.num_images)
+    return out
+
+
+def split_outputs(images: Sequence[Image.Image], batch: Sequence[GenerationRequest]) -> list[list[Image.Image]]:
+    out: list[list[Image.Image]] = []
+    start = 0
+    for r in batch:
+        chunk = list(images[start : start + r.num_images])
+        start += r.num_images
+        if r.crop_to is not None:
+            chunk = [center_crop(im, *r.crop_to) for im in chunk]
+        out.append(chunk)
+    return out
+
+
+def center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    left = max(0, (image.width - width) // 2)
+    top = max(0, (image.height - height) // 2)
+    return image.crop((left, top, left + min(width, image.width), top + min(height, image.height)))
+
+
+def total_images(batch: Sequence[GenerationRequest]) -> int:
+    return sum(r.num_images for r in batch)

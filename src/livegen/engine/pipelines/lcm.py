@@ -1,0 +1,42 @@
+"""LCM-LoRA on SD 1.5 or SDXL: the base pipeline, the LoRA fused into its UNet, LCMScheduler.
+
+After fusing, the UNet has its base shapes and costs nothing extra per step, so the SD and
+SDXL adapters render it unchanged; only loading differs, which is what this file holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from diffusers import LCMScheduler
+
+from livegen.engine.pipelines import sd_turbo, sdxl_turbo
+from livegen.engine.pipelines.common import Adapter
+
+logger = logging.getLogger(__name__)
+
+
+def load(
+    model_id: str,
+    source: str,
+    lora_source: str,
+    *,
+    sdxl: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    tiny_vae_source: str | None = None,
+    prompt_cache_size: int = 256,
+) -> Adapter:
+    started = time.perf_counter()
+    module = sdxl_turbo if sdxl else sd_turbo
+    pipe = module.load_pipeline(source, device=device, dtype=dtype, tiny_vae_source=tiny_vae_source)
+    pipe.load_lora_weights(lora_source, adapter_name="lcm")
+    pipe.fuse_lora(adapter_names=["lcm"], lora_scale=1.0)
+    pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    logger.info("fused LCM-LoRA into %s in %.1f s", model_id, time.perf_counter() - started)
+    if sdxl:
+        return sdxl_turbo.SdxlAdapter(model_id, pipe, prompt_cache_size=prompt_cache_size)
+    return sd_turbo.SdAdapter(model_id, pipe, prompt_cache_size=prompt_cache_size)

@@ -1,0 +1,314 @@
+"""The worker: the single owner of the device.
+
+One thread takes work items off a priority queue (realtime, then sync, then queued; FIFO
+within a priority), gathers the compatible ones behind the head (same model, task, size,
+steps, guidance and strength) into one batch of at most ``max_batch_size`` images, and runs
+it through the model's pipeline adapter. Encoding the results to JPEG/PNG happens on a small
+thread pool so the device thread can start the next batch. The event loop never runs torch:
+it awaits the ``Future`` that ``submit`` returns.
+
+    with Worker.start(settings) as engine:
+        result = engine.submit(request).result()
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from livegen.engine import EncodedImage, GenerationRequest, GenerationResult
+from livegen.engine.imaging import content_type_for, encode_image
+from livegen.engine.pipelines import common, lcm
+from livegen.engine.pipelines.common import Adapter
+from livegen.engine.pipelines.sd_turbo import SdAdapter
+from livegen.engine.pipelines.sdxl_turbo import SdxlAdapter
+from livegen.engine.registry import MODELS, alternatives_hint, resolve_source, spec_for
+from livegen.protocol.errors import GpuOutOfMemory, LivegenError, ModelUnavailable
+from livegen.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+@dataclass(order=True)
+class _Pending:
+    sort_key: tuple[int, int]
+    request: GenerationRequest = field(compare=False)
+    future: Future[GenerationResult] = field(compare=False)
+
+
+@dataclass
+class Stats:
+    batches: int = 0
+    images: int = 0
+    multi_request_batches: int = 0
+    busy_s: float = 0.0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Worker:
+    """The engine implementation (see ``livegen.engine.Engine``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.stats = Stats()
+        self.startup: Future[None] = Future()
+        self._state = State.NEW
+        self._cond = threading.Condition()
+        self._pending: list[_Pending] = []
+        self._seq = itertools.count()
+        self._adapters: dict[str, Adapter] = {}
+        self._model_state: dict[str, str] = {m: "not loaded" for m in MODELS}
+        self._thread = threading.Thread(target=self._main, name="livegen-engine", daemon=True)
+        self._post = ThreadPoolExecutor(max_workers=2, thread_name_prefix="livegen-encode")
+
+    @classmethod
+    @contextmanager
+    def start(cls, settings: Settings) -> Iterator[Worker]:
+        worker = cls(settings)
+        worker.open()
+        try:
+            yield worker
+        finally:
+            worker.close()
+
+    def open(self) -> None:
+        if self._state is not State.NEW:
+            raise RuntimeError(f"worker is {self._state.value}; open it once")
+        for model_id in self.settings.models:
+            spec_for(model_id)  # unknown names fail here, before any thread starts
+        self._state = State.RUNNING
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._state is State.CLOSED:
+            return
+        with self._cond:
+            self._state = State.CLOSED
+            pending, self._pending = self._pending, []
+            self._cond.notify_all()
+        for p in pending:
+            p.future.set_exception(ModelUnavailable("the server is shutting down"))
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
+        self._post.shutdown(wait=True)
+
+    @property
+    def ready(self) -> bool:
+        return self.startup.done() and self.startup.exception() is None
+
+    # -- the Engine protocol ------------------------------------------------------------------
+
+    def check(self, request: GenerationRequest) -> None:
+        spec_for(request.model_id)
+        adapter = self._adapters.get(request.model_id)
+        if adapter is None and not self.settings.load_on_demand and request.model_id not in self.settings.models:
+            raise ModelUnavailable(
+                f"Model {request.model_id} is not loaded on this server; start it with "
+                f"--models including {request.model_id} (or enable loading on demand)"
+            )
+        if adapter is not None:
+            adapter.check_inputs(request)
+        else:
+            common.check_common(request)
+
+    def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
+        future: Future[GenerationResult] = Future()
+        with self._cond:
+            if self._state is not State.RUNNING:
+                raise ModelUnavailable("the engine is not running")
+            seq = next(self._seq)
+            self._pending.append(_Pending((int(request.priority), seq), request, future))
+            self._cond.notify()
+        return future
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "weights": self.settings.weights,
+            "models": dict(self._model_state),
+            "safety_checker": "not loaded: has_nsfw_concepts is always false",
+            "queued": len(self._pending),
+            "batches": self.stats.batches,
+            "images": self.stats.images,
+            "multi_request_batches": self.stats.multi_request_batches,
+        }
+
+    # -- the device thread --------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            for model_id in self.settings.models:
+                self._adapter(model_id)
+        except BaseException as exc:  # noqa: BLE001 - reported through the startup future
+            self.startup.set_exception(exc)
+            return
+        self.startup.set_result(None)
+        while True:
+            with self._cond:
+                while not self._pending and self._state is State.RUNNING:
+                    self._cond.wait()
+                if self._state is not State.RUNNING:
+                    return
+                batch = self._take_batch()
+            if batch:
+                self._run_batch(batch)
+
+    def _take_batch(self) -> list[_Pending]:
+        self._pending.sort()
+        head = self._pending[0]
+        key = head.request.batch_key()
+        chosen, images = [], 0
+        for p in self._pending:
+            if p is not head and (p.request.batch_key() != key or images + p.request.num_images > self.settings.max_batch_size):
+                continue
+            chosen.append(p)
+            images += p.request.num_images
+        taken = set(map(id, chosen))
+        self._pending = [p for p in self._pending if id(p) not in taken]
+        return [p for p in chosen if p.future.set_running_or_notify_cancel()]
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        model_id = batch[0].request.model_id
+        try:
+            adapter = self._adapter(model_id)
+        except LivegenError as exc:
+            for p in batch:
+                p.future.set_exception(exc)
+            return
+        runnable = []
+        for p in batch:
+            try:
+                adapter.check_inputs(p.request)
+                runnable.append(p)
+            except LivegenError as exc:
+                p.future.set_exception(exc)
+        if not runnable:
+            return
+        requests = [p.request for p in runnable]
+        started = time.perf_counter()
+        try:
+            outputs = adapter(requests)
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            logger.warning("out of device memory on a batch of %d images", common.total_images(requests))
+            self._fail(runnable, GpuOutOfMemory(str(exc)))
+            return
+        except LivegenError as exc:
+            self._fail(runnable, exc)
+            return
+        except Exception as exc:
+            logger.exception("batch failed model=%s", model_id)
+            self._fail(runnable, LivegenError(f"generation failed: {type(exc).__name__}"))
+            return
+        elapsed = time.perf_counter() - started
+        self._count(requests, elapsed)
+        for p, images in zip(runnable, outputs, strict=True):
+            self._post.submit(self._finish, p, images, elapsed, len(requests))
+
+    @staticmethod
+    def _fail(batch: list[_Pending], exc: LivegenError) -> None:
+        for p in batch:
+            p.future.set_exception(exc)
+
+    def _count(self, requests: list[GenerationRequest], elapsed: float) -> None:
+        n = common.total_images(requests)
+        self.stats.batches += 1
+        self.stats.images += n
+        self.stats.busy_s += elapsed
+        self.stats.batch_sizes[n] = self.stats.batch_sizes.get(n, 0) + 1
+        if len(requests) > 1:
+            self.stats.multi_request_batches += 1
+        logger.debug("batch model=%s requests=%d images=%d ms=%.1f", requests[0].model_id, len(requests), n, elapsed * 1e3)
+
+    def _finish(self, pending: _Pending, images: list[Any], elapsed: float, batch_size: int) -> None:
+        request = pending.request
+        try:
+            encoded = [
+                EncodedImage(
+                    data=encode_image(im, request.output_format, quality=self.settings.jpeg_quality),
+                    width=im.width,
+                    height=im.height,
+                    content_type=content_type_for(request.output_format),
+                )
+                for im in images
+            ]
+        except Exception as exc:
+            logger.exception("encoding failed")
+            pending.future.set_exception(LivegenError(f"encoding failed: {type(exc).__name__}"))
+            return
+        pending.future.set_result(
+            GenerationResult(
+                images=encoded,
+                seed=request.seed,
+                has_nsfw_concepts=[False] * len(encoded),
+                timings={"inference": elapsed},
+                batch_size=batch_size,
+            )
+        )
+
+    def _adapter(self, model_id: str) -> Adapter:
+        adapter = self._adapters.get(model_id)
+        if adapter is not None:
+            return adapter
+        if not self.settings.load_on_demand and model_id not in self.settings.models:
+            raise ModelUnavailable(f"Model {model_id} is not loaded on this server")
+        self._model_state[model_id] = "loading"
+        started = time.perf_counter()
+        try:
+            adapter = self._load(model_id)
+        except LivegenError as exc:
+            self._model_state[model_id] = f"failed: {exc.message}"
+            raise
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:400]
+            self._model_state[model_id] = f"failed: {reason}"
+            raise ModelUnavailable(
+                f"Could not load {model_id} with --weights {self.settings.weights}: {reason}. "
+                f"{alternatives_hint(model_id)}"
+            ) from exc
+        self._adapters[model_id] = adapter
+        self._model_state[model_id] = "loaded"
+        logger.info("loaded %s on %s in %.1f s", model_id, self.device, time.perf_counter() - started)
+        return adapter
+
+    def _load(self, model_id: str) -> Adapter:
+        spec = spec_for(model_id)
+        source = resolve_source(spec.base_repo, self.settings)
+        tiny_vae = resolve_source(spec.tiny_vae_repo, self.settings) if self.settings.tiny_vae else None
+        options: dict[str, Any] = {
+            "device": self.device,
+            "dtype": self.dtype,
+            "tiny_vae_source": tiny_vae,
+            "prompt_cache_size": self.settings.prompt_cache_size,
+        }
+        if spec.lora_repo is not None:
+            lora = resolve_source(spec.lora_repo, self.settings)
+            return lcm.load(model_id, source, lora, sdxl=spec.sdxl, **options)
+        if spec.sdxl:
+            return SdxlAdapter.load(model_id, source, **options)
+        return SdAdapter.load(model_id, source, **options)

@@ -1,0 +1,138 @@
+"""The errors livegen raises on purpose, each with its wire identity.
+
+    LivegenError                      500 internal_error (never shown verbatim)
+     ├── InvalidInput (ValueError)    422 a field's value is wrong; carries ``loc``
+     │    ├── InvalidImage            422 an image input cannot be used
+     │    └── FetchRefused            422 a URL input may not or could not be fetched
+     ├── PayloadTooLarge              413 a body or an inline file over its cap
+     ├── Unauthorized                 401 no key, or a key we do not know
+     ├── Forbidden                    403 a key or token without the right to this app
+     ├── NotFound                     404 unknown path, request id or file
+     ├── QueueFull                    429 admission refused; retry later
+     ├── ModelUnavailable             503 a model that cannot be loaded or is not served
+     └── GpuOutOfMemory               503 the device ran out of memory for this work
+
+Every class declares ``http_status`` and ``error_type``. ``server/errors.py`` renders them in
+fal's shapes (``error_body``): 422 as ``{"detail": [{"loc", "msg", "type"}]}`` so both clients
+raise their validation errors, everything else as ``{"detail": str, "error_type": str}``.
+For 401, 403 and 5xx the class's fixed ``public_message`` goes on the wire unless the raiser
+gave a message meant for users (``public=True``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class LivegenError(Exception):
+    http_status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "internal_error"
+    public_message: ClassVar[str] = "Internal Server Error"
+    # Whether str(exc) may go on the wire. True for 4xx below 500 except 401/403 by default.
+    message_is_public: ClassVar[bool] = False
+
+    def __init__(self, message: str | None = None, *, public: bool | None = None) -> None:
+        super().__init__(message or self.public_message)
+        self.message = message or self.public_message
+        self._public = self.message_is_public if public is None else public
+
+    @property
+    def wire_message(self) -> str:
+        return self.message if self._public else self.public_message
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidInput(LivegenError, ValueError):
+    http_status = 422
+    error_type = "invalid_input"
+    public_message = "Invalid input"
+    message_is_public = True
+    validation_type: ClassVar[str] = "value_error"
+
+    def __init__(self, message: str, *, loc: tuple[str | int, ...] = ("body",)) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+    def detail(self) -> list[dict[str, Any]]:
+        return [{"loc": list(self.loc), "msg": self.message, "type": self.validation_type}]
+
+
+class InvalidImage(InvalidInput):
+    error_type = "invalid_image"
+    validation_type = "image_load_error"
+
+
+class FetchRefused(InvalidInput):
+    error_type = "file_download_error"
+    validation_type = "file_download_error"
+
+
+class PayloadTooLarge(LivegenError):
+    http_status = 413
+    error_type = "payload_too_large"
+    public_message = "Payload too large"
+    message_is_public = True
+
+
+class Unauthorized(LivegenError):
+    http_status = 401
+    error_type = "unauthorized"
+    public_message = "Unauthorized: pass 'Authorization: Key <your livegen API key>'"
+
+
+class Forbidden(LivegenError):
+    http_status = 403
+    error_type = "forbidden"
+    public_message = "Forbidden"
+
+
+class NotFound(LivegenError):
+    http_status = 404
+    error_type = "not_found"
+    public_message = "Not found"
+    message_is_public = True
+
+
+class QueueFull(LivegenError):
+    http_status = 429
+    error_type = "queue_full"
+    public_message = "Too many requests queued; retry later"
+    message_is_public = True
+
+    def __init__(self, message: str | None = None, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+class ModelUnavailable(LivegenError):
+    """A model that is not served here, or that failed to load. Its message names the model."""
+
+    http_status = 503
+    error_type = "model_unavailable"
+    public_message = "Model unavailable"
+    message_is_public = True
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "30"}
+
+
+class GpuOutOfMemory(LivegenError):
+    http_status = 503
+    error_type = "gpu_out_of_memory"
+    public_message = "The device ran out of memory for this request; retry with fewer or smaller images"
+    message_is_public = False
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
+def error_body(exc: LivegenError) -> dict[str, Any]:
+    """fal's error body for ``exc`` (see the module docstring)."""
+    if isinstance(exc, InvalidInput):
+        return {"detail": exc.detail()}
+    return {"detail": exc.wire_message, "error_type": exc.error_type}

@@ -1,0 +1,93 @@
+"""The ASGI application: routers, error handlers and the lifespan that opens the services.
+
+    app = create_app(Settings(weights="tiny-random"))
+    uvicorn.run(app)
+
+The lifespan opens the database, the key and file stores, and the engine worker, and closes
+them in reverse. Models load in the background while the server already answers: ``/readyz``
+is 503 until they are loaded. If a model named in ``--models`` cannot be loaded, the error is
+logged with the model's name and the alternatives, and ``on_fatal`` is called (``livegen
+serve`` then exits non-zero).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from livegen import __version__
+from livegen.engine import Engine
+from livegen.server import errors
+from livegen.server.auth import KeyStore
+from livegen.server.db import Database
+from livegen.server.generation import GenerationService
+from livegen.server.middleware import RequestIdMiddleware
+from livegen.server.routes import files, health, run
+from livegen.server.storage import FileStore
+from livegen.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """Build the app. ``engine`` replaces the torch worker (tests pass fakes)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            db = stack.enter_context(Database.open(settings.db_path))
+            app.state.keys = KeyStore(db, settings.api_keys)
+            app.state.files = FileStore(db, settings.files_dir)
+            eng = engine if engine is not None else stack.enter_context(_start_worker(settings))
+            app.state.engine = eng
+            app.state.generation = GenerationService(settings, eng, app.state.files)
+            app.state.fatal_error = None
+            watcher = asyncio.create_task(_watch_startup(app, eng, on_fatal))
+            stack.callback(watcher.cancel)
+            yield
+
+    app = FastAPI(
+        title="livegen",
+        version=__version__,
+        description="Real-time image generation speaking fal.ai's model API protocol",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    errors.install(app)
+    app.add_middleware(RequestIdMiddleware)
+    app.include_router(health.router)
+    app.include_router(files.router)
+    app.include_router(run.router())
+    return app
+
+
+def _start_worker(settings: Settings) -> Any:
+    from livegen.engine.worker import Worker  # torch is imported here, not at import time
+
+    return Worker.start(settings)
+
+
+async def _watch_startup(app: FastAPI, engine: Engine, on_fatal: Callable[[str], None] | None) -> None:
+    startup = getattr(engine, "startup", None)
+    if startup is None:
+        return
+    try:
+        await asyncio.wrap_future(startup)
+    except Exception as exc:  # noqa: BLE001 - reported, then the server stops
+        message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        app.state.fatal_error = message
+        logger.critical("start-up failed: %s", message)
+        if on_fatal is not None:
+            on_fatal(message)
+        return
+    logger.info("ready: %s", ", ".join(m for m, s in engine.status()["models"].items() if s == "loaded") or "no models preloaded")

@@ -1,0 +1,87 @@
+"""API keys: static ones from ``LIVEGEN_API_KEYS`` and managed ones stored hashed in SQLite.
+
+A managed key reads ``<key_id>:<secret>`` (fal's ``id:secret`` shape). Only its SHA-256 is
+stored; comparison is constant-time. Keys are high-entropy random strings, so a fast hash is
+the right tool (no password stretching needed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+from pydantic import SecretStr
+
+from livegen.protocol.errors import NotFound, Unauthorized
+from livegen.server.db import Database
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    key_id: str
+    name: str
+    created_at: float
+    revoked_at: float | None = None
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    def __init__(self, db: Database, static_keys: list[SecretStr] | None = None) -> None:
+        self._db = db
+        self._static = [(f"static-{i}", _digest(k.get_secret_value())) for i, k in enumerate(static_keys or [])]
+
+    def create(self, name: str = "default") -> tuple[KeyInfo, str]:
+        """A new key; the full key is returned once and never stored."""
+        key_id = secrets.token_hex(6)
+        key = f"{key_id}:{secrets.token_urlsafe(32)}"
+        now = time.time()
+        self._db.execute(
+            "INSERT INTO api_keys (key_id, name, key_sha256, created_at) VALUES (?, ?, ?, ?)",
+            (key_id, name, _digest(key), now),
+        )
+        return KeyInfo(key_id, name, now), key
+
+    def list(self) -> list[KeyInfo]:
+        rows = self._db.query("SELECT key_id, name, created_at, revoked_at FROM api_keys ORDER BY created_at")
+        return [KeyInfo(*row) for row in rows]
+
+    def revoke(self, key_id: str) -> None:
+        changed = self._db.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (time.time(), key_id)
+        )
+        if not changed:
+            raise NotFound(f"no active key with id {key_id}")
+
+    def has_any(self) -> bool:
+        return bool(self._static) or bool(self._db.query("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1"))
+
+    def verify(self, key: str) -> str:
+        """The key id of a valid key; ``Unauthorized`` otherwise."""
+        digest = _digest(key)
+        found = None
+        for key_id, expected in self._static:
+            if hmac.compare_digest(digest, expected):
+                found = key_id
+        key_id = key.split(":", 1)[0] if ":" in key else ""
+        rows = self._db.query("SELECT key_sha256 FROM api_keys WHERE key_id = ? AND revoked_at IS NULL", (key_id,))
+        if rows and hmac.compare_digest(digest, rows[0][0]):
+            found = key_id
+        if found is None:
+            raise Unauthorized()
+        return found
+
+
+def parse_authorization(header: str | None) -> str:
+    """The credentials of an ``Authorization: Key <credentials>`` header."""
+    if not header:
+        raise Unauthorized()
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "key" or not credentials.strip():
+        raise Unauthorized()
+    return credentials.strip()

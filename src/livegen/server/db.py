@@ -1,0 +1,78 @@
+"""The SQLite database in the data dir: one file, WAL, a schema applied at open.
+
+Calls are short and synchronous under one lock; the async side calls them directly (they take
+microseconds) or through ``anyio.to_thread`` for anything that may wait on the disk.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id      TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    key_sha256  TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    revoked_at  REAL
+);
+CREATE TABLE IF NOT EXISTS files (
+    file_id      TEXT PRIMARY KEY,
+    content_type TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    file_name    TEXT NOT NULL,
+    created_at   REAL NOT NULL
+);
+"""
+
+
+class Database:
+    """A SQLite connection shared by threads, serialised by a lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+
+    @classmethod
+    @contextmanager
+    def open(cls, path: Path) -> Iterator[Database]:
+        db = cls(path)
+        db.connect()
+        try:
+            yield db
+        finally:
+            db.close()
+
+    def connect(self) -> None:
+        if self._conn is not None:
+            raise RuntimeError("database already open")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(SCHEMA)
+        self._conn = conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self._lock:
+            return self._require().execute(sql, params).rowcount
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._require().execute(sql, params).fetchall()
+
+    def _require(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("database is closed")
+        return self._conn

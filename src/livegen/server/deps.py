@@ -1,0 +1,39 @@
+"""FastAPI dependencies shared by the routes: the services on app.state, the caller's key,
+and the public base URL that returned file URLs start with."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from livegen.server.auth import KeyStore, parse_authorization
+from livegen.server.generation import GenerationService
+from livegen.server.storage import FileStore
+from livegen.settings import Settings
+
+
+def settings(request: Request) -> Settings:
+    s: Settings = request.app.state.settings
+    return s
+
+
+def generation(request: Request) -> GenerationService:
+    service: GenerationService = request.app.state.generation
+    return service
+
+
+def files(request: Request) -> FileStore:
+    store: FileStore = request.app.state.files
+    return store
+
+
+def require_key(request: Request) -> str:
+    """The id of the caller's API key (``Authorization: Key <key>``), else 401."""
+    keys: KeyStore = request.app.state.keys
+    return keys.verify(parse_authorization(request.headers.get("authorization")))
+
+
+def base_url(request: Request) -> str:
+    configured: str = request.app.state.settings.public_url
+    if configured:
+        return configured.rstrip("/")
+    return str(request.base_url).rstrip("/")

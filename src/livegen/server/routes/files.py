@@ -1,0 +1,21 @@
+"""Files served back unauthenticated at ``/cdn/files/{file_id}/{file_name}`` (fal's v3 CDN)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import FileResponse
+
+from livegen.server import deps
+from livegen.server.storage import FileStore
+
+router = APIRouter(prefix="/cdn", tags=["files"])
+
+
+@router.get("/files/{file_id}/{file_name}")
+async def get_file(file_id: str, file_name: str, store: FileStore = Depends(deps.files)) -> FileResponse:
+    stored = store.get(file_id)
+    return FileResponse(
+        stored.path,
+        media_type=stored.content_type,
+        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=86400, immutable"},
+    )

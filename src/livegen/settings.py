@@ -1,0 +1,85 @@
+"""Settings: the only place livegen reads its environment (``LIVEGEN_*``).
+
+``livegen serve`` builds one ``Settings`` from the environment, applies its flags over it and
+passes the object down; tests build ``Settings(...)`` directly::
+
+    settings = Settings(weights="tiny-random", data_dir=tmp_path, api_keys="k1")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+WeightsSource = str  # "hub" | "random" | "tiny-random" | a folder path
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIVEGEN_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path(".livegen")
+    # hub: real checkpoints by Hugging Face id; PATH: a folder with one diffusers folder per
+    # model; random / tiny-random: synthesized checkpoints (see engine/synth.py).
+    weights: WeightsSource = "hub"
+    # Models loaded at start. Others load on first use when load_on_demand, else are refused.
+    models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["stabilityai/sd-turbo"])
+    load_on_demand: bool = True
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    # Decode latents with the tiny VAE (TAESD / TAESDXL) by default; a request may not override.
+    tiny_vae: bool = False
+    allow_private_urls: bool = False
+    # Comma-separated static API keys, accepted besides the managed ones in the data dir.
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # Public base URL used in returned file URLs (e.g. https://gen.example.com/prefix). When
+    # empty, URLs are built from each request's own Host and scheme.
+    public_url: str = ""
+
+    max_batch_size: int = Field(default=8, ge=1, le=64)
+    prompt_cache_size: int = Field(default=256, ge=0)
+    max_image_side: int = Field(default=2048, ge=64)
+    max_num_images: int = Field(default=8, ge=1)
+    max_inference_steps: int = Field(default=50, ge=1)
+    max_input_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_input_image_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
+    fetch_timeout_s: float = Field(default=10.0, gt=0)
+    jpeg_quality: int = Field(default=90, ge=1, le=100)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [m.strip() for m in v.split(",") if m.strip()]
+        return v
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, v: str) -> str:
+        if v in ("hub", "random", "tiny-random"):
+            return v
+        if not Path(v).expanduser().is_dir():
+            raise ValueError(f"--weights must be hub, random, tiny-random or an existing folder; got {v!r}")
+        return str(Path(v).expanduser().resolve())
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "livegen.sqlite3"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def synth_dir(self) -> Path:
+        return self.data_dir / "synth"

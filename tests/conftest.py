@@ -1,0 +1,120 @@
+"""Shared fixtures: one real ``livegen serve --weights tiny-random`` process on loopback.
+
+The server runs as a subprocess exactly as a user starts it, so the tests exercise the CLI,
+settings, lifespan, uvicorn, the engine thread and real (tiny, random) diffusers pipelines.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+API_KEY = "test-key-0123456789"
+ALL_MODELS = (
+    "stabilityai/sd-turbo,stabilityai/sdxl-turbo,"
+    "runwayml/stable-diffusion-v1-5,stabilityai/stable-diffusion-xl-base-1.0"
+)
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    key: str
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.base_url, headers={"Authorization": f"Key {self.key}"}, timeout=120, **kwargs  # type: ignore[arg-type]
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(data_dir: Path, *args: str, env: dict[str, str] | None = None, wait_ready: bool = True) -> LiveServer:
+    port = free_port()
+    log_path = data_dir / f"server-{port}.log"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, "LIVEGEN_API_KEYS": API_KEY, "HF_HUB_OFFLINE": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "livegen", "serve", "--port", str(port), "--data-dir", str(data_dir), *args]
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    server = LiveServer(f"http://127.0.0.1:{port}", API_KEY, data_dir, log_path, process)
+    if wait_ready:
+        wait_until_ready(server)
+    return server
+
+
+def wait_until_ready(server: LiveServer, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            pytest.fail(f"livegen serve exited with {server.process.returncode}:\n{server.log()[-4000:]}")
+        try:
+            if httpx.get(server.base_url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"livegen serve not ready after {timeout} s:\n{server.log()[-4000:]}")
+
+
+def stop_server(server: LiveServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("livegen-data")
+
+
+@pytest.fixture(scope="session")
+def live_server(shared_data_dir: Path) -> Iterator[LiveServer]:
+    server = start_server(shared_data_dir, "--weights", "tiny-random", "--device", "cpu", "--models", ALL_MODELS)
+    yield server
+    stop_server(server)
+
+
+def png_bytes(width: int = 512, height: int = 512, color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+    img = Image.new("RGB", (width, height), color)
+    for x in range(0, width, 16):  # some structure, so image-to-image has something to keep
+        for y in range(0, height, 64):
+            img.putpixel((x, y), (255, 255, 255))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def decode_data_url(url: str) -> tuple[str, bytes]:
+    header, _, payload = url.partition(",")
+    assert header.startswith("data:") and header.endswith(";base64"), header[:40]
+    return header[5:-7], base64.b64decode(payload)
