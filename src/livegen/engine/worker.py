@@ -61,6 +61,14 @@ class Stats:
     batch_sizes: dict[int, int] = field(default_factory=dict)
 
 
+def _quiet_progress_bars() -> None:
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def resolve_device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
@@ -98,6 +106,7 @@ class Worker:
     def open(self) -> None:
         if self._state is not State.NEW:
             raise RuntimeError(f"worker is {self._state.value}; open it once")
+        _quiet_progress_bars()
         for model_id in self.settings.models:
             spec_for(model_id)  # unknown names fail here, before any thread starts
         self._state = State.RUNNING

@@ -119,8 +119,8 @@ def load_pipeline(
 ) -> StableDiffusionPipeline:
     """``from_pretrained`` by hub id or folder; the safety checker is not loaded (see /readyz)."""
     pipe = StableDiffusionPipeline.from_pretrained(
-        source, torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        source, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     if tiny_vae_source is not None:
-        pipe.vae = AutoencoderTiny.from_pretrained(tiny_vae_source, torch_dtype=dtype)
+        pipe.vae = AutoencoderTiny.from_pretrained(tiny_vae_source, dtype=dtype)
     return pipe.to(device)

@@ -1,0 +1,256 @@
+"""Image bytes in and out: decoding untrusted inputs, data URLs, and encoding outputs.
+
+Pillow only (the server imports this module; it must never pull in torch).
+
+Every input image goes through :func:`decode_image`, which treats the bytes as hostile:
+
+1. it identifies the file from its header only, with Pillow restricted to PNG, JPEG and WebP
+   (other formats are named from their magic bytes, never parsed);
+2. it refuses more than ``max_pixels`` pixels *before* anything is decoded, so a small file that
+   claims to be 20000×20000 costs a header read, not gigabytes;
+3. it refuses animations, decodes, applies the EXIF orientation and returns 8-bit RGB.
+
+Pillow's exceptions become :class:`InvalidImage` here, raised ``from`` the original.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import struct
+import urllib.parse
+from typing import Literal
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from livegen.protocol.errors import InvalidImage, InvalidInput, PayloadTooLarge
+
+__all__ = [
+    "ALLOWED_FORMATS",
+    "content_type_for",
+    "decode_image",
+    "encode_image",
+    "fit_size",
+    "parse_data_url",
+    "to_data_url",
+]
+
+ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
+
+# Pillow's JPEG opener returns an "MPO" image for multi-picture JPEGs (many phone and
+# stereo cameras write them). The first picture is an ordinary JPEG, so we accept it as one.
+_JPEG_ALIASES = {"MPO"}
+
+# What Pillow (or a broken file) may raise while parsing or decoding untrusted bytes.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    struct.error,
+)
+
+_WHITE = (255, 255, 255, 255)
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def decode_image(data: bytes, *, max_pixels: int = 4096 * 4096, field: str = "image_url") -> Image.Image:
+    """Decode untrusted PNG, JPEG or WebP bytes into a new 8-bit RGB image.
+
+    Raises InvalidImage (422, ``loc=("body", field)``) for anything else: empty, unknown or
+    refused formats, more than ``max_pixels`` pixels, animations, truncated or corrupt files.
+    Only the pixel count is limited, not the shape: a 1×100000 strip passes the default limit.
+    """
+    loc = ("body", field)
+    if not data:
+        raise InvalidImage(f"{field} is empty", loc=loc)
+
+    try:
+        img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+    except UnidentifiedImageError as exc:
+        raise InvalidImage(_unidentified_message(data, field), loc=loc) from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own limit (about 89 or 179 megapixels) fired while reading the header. The
+        # warning only arrives as an exception when warnings are errors (as under pytest);
+        # otherwise our own, lower check below refuses the image.
+        raise InvalidImage(f"{field} has too many pixels to decode", loc=loc) from exc
+    except _DECODE_ERRORS as exc:
+        raise InvalidImage(f"{field} is truncated or corrupt: its header cannot be read", loc=loc) from exc
+
+    with img:
+        fmt = "JPEG" if img.format in _JPEG_ALIASES else img.format
+        if fmt not in ALLOWED_FORMATS:  # Pillow was told to try only these; belt and braces
+            raise InvalidImage(
+                f"{field} is a {img.format} image; only PNG, JPEG or WebP images are accepted", loc=loc
+            )
+        width, height = img.size
+        if width * height > max_pixels:
+            raise InvalidImage(
+                f"{field} is {width}×{height} ({width * height} pixels); "
+                f"images may have at most {max_pixels} pixels",
+                loc=loc,
+            )
+        if fmt != "JPEG" and getattr(img, "n_frames", 1) > 1:
+            raise InvalidImage(
+                f"{field} is an animated {fmt} with {img.n_frames} frames; send a single still image",
+                loc=loc,
+            )
+
+        try:
+            img.load()
+            # exif_transpose always returns a new image, so nothing below refers to ``data``.
+            oriented = ImageOps.exif_transpose(img)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InvalidImage(f"{field} has too many pixels to decode", loc=loc) from exc
+        except _DECODE_ERRORS as exc:
+            raise InvalidImage(f"{field} is truncated or corrupt and cannot be decoded", loc=loc) from exc
+
+    return _to_rgb(oriented)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited over white."""
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode == "I":
+        # Pillow's own conversion clips 16-bit values at 255 (nearly everything turns white);
+        # scale 0..65535 down to 0..255 instead. 32-bit "I" images are scaled only if they use
+        # more than 8 bits.
+        lo, hi = img.getextrema()  # type: ignore[misc]
+        if img.mode in _SIXTEEN_BIT_MODES or hi > 255:
+            img = img.point(lambda v: v / 256)  # type: ignore[arg-type, operator]
+        return img.convert("L").convert("RGB")
+    if img.mode == "F":
+        return img.convert("L").convert("RGB")
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE)
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    if img.mode == "RGB":
+        return img
+    return img.convert("RGB")
+
+
+def _unidentified_message(data: bytes, field: str) -> str:
+    """Why Pillow could not identify ``data``, naming the format from its magic bytes if we can.
+
+    Only the plugins' ``accept`` functions run (prefix comparisons); no other parser sees the bytes.
+    """
+    prefix = data[:16]
+    Image.init()
+    for name, (_factory, accept) in Image.OPEN.items():
+        try:
+            if accept is not None and accept(prefix) is True:
+                if name in ALLOWED_FORMATS or name in _JPEG_ALIASES:
+                    return f"{field} looks like a {name} image but is truncated or corrupt"
+                return f"{field} appears to be in {name} format; only PNG, JPEG or WebP images are accepted"
+        except Exception:  # a plugin's sniffer failing just means "not this format"
+            continue
+    head = data[:256].lstrip().lower()
+    if head.startswith((b"<svg", b"<?xml")) or b"<svg" in head:
+        return f"{field} is SVG; only PNG, JPEG or WebP images are accepted"
+    if head.startswith((b"<!doctype html", b"<html")):
+        return f"{field} is an HTML page, not a PNG, JPEG or WebP image"
+    return f"{field} is not a PNG, JPEG or WebP image"
+
+
+def parse_data_url(url: str, *, max_bytes: int, field: str = "image_url") -> tuple[str, bytes]:
+    """Split an RFC 2397 ``data:[<mime>][;base64],<payload>`` URL into ``(mime, bytes)``.
+
+    The size is checked against ``max_bytes`` before anything is decoded (PayloadTooLarge).
+    The mime type is lowercased, without parameters; RFC 2397's default is ``text/plain``.
+    """
+    loc = ("body", field)
+    if url[:5].lower() != "data:":
+        raise InvalidInput(f"{field} is not a data URL", loc=loc)
+    header, comma, payload = url[5:].partition(",")
+    if not comma:
+        raise InvalidInput(f"{field} is a malformed data URL: no ',' before the payload", loc=loc)
+
+    params = [p.strip() for p in header.split(";")]
+    mime = params[0].lower() or "text/plain"
+    is_base64 = any(p.lower() == "base64" for p in params[1:])
+
+    if not is_base64:
+        # Each byte takes 1 to 3 characters (``%XX``), so at least len/3 bytes come out.
+        if math.ceil(len(payload) / 3) > max_bytes:
+            raise _too_large(field, max_bytes)
+        data = urllib.parse.unquote_to_bytes(payload)
+        if len(data) > max_bytes:
+            raise _too_large(field, max_bytes)
+        return mime, data
+
+    # Base64 packs 3 bytes in 4 characters. Refuse grossly oversized payloads before even
+    # stripping whitespace; then compute the exact decoded length before decoding.
+    encoded_limit = 4 * math.ceil(max_bytes / 3)
+    if len(payload) > 2 * encoded_limit + 1024:
+        raise _too_large(field, max_bytes)
+    if "%" in payload:  # percent-encoded base64 ("%2B", "%3D"); '%' is not in the alphabet
+        payload = urllib.parse.unquote(payload)
+    payload = "".join(payload.split())  # line-wrapped base64; returns payload itself if none
+    if len(payload) % 4 in (2, 3):  # tolerate missing '=' padding
+        payload += "=" * (4 - len(payload) % 4)
+    padding = len(payload) - len(payload.rstrip("="))
+    if len(payload) // 4 * 3 - min(padding, 2) > max_bytes:
+        raise _too_large(field, max_bytes)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImage(f"{field} is a data URL whose payload is not valid base64", loc=loc) from exc
+    return mime, data
+
+
+def _too_large(field: str, max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"{field} is larger than the {max_bytes}-byte limit for input files")
+
+
+def encode_image(img: Image.Image, fmt: Literal["jpeg", "png"], *, quality: int = 90) -> bytes:
+    """Encode ``img`` as JPEG (``quality`` 1..100) or PNG; other modes are converted to RGB first.
+
+    PNG uses ``compress_level=1``: generated images barely compress further, and a real-time
+    server cares more about the milliseconds than the last few percent of bytes.
+    """
+    kind = fmt.lower()
+    buf = io.BytesIO()
+    if kind in ("jpeg", "jpg"):
+        if not 1 <= quality <= 100:
+            raise InvalidInput(f"JPEG quality must be in 1..100, got {quality}", loc=("body", "quality"))
+        rgb = img if img.mode in ("RGB", "L") else _to_rgb(img)
+        rgb.save(buf, format="JPEG", quality=quality)
+    elif kind == "png":
+        out = img if img.mode in ("RGB", "RGBA", "L", "LA") else _to_rgb(img)
+        out.save(buf, format="PNG", compress_level=1)
+    else:
+        raise InvalidInput(
+            f"output_format must be 'jpeg' or 'png', got {fmt!r}", loc=("body", "output_format")
+        )
+    return buf.getvalue()
+
+
+def to_data_url(data: bytes, content_type: str) -> str:
+    """``data:<content_type>;base64,<payload>``."""
+    return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def content_type_for(fmt: str) -> str:
+    """The media type for an output format: ``jpeg`` → ``image/jpeg``, ``png`` → ``image/png``."""
+    kind = fmt.lower()
+    if kind in ("jpeg", "jpg"):
+        return "image/jpeg"
+    if kind == "png":
+        return "image/png"
+    raise InvalidInput(f"output_format must be 'jpeg' or 'png', got {fmt!r}", loc=("body", "output_format"))
+
+
+def fit_size(img_size: tuple[int, int], multiple: int = 8) -> tuple[int, int]:
+    """Snap each side of ``(width, height)`` down to a multiple of ``multiple``, at least ``multiple``."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be at least 1, got {multiple}")
+    width, height = img_size
+    return (max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple))
