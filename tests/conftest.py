@@ -38,7 +38,10 @@ class LiveServer:
 
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(
-            base_url=self.base_url, headers={"Authorization": f"Key {self.key}"}, timeout=120, **kwargs  # type: ignore[arg-type]
+            base_url=self.base_url,
+            headers={"Authorization": f"Key {self.key}"},
+            timeout=120,
+            **kwargs,  # type: ignore[arg-type]
         )
 
     def log(self) -> str:
@@ -51,7 +54,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(data_dir: Path, *args: str, env: dict[str, str] | None = None, wait_ready: bool = True) -> LiveServer:
+def start_server(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None, wait_ready: bool = True
+) -> LiveServer:
     port = free_port()
     log_path = data_dir / f"server-{port}.log"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +100,9 @@ def shared_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def live_server(shared_data_dir: Path) -> Iterator[LiveServer]:
-    server = start_server(shared_data_dir, "--weights", "tiny-random", "--device", "cpu", "--models", ALL_MODELS)
+    server = start_server(
+        shared_data_dir, "--weights", "tiny-random", "--device", "cpu", "--models", ALL_MODELS
+    )
     yield server
     stop_server(server)
 

@@ -45,30 +45,54 @@ def main() -> None:
 @main.command()
 @click.option("--host", help="Interface to bind. [env LIVEGEN_HOST; default 127.0.0.1]")
 @click.option("--port", type=int, help="Port to bind. [env LIVEGEN_PORT; default 8000]")
-@click.option("--data-dir", type=click.Path(path_type=Path), help="Keys, files, synthesized checkpoints. [env LIVEGEN_DATA_DIR; default ./.livegen]")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    help="Keys, files, synthesized checkpoints. [env LIVEGEN_DATA_DIR; default ./.livegen]",
+)
 @click.option(
     "--weights",
-    help="hub | random | tiny-random | PATH (a folder of diffusers folders). [env LIVEGEN_WEIGHTS; default hub]",
+    help="hub | random | tiny-random | PATH (a folder of diffusers folders). "
+    "[env LIVEGEN_WEIGHTS; default hub]",
 )
-@click.option("--models", help="Comma-separated models to load at start. [env LIVEGEN_MODELS; default stabilityai/sd-turbo]")
+@click.option(
+    "--models",
+    help="Comma-separated models to load at start. [env LIVEGEN_MODELS; default stabilityai/sd-turbo]",
+)
 @click.option(
     "--load-on-demand/--no-load-on-demand",
     default=None,
     help="Load other models on first use, or refuse them. [env LIVEGEN_LOAD_ON_DEMAND; default on]",
 )
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), help="[env LIVEGEN_DEVICE; default auto]")
-@click.option("--tiny-vae/--full-vae", default=None, help="Decode with TAESD/TAESDXL. [env LIVEGEN_TINY_VAE; default full]")
+@click.option(
+    "--device", type=click.Choice(["auto", "cuda", "cpu"]), help="[env LIVEGEN_DEVICE; default auto]"
+)
+@click.option(
+    "--tiny-vae/--full-vae",
+    default=None,
+    help="Decode with TAESD/TAESDXL. [env LIVEGEN_TINY_VAE; default full]",
+)
 @click.option(
     "--allow-private-urls",
     is_flag=True,
     default=None,
     help="Allow image_url fetches from loopback/private addresses. [env LIVEGEN_ALLOW_PRIVATE_URLS]",
 )
-@click.option("--public-url", help="Base URL for returned file URLs. [env LIVEGEN_PUBLIC_URL; default: from each request]")
+@click.option(
+    "--public-url",
+    help="Base URL for returned file URLs. [env LIVEGEN_PUBLIC_URL; default: from each request]",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 def serve(log_level: str, **flags: Any) -> None:
     """Serve fal's model API (HTTP) on HOST:PORT."""
     settings = _settings(**flags)
+    from livegen.engine.registry import MODELS
+
+    unknown = [m for m in settings.models if m not in MODELS]
+    if unknown:
+        raise click.UsageError(
+            f"unknown model(s) in --models: {', '.join(unknown)}; known: {', '.join(MODELS)}"
+        )
     setup_logging(log_level)
     _ensure_a_key(settings)
 

@@ -49,7 +49,13 @@ def test_lcm_image_to_image_with_data_url(fal: fal_client.SyncClient) -> None:
     image_url = fal_client.encode(png_bytes(512, 512), "image/png")
     result = fal.run(
         "fal-ai/fast-lcm-diffusion/image-to-image",
-        {"prompt": "a watercolor fox", "image_url": image_url, "num_inference_steps": 4, "strength": 0.5, "seed": 7},
+        {
+            "prompt": "a watercolor fox",
+            "image_url": image_url,
+            "num_inference_steps": 4,
+            "strength": 0.5,
+            "seed": 7,
+        },
     )
     assert _jpeg(result["images"][0]["url"]).size == (512, 512)
     assert result["seed"] == 7
@@ -61,7 +67,12 @@ def test_async_client(live_server: LiveServer, fal: fal_client.SyncClient) -> No
         client = fal_client.AsyncClient(key=live_server.key)
         return await client.run(
             "fal-ai/fast-turbo-diffusion",
-            {"prompt": "a lighthouse", "model_name": "stabilityai/sd-turbo", "num_images": 2, "format": "png"},
+            {
+                "prompt": "a lighthouse",
+                "model_name": "stabilityai/sd-turbo",
+                "num_images": 2,
+                "format": "png",
+            },
         )
 
     result = asyncio.run(go())
@@ -73,7 +84,8 @@ def test_async_client(live_server: LiveServer, fal: fal_client.SyncClient) -> No
 
 def test_file_output_when_not_sync_mode(fal: fal_client.SyncClient) -> None:
     result = fal.run(
-        "fal-ai/fast-turbo-diffusion", {"prompt": "a boat", "model_name": "stabilityai/sd-turbo", "sync_mode": False}
+        "fal-ai/fast-turbo-diffusion",
+        {"prompt": "a boat", "model_name": "stabilityai/sd-turbo", "sync_mode": False},
     )
     url = result["images"][0]["url"]
     assert url.startswith("http://127.0.0.1:")

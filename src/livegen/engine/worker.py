@@ -134,7 +134,11 @@ class Worker:
     def check(self, request: GenerationRequest) -> None:
         spec_for(request.model_id)
         adapter = self._adapters.get(request.model_id)
-        if adapter is None and not self.settings.load_on_demand and request.model_id not in self.settings.models:
+        if (
+            adapter is None
+            and not self.settings.load_on_demand
+            and request.model_id not in self.settings.models
+        ):
             raise ModelUnavailable(
                 f"Model {request.model_id} is not loaded on this server; start it with "
                 f"--models including {request.model_id} (or enable loading on demand)"
@@ -193,7 +197,9 @@ class Worker:
         key = head.request.batch_key()
         chosen, images = [], 0
         for p in self._pending:
-            if p is not head and (p.request.batch_key() != key or images + p.request.num_images > self.settings.max_batch_size):
+            if p is not head and (
+                p.request.batch_key() != key or images + p.request.num_images > self.settings.max_batch_size
+            ):
                 continue
             chosen.append(p)
             images += p.request.num_images
@@ -252,7 +258,13 @@ class Worker:
         self.stats.batch_sizes[n] = self.stats.batch_sizes.get(n, 0) + 1
         if len(requests) > 1:
             self.stats.multi_request_batches += 1
-        logger.debug("batch model=%s requests=%d images=%d ms=%.1f", requests[0].model_id, len(requests), n, elapsed * 1e3)
+        logger.debug(
+            "batch model=%s requests=%d images=%d ms=%.1f",
+            requests[0].model_id,
+            len(requests),
+            n,
+            elapsed * 1e3,
+        )
 
     def _finish(self, pending: _Pending, images: list[Any], elapsed: float, batch_size: int) -> None:
         request = pending.request

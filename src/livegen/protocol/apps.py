@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import enum
+from dataclasses import dataclass
 
 from pydantic import BaseModel
 
@@ -34,7 +33,9 @@ TURBO = "fal-ai/fast-turbo-diffusion"
 LCM = "fal-ai/fast-lcm-diffusion"
 
 ENDPOINTS: tuple[Endpoint, ...] = (
-    Endpoint(TURBO, TURBO, Task.TEXT_TO_IMAGE, schemas.TurboTextToImage, "SD-Turbo / SDXL-Turbo text-to-image"),
+    Endpoint(
+        TURBO, TURBO, Task.TEXT_TO_IMAGE, schemas.TurboTextToImage, "SD-Turbo / SDXL-Turbo text-to-image"
+    ),
     Endpoint(
         f"{TURBO}/image-to-image",
         TURBO,
@@ -43,7 +44,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "SD-Turbo / SDXL-Turbo image-to-image",
     ),
     Endpoint(
-        f"{TURBO}/inpainting", TURBO, Task.INPAINTING, schemas.TurboInpainting, "SD-Turbo / SDXL-Turbo inpainting"
+        f"{TURBO}/inpainting",
+        TURBO,
+        Task.INPAINTING,
+        schemas.TurboInpainting,
+        "SD-Turbo / SDXL-Turbo inpainting",
     ),
     Endpoint(LCM, LCM, Task.TEXT_TO_IMAGE, schemas.LcmTextToImage, "LCM-LoRA (SD 1.5 / SDXL) text-to-image"),
     Endpoint(

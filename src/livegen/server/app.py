@@ -90,4 +90,7 @@ async def _watch_startup(app: FastAPI, engine: Engine, on_fatal: Callable[[str],
         if on_fatal is not None:
             on_fatal(message)
         return
-    logger.info("ready: %s", ", ".join(m for m, s in engine.status()["models"].items() if s == "loaded") or "no models preloaded")
+    logger.info(
+        "ready: %s",
+        ", ".join(m for m, s in engine.status()["models"].items() if s == "loaded") or "no models preloaded",
+    )

@@ -34,7 +34,9 @@ def _digest(key: str) -> str:
 class KeyStore:
     def __init__(self, db: Database, static_keys: list[SecretStr] | None = None) -> None:
         self._db = db
-        self._static = [(f"static-{i}", _digest(k.get_secret_value())) for i, k in enumerate(static_keys or [])]
+        self._static = [
+            (f"static-{i}", _digest(k.get_secret_value())) for i, k in enumerate(static_keys or [])
+        ]
 
     def create(self, name: str = "default") -> tuple[KeyInfo, str]:
         """A new key; the full key is returned once and never stored."""
@@ -53,13 +55,16 @@ class KeyStore:
 
     def revoke(self, key_id: str) -> None:
         changed = self._db.execute(
-            "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (time.time(), key_id)
+            "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+            (time.time(), key_id),
         )
         if not changed:
             raise NotFound(f"no active key with id {key_id}")
 
     def has_any(self) -> bool:
-        return bool(self._static) or bool(self._db.query("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1"))
+        return bool(self._static) or bool(
+            self._db.query("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1")
+        )
 
     def verify(self, key: str) -> str:
         """The key id of a valid key; ``Unauthorized`` otherwise."""
@@ -69,7 +74,9 @@ class KeyStore:
             if hmac.compare_digest(digest, expected):
                 found = key_id
         key_id = key.split(":", 1)[0] if ":" in key else ""
-        rows = self._db.query("SELECT key_sha256 FROM api_keys WHERE key_id = ? AND revoked_at IS NULL", (key_id,))
+        rows = self._db.query(
+            "SELECT key_sha256 FROM api_keys WHERE key_id = ? AND revoked_at IS NULL", (key_id,)
+        )
         if rows and hmac.compare_digest(digest, rows[0][0]):
             found = key_id
         if found is None:

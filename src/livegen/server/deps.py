@@ -3,7 +3,9 @@ and the public base URL that returned file URLs start with."""
 
 from __future__ import annotations
 
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Depends, Request
 
 from livegen.server.auth import KeyStore, parse_authorization
 from livegen.server.generation import GenerationService
@@ -37,3 +39,8 @@ def base_url(request: Request) -> str:
     if configured:
         return configured.rstrip("/")
     return str(request.base_url).rstrip("/")
+
+
+GenerationDep = Annotated[GenerationService, Depends(generation)]
+FilesDep = Annotated[FileStore, Depends(files)]
+BaseUrlDep = Annotated[str, Depends(base_url)]

@@ -29,7 +29,11 @@ async def livegen_error(request: Request, exc: Exception) -> JSONResponse:
 
 def _clean(error: dict[str, Any]) -> dict[str, Any]:
     # Never echo the input back: it may be a data URL of many megabytes, or a secret.
-    out = {"loc": list(error.get("loc", ())), "msg": str(error.get("msg", "")), "type": str(error.get("type", ""))}
+    out = {
+        "loc": list(error.get("loc", ())),
+        "msg": str(error.get("msg", "")),
+        "type": str(error.get("type", "")),
+    }
     ctx = error.get("ctx")
     if isinstance(ctx, dict):
         out["ctx"] = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in ctx.items()}

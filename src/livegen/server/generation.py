@@ -84,16 +84,20 @@ class GenerationService:
         image = mask = None
         crop_to = None
         if endpoint.task is Task.TEXT_TO_IMAGE:
-            width, height = resolve_image_size(getattr(body, "image_size"))
+            width, height = resolve_image_size(body.image_size)
         else:
             image = await self._load_image(fields["image_url"], "image_url", base_url)
             width, height, crop_to = output_size(
                 image.size,
-                getattr(body, "image_size"),
+                body.image_size,
                 preserve_aspect_ratio=fields["preserve_aspect_ratio"],
                 crop_output=fields["crop_output"],
             )
-            image = image.resize((width, height), Image.Resampling.LANCZOS) if image.size != (width, height) else image
+            image = (
+                image.resize((width, height), Image.Resampling.LANCZOS)
+                if image.size != (width, height)
+                else image
+            )
             if endpoint.task is Task.INPAINTING:
                 raw_mask = await self._load_image(fields["mask_url"], "mask_url", base_url)
                 mask = raw_mask.convert("L").resize((width, height), Image.Resampling.NEAREST)
@@ -146,7 +150,7 @@ class GenerationService:
         for encoded in result.images:
             ext = encoded.content_type.split("/")[-1]
             file_name = f"{uuid.uuid4().hex}.{ext}"
-            if getattr(body, "sync_mode"):
+            if body.sync_mode:
                 url = to_data_url(encoded.data, encoded.content_type)
             else:
                 stored = await anyio.to_thread.run_sync(
@@ -168,10 +172,10 @@ class GenerationService:
             "timings": result.timings,
             "seed": result.seed,
             "has_nsfw_concepts": result.has_nsfw_concepts,
-            "prompt": getattr(body, "prompt"),
+            "prompt": body.prompt,
         }
         if getattr(body, "request_id", ""):
-            output["request_id"] = getattr(body, "request_id")
+            output["request_id"] = body.request_id
         return output
 
 
@@ -199,12 +203,18 @@ def output_size(
         return w, h, None
     if crop_output:
         scale = max(w / in_w, h / in_h)
-        gen_w, gen_h = (min(MAX_SIDE, math.ceil(in_w * scale / 32) * 32), min(MAX_SIDE, math.ceil(in_h * scale / 32) * 32))
+        gen_w, gen_h = (
+            min(MAX_SIDE, math.ceil(in_w * scale / 32) * 32),
+            min(MAX_SIDE, math.ceil(in_h * scale / 32) * 32),
+        )
         return gen_w, gen_h, (min(w, gen_w), min(h, gen_h))
     ratio = in_w / in_h
     area = w * h
     gen_w = max(32, min(MAX_SIDE, round(math.sqrt(area * ratio) / 32) * 32))
     gen_h = max(32, min(MAX_SIDE, round(math.sqrt(area / ratio) / 32) * 32))
     if gen_w < 64 or gen_h < 64:
-        raise InvalidInput("the input image's aspect ratio is too extreme for preserve_aspect_ratio", loc=("body", "image_url"))
+        raise InvalidInput(
+            "the input image's aspect ratio is too extreme for preserve_aspect_ratio",
+            loc=("body", "image_url"),
+        )
     return gen_w, gen_h, None

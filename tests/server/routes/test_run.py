@@ -69,7 +69,11 @@ def test_num_images_uses_seed_plus_i(http: httpx.Client) -> None:
     # Same pixels (PNG is lossless); batch size may change float rounding, so compare loosely.
     a = Image.open(io.BytesIO(image_bytes(many, 2))).convert("RGB")
     b = Image.open(io.BytesIO(image_bytes(third))).convert("RGB")
-    diff = max(abs(x - y) for pa, pb in zip(a.getdata(), b.getdata(), strict=True) for x, y in zip(pa, pb, strict=True))
+    diff = max(
+        abs(x - y)
+        for pa, pb in zip(a.getdata(), b.getdata(), strict=True)
+        for x, y in zip(pa, pb, strict=True)
+    )
     assert diff <= 2
     assert image_bytes(many, 0) != image_bytes(many, 1)
 
@@ -79,7 +83,12 @@ def test_num_images_uses_seed_plus_i(http: httpx.Client) -> None:
 
 @pytest.mark.parametrize(
     ("preset", "size"),
-    [("square", (512, 512)), ("square_hd", (1024, 1024)), ("portrait_16_9", (576, 1024)), ("landscape_4_3", (1024, 768))],
+    [
+        ("square", (512, 512)),
+        ("square_hd", (1024, 1024)),
+        ("portrait_16_9", (576, 1024)),
+        ("landscape_4_3", (1024, 768)),
+    ],
 )
 def test_image_size_presets(http: httpx.Client, preset: str, size: tuple[int, int]) -> None:
     result = run(http, TURBO, {"prompt": "a hill", **SD, "image_size": preset, "num_inference_steps": 1})
@@ -93,7 +102,11 @@ def test_explicit_image_size(http: httpx.Client) -> None:
 
 
 def test_lcm_default_size_is_square_hd(http: httpx.Client) -> None:
-    result = run(http, LCM, {"prompt": "a tree", "model_name": "runwayml/stable-diffusion-v1-5", "num_inference_steps": 2})
+    result = run(
+        http,
+        LCM,
+        {"prompt": "a tree", "model_name": "runwayml/stable-diffusion-v1-5", "num_inference_steps": 2},
+    )
     assert size_of(result) == (1024, 1024)
 
 
@@ -154,11 +167,19 @@ def _truncated_png() -> bytes:
 
 def _pixel_bomb() -> bytes:
     """A valid PNG header claiming 30000 x 30000 pixels (the data is not needed to refuse it)."""
+
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        return (
+            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        )
 
     ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize(
@@ -166,7 +187,12 @@ def _pixel_bomb() -> bytes:
     [
         (TURBO, {}, ["body", "prompt"], "required"),
         (TURBO, {"prompt": ""}, ["body", "prompt"], "at least 1"),
-        (TURBO, {"prompt": "x", "model_name": "stabilityai/sd-9000"}, ["body", "model_name"], "stabilityai/sd-turbo"),
+        (
+            TURBO,
+            {"prompt": "x", "model_name": "stabilityai/sd-9000"},
+            ["body", "model_name"],
+            "stabilityai/sd-turbo",
+        ),
         (TURBO, {"prompt": "x", "num_inference_steps": 0}, ["body", "num_inference_steps"], "greater than"),
         (TURBO, {"prompt": "x", "num_inference_steps": 51}, ["body", "num_inference_steps"], "less than"),
         (TURBO, {"prompt": "x", "num_images": 9}, ["body", "num_images"], "less than"),
@@ -174,26 +200,56 @@ def _pixel_bomb() -> bytes:
         (TURBO, {"prompt": "x", "image_size": "huge"}, None, "square_hd"),
         (TURBO, {"prompt": "x", "format": "gif"}, ["body", "format"], "jpeg"),
         (f"{TURBO}/image-to-image", {"prompt": "x"}, ["body", "image_url"], "required"),
-        (f"{TURBO}/image-to-image", {"prompt": "x", "image_url": data_url(_truncated_png())}, ["body", "image_url"], "truncated"),
-        (f"{TURBO}/image-to-image", {"prompt": "x", "image_url": data_url(_pixel_bomb())}, ["body", "image_url"], "pixels"),
         (
             f"{TURBO}/image-to-image",
-            {"prompt": "x", "image_url": "data:text/plain;base64," + base64.b64encode(b"hello world").decode()},
+            {"prompt": "x", "image_url": data_url(_truncated_png())},
+            ["body", "image_url"],
+            "truncated",
+        ),
+        (
+            f"{TURBO}/image-to-image",
+            {"prompt": "x", "image_url": data_url(_pixel_bomb())},
+            ["body", "image_url"],
+            "pixels",
+        ),
+        (
+            f"{TURBO}/image-to-image",
+            {
+                "prompt": "x",
+                "image_url": "data:text/plain;base64," + base64.b64encode(b"hello world").decode(),
+            },
             ["body", "image_url"],
             "PNG, JPEG or WebP",
         ),
-        (f"{TURBO}/image-to-image", {"prompt": "x", "image_url": "data:image/png;base64,***"}, ["body", "image_url"], "base64"),
-        (f"{TURBO}/image-to-image", {"prompt": "x", "image_url": "file:///etc/passwd"}, ["body", "image_url"], "http"),
+        (
+            f"{TURBO}/image-to-image",
+            {"prompt": "x", "image_url": "data:image/png;base64,***"},
+            ["body", "image_url"],
+            "base64",
+        ),
+        (
+            f"{TURBO}/image-to-image",
+            {"prompt": "x", "image_url": "file:///etc/passwd"},
+            ["body", "image_url"],
+            "http",
+        ),
         (
             f"{TURBO}/image-to-image",
             {"prompt": "x", "image_url": data_url(png_bytes()), "num_inference_steps": 1, "strength": 0.5},
             ["body", "strength"],
             "at least 1",
         ),
-        (f"{TURBO}/inpainting", {"prompt": "x", "image_url": data_url(png_bytes())}, ["body", "mask_url"], "required"),
+        (
+            f"{TURBO}/inpainting",
+            {"prompt": "x", "image_url": data_url(png_bytes())},
+            ["body", "mask_url"],
+            "required",
+        ),
     ],
 )
-def test_bad_input_is_422(http: httpx.Client, path: str, body: dict[str, Any], loc: list[str] | None, needle: str) -> None:
+def test_bad_input_is_422(
+    http: httpx.Client, path: str, body: dict[str, Any], loc: list[str] | None, needle: str
+) -> None:
     body = {**SD, **body} if "model_name" not in body else body
     response = http.post(path, json=body)
     assert response.status_code == 422, response.text[:300]
@@ -224,7 +280,9 @@ def test_body_that_is_not_json(http: httpx.Client) -> None:
     assert response.status_code == 422
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Key wrong"}, {"Authorization": "Bearer x"}, {"Authorization": "Key"}])
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Key wrong"}, {"Authorization": "Bearer x"}, {"Authorization": "Key"}]
+)
 def test_missing_or_wrong_key_is_401(live_server: LiveServer, headers: dict[str, str]) -> None:
     response = httpx.post(live_server.base_url + TURBO, json={"prompt": "x"}, headers=headers)
     assert response.status_code == 401
@@ -249,7 +307,14 @@ def test_health_ready_and_openapi(live_server: LiveServer) -> None:
     assert ready["models"]["stabilityai/sd-turbo"] == "loaded"
     assert "not loaded" in ready["safety_checker"]
     spec = httpx.get(live_server.base_url + "/openapi.json").json()
-    for path in (TURBO, f"{TURBO}/image-to-image", f"{TURBO}/inpainting", LCM, f"{LCM}/image-to-image", f"{LCM}/inpainting"):
+    for path in (
+        TURBO,
+        f"{TURBO}/image-to-image",
+        f"{TURBO}/inpainting",
+        LCM,
+        f"{LCM}/image-to-image",
+        f"{LCM}/inpainting",
+    ):
         assert "post" in spec["paths"][path]
     schema = spec["components"]["schemas"]["TurboTextToImage"]["properties"]
     assert schema["num_inference_steps"]["maximum"] == 50

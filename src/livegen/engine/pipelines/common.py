@@ -77,9 +77,7 @@ def check_common(request: GenerationRequest, *, vae_scale_factor: int = 8) -> No
 def generators(device: torch.device, batch: Sequence[GenerationRequest]) -> list[torch.Generator]:
     """One generator per image: image i of a request uses seed + i."""
     gen_device = device if device.type == "cuda" else torch.device("cpu")
-    return [
-        torch.Generator(gen_device).manual_seed(r.seed + i) for r in batch for i in range(r.num_images)
-    ]
+    return [torch.Generator(gen_device).manual_seed(r.seed + i) for r in batch for i in range(r.num_images)]
 
 
 def repeat_rows(rows: Sequence[torch.Tensor], batch: Sequence[GenerationRequest]) -> torch.Tensor:
@@ -87,7 +85,9 @@ def repeat_rows(rows: Sequence[torch.Tensor], batch: Sequence[GenerationRequest]
     return torch.cat([row.expand(r.num_images, *row.shape[1:]) for row, r in zip(rows, batch, strict=True)])
 
 
-def repeat_images(images: Sequence[Image.Image | None], batch: Sequence[GenerationRequest]) -> list[Image.Image]:
+def repeat_images(
+    images: Sequence[Image.Image | None], batch: Sequence[GenerationRequest]
+) -> list[Image.Image]:
     out: list[Image.Image] = []
     for image, r in zip(images, batch, strict=True):
         assert image is not None
@@ -95,7 +95,9 @@ def repeat_images(images: Sequence[Image.Image | None], batch: Sequence[Generati
     return out
 
 
-def split_outputs(images: Sequence[Image.Image], batch: Sequence[GenerationRequest]) -> list[list[Image.Image]]:
+def split_outputs(
+    images: Sequence[Image.Image], batch: Sequence[GenerationRequest]
+) -> list[list[Image.Image]]:
     out: list[list[Image.Image]] = []
     start = 0
     for r in batch:

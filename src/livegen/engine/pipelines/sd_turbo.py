@@ -95,13 +95,17 @@ class SdAdapter:
             images = self._run(first.task, batch, kwargs)
         return common.split_outputs(images, batch)
 
-    def _run(self, task: Task, batch: Sequence[GenerationRequest], kwargs: dict[str, Any]) -> list[Image.Image]:
+    def _run(
+        self, task: Task, batch: Sequence[GenerationRequest], kwargs: dict[str, Any]
+    ) -> list[Image.Image]:
         first = batch[0]
         if task is Task.TEXT_TO_IMAGE:
             out = self.t2i(height=first.height, width=first.width, **kwargs)
         elif task is Task.IMAGE_TO_IMAGE:
             kwargs.pop("guidance_rescale", None)  # not a parameter of the img2img pipeline
-            out = self.i2i(image=common.repeat_images([r.image for r in batch], batch), strength=first.strength, **kwargs)
+            out = self.i2i(
+                image=common.repeat_images([r.image for r in batch], batch), strength=first.strength, **kwargs
+            )
         else:
             out = self.inpaint(
                 image=common.repeat_images([r.image for r in batch], batch),

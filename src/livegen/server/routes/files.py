@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from livegen.server import deps
-from livegen.server.storage import FileStore
 
 router = APIRouter(prefix="/cdn", tags=["files"])
 
 
 @router.get("/files/{file_id}/{file_name}")
-async def get_file(file_id: str, file_name: str, store: FileStore = Depends(deps.files)) -> FileResponse:
+async def get_file(file_id: str, file_name: str, store: deps.FilesDep) -> FileResponse:
     stored = store.get(file_id)
     return FileResponse(
         stored.path,

@@ -11,7 +11,6 @@ from pydantic import BaseModel
 from livegen.protocol.apps import ENDPOINTS, Endpoint
 from livegen.protocol.schemas import Output
 from livegen.server import deps
-from livegen.server.generation import GenerationService
 
 
 def _handler(endpoint: Endpoint) -> Any:
@@ -20,8 +19,8 @@ def _handler(endpoint: Endpoint) -> Any:
     async def run(
         request: Request,
         body: input_model,  # type: ignore[valid-type]
-        service: GenerationService = Depends(deps.generation),
-        base_url: str = Depends(deps.base_url),
+        service: deps.GenerationDep,
+        base_url: deps.BaseUrlDep,
     ) -> dict[str, Any]:
         assert isinstance(body, BaseModel)
         return await service.run(endpoint, body, base_url=base_url)

@@ -1,0 +1,141 @@
+"""The ``livegen`` command as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from livegen.cli import main
+from tests.conftest import start_server, stop_server
+
+
+def test_keys_create_list_revoke(tmp_path: Path) -> None:
+    runner = CliRunner()
+    created = runner.invoke(main, ["keys", "create", "--name", "ci", "--data-dir", str(tmp_path)])
+    assert created.exit_code == 0, created.output
+    key = created.stdout.strip().splitlines()[0]
+    key_id = key.split(":")[0]
+    listed = runner.invoke(main, ["keys", "list", "--data-dir", str(tmp_path)])
+    assert key_id in listed.stdout and "active" in listed.stdout and "ci" in listed.stdout
+    assert key.split(":")[1] not in listed.stdout  # the secret is never shown again
+    assert runner.invoke(main, ["keys", "revoke", key_id, "--data-dir", str(tmp_path)]).exit_code == 0
+    assert "revoked" in runner.invoke(main, ["keys", "list", "--data-dir", str(tmp_path)]).stdout
+    again = runner.invoke(main, ["keys", "revoke", key_id, "--data-dir", str(tmp_path)])
+    assert again.exit_code != 0 and "no active key" in again.output
+
+
+def test_serve_creates_a_key_once_and_honours_managed_keys(tmp_path: Path) -> None:
+    no_static = {"LIVEGEN_API_KEYS": ""}
+    server = start_server(tmp_path, "--weights", "tiny-random", "--models", "", env=no_static)
+    try:
+        log = server.log()
+        assert log.count("FAL_KEY=") == 1
+        key = log.split("FAL_KEY=")[1].split()[0]
+        ok = httpx.post(
+            server.base_url + "/fal-ai/fast-turbo-diffusion", json={}, headers={"Authorization": f"Key {key}"}
+        )
+        assert ok.status_code == 422  # authenticated; the body is what is wrong
+    finally:
+        stop_server(server)
+    key_id = key.split(":")[0]
+    assert CliRunner().invoke(main, ["keys", "revoke", key_id, "--data-dir", str(tmp_path)]).exit_code == 0
+    created = CliRunner().invoke(main, ["keys", "create", "--data-dir", str(tmp_path)])
+    new_key = created.stdout.strip().splitlines()[0]
+    server = start_server(tmp_path, "--weights", "tiny-random", "--models", "", env=no_static)
+    try:
+        assert "FAL_KEY=" not in server.log()[len(log) :]
+        headers = {"Authorization": f"Key {key}"}
+        assert (
+            httpx.post(server.base_url + "/fal-ai/fast-turbo-diffusion", json={}, headers=headers).status_code
+            == 401
+        )
+        headers = {"Authorization": f"Key {new_key}"}
+        assert (
+            httpx.post(server.base_url + "/fal-ai/fast-turbo-diffusion", json={}, headers=headers).status_code
+            == 422
+        )
+    finally:
+        stop_server(server)
+
+
+def test_hub_without_the_checkpoint_exits_with_a_clear_message(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "LIVEGEN_API_KEYS": "k"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "livegen",
+        "serve",
+        "--weights",
+        "hub",
+        "--models",
+        "stabilityai/sd-turbo",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--port",
+        "0",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "stabilityai/sd-turbo" in done.stderr
+    assert "--weights random" in done.stderr and "--weights PATH" in done.stderr
+
+
+def test_unknown_model_in_models_is_a_usage_error(tmp_path: Path) -> None:
+    env = {**os.environ, "LIVEGEN_API_KEYS": "k"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "livegen",
+        "serve",
+        "--weights",
+        "tiny-random",
+        "--models",
+        "acme/nope",
+        "--data-dir",
+        str(tmp_path),
+        "--port",
+        "0",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "acme/nope" in done.stderr and "stabilityai/sd-turbo" in done.stderr
+
+
+def test_bad_weights_value_is_a_usage_error() -> None:
+    result = CliRunner().invoke(main, ["serve", "--weights", "/no/such/folder"])
+    assert result.exit_code == 2 and "--weights must be" in result.output
+
+
+def test_weights_path_loads_a_local_folder(tmp_path: Path, shared_data_dir: Path) -> None:
+    # A folder of diffusers folders, laid out as a user would mirror them (PATH/org/name).
+    from livegen.engine import synth
+
+    mirror = tmp_path / "mirror"
+    for repo in ("stabilityai/sd-turbo",):
+        synth.synthesize(repo, mirror / repo, tiny=True)
+    server = start_server(
+        tmp_path / "data", "--weights", str(mirror), "--models", "stabilityai/sd-turbo", "--no-load-on-demand"
+    )
+    try:
+        client = server.client()
+        ok = client.post(
+            "/fal-ai/fast-turbo-diffusion", json={"prompt": "x", "model_name": "stabilityai/sd-turbo"}
+        )
+        assert ok.status_code == 200
+        refused = client.post("/fal-ai/fast-turbo-diffusion", json={"prompt": "x"})  # sdxl-turbo: not loaded
+        assert refused.status_code == 503
+        assert "stabilityai/sdxl-turbo" in refused.json()["detail"]
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.parametrize("module", ["livegen.client", "livegen.cli", "livegen.server.app"])
+def test_light_modules_do_not_import_torch(module: str) -> None:
+    code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
