@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     max_input_image_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
     fetch_timeout_s: float = Field(default=10.0, gt=0)
     jpeg_quality: int = Field(default=90, ge=1, le=100)
+    max_token_ttl_s: int = Field(default=3600, ge=1, description="Cap on realtime/CDN token lifetimes")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -79,6 +80,10 @@ class Settings(BaseSettings):
     @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
+
+    @property
+    def secret_path(self) -> Path:
+        return self.data_dir / "secret.key"
 
     @property
     def synth_dir(self) -> Path:

@@ -27,8 +27,9 @@ from livegen.server.auth import KeyStore
 from livegen.server.db import Database
 from livegen.server.generation import GenerationService
 from livegen.server.middleware import RequestIdMiddleware
-from livegen.server.routes import files, health, run
+from livegen.server.routes import files, health, rest, run
 from livegen.server.storage import FileStore
+from livegen.server.tokens import TokenSigner, load_secret
 from livegen.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def create_app(
             db = stack.enter_context(Database.open(settings.db_path))
             app.state.keys = KeyStore(db, settings.api_keys)
             app.state.files = FileStore(db, settings.files_dir)
+            app.state.tokens = TokenSigner(load_secret(settings.secret_path))
             eng = engine if engine is not None else stack.enter_context(_start_worker(settings))
             app.state.engine = eng
             app.state.generation = GenerationService(settings, eng, app.state.files)
@@ -67,6 +69,7 @@ def create_app(
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
     app.include_router(files.router)
+    app.include_router(rest.router)
     app.include_router(run.router())
     return app
 

@@ -27,6 +27,17 @@ class KeyInfo:
     revoked_at: float | None = None
 
 
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id      TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    key_sha256  TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    revoked_at  REAL
+);
+"""
+
+
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -34,6 +45,7 @@ def _digest(key: str) -> str:
 class KeyStore:
     def __init__(self, db: Database, static_keys: list[SecretStr] | None = None) -> None:
         self._db = db
+        db.migrate(SCHEMA)
         self._static = [
             (f"static-{i}", _digest(k.get_secret_value())) for i, k in enumerate(static_keys or [])
         ]

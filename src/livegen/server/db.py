@@ -1,6 +1,7 @@
 """The SQLite database in the data dir: one file, WAL, a schema applied at open.
 
-Calls are short and synchronous under one lock; the async side calls them directly (they take
+Each store applies its own tables with ``migrate``. Calls are short and synchronous under one
+lock; the async side calls them directly (they take
 microseconds) or through ``anyio.to_thread`` for anything that may wait on the disk.
 """
 
@@ -12,23 +13,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id      TEXT PRIMARY KEY,
-    name        TEXT NOT NULL,
-    key_sha256  TEXT NOT NULL,
-    created_at  REAL NOT NULL,
-    revoked_at  REAL
-);
-CREATE TABLE IF NOT EXISTS files (
-    file_id      TEXT PRIMARY KEY,
-    content_type TEXT NOT NULL,
-    size         INTEGER NOT NULL,
-    file_name    TEXT NOT NULL,
-    created_at   REAL NOT NULL
-);
-"""
 
 
 class Database:
@@ -56,8 +40,12 @@ class Database:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(SCHEMA)
         self._conn = conn
+
+    def migrate(self, schema: str) -> None:
+        """Apply a store's ``CREATE TABLE IF NOT EXISTS ...`` script (each store owns its tables)."""
+        with self._lock:
+            self._require().executescript(schema)
 
     def close(self) -> None:
         if self._conn is not None:

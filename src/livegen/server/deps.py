@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from livegen.server.auth import KeyStore, parse_authorization
 from livegen.server.generation import GenerationService
 from livegen.server.storage import FileStore
+from livegen.server.tokens import TokenSigner
 from livegen.settings import Settings
 
 
@@ -28,6 +29,11 @@ def files(request: Request) -> FileStore:
     return store
 
 
+def token_signer(request: Request) -> TokenSigner:
+    signer: TokenSigner = request.app.state.tokens
+    return signer
+
+
 def require_key(request: Request) -> str:
     """The id of the caller's API key (``Authorization: Key <key>``), else 401."""
     keys: KeyStore = request.app.state.keys
@@ -44,3 +50,5 @@ def base_url(request: Request) -> str:
 GenerationDep = Annotated[GenerationService, Depends(generation)]
 FilesDep = Annotated[FileStore, Depends(files)]
 BaseUrlDep = Annotated[str, Depends(base_url)]
+SettingsDep = Annotated[Settings, Depends(settings)]
+TokensDep = Annotated[TokenSigner, Depends(token_signer)]

@@ -21,6 +21,17 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _FILE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    file_id      TEXT PRIMARY KEY,
+    content_type TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    file_name    TEXT NOT NULL,
+    created_at   REAL NOT NULL
+);
+"""
+
+
 @dataclass(frozen=True)
 class StoredFile:
     file_id: str
@@ -33,6 +44,7 @@ class StoredFile:
 class FileStore:
     def __init__(self, db: Database, root: Path) -> None:
         self._db = db
+        db.migrate(SCHEMA)
         self._root = root
         root.mkdir(parents=True, exist_ok=True)
 
