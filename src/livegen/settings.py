@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     max_input_image_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
     fetch_timeout_s: float = Field(default=10.0, gt=0)
     jpeg_quality: int = Field(default=90, ge=1, le=100)
+    max_queued: int = Field(default=1000, ge=1, description="Queue length cap (429 beyond it)")
+    max_running_jobs: int = Field(default=8, ge=1, description="Queue jobs handed to the engine at once")
+    results_ttl_s: float = Field(default=7 * 24 * 3600, gt=0, description="How long finished jobs are kept")
+    webhook_max_attempts: int = Field(default=10, ge=1)
+    webhook_backoff_base_s: float = Field(default=15.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
     max_token_ttl_s: int = Field(default=3600, ge=1, description="Cap on realtime/CDN token lifetimes")
 
     @field_validator("models", mode="before")
@@ -84,6 +90,10 @@ class Settings(BaseSettings):
     @property
     def secret_path(self) -> Path:
         return self.data_dir / "secret.key"
+
+    @property
+    def webhook_key_path(self) -> Path:
+        return self.data_dir / "webhook-ed25519.pem"
 
     @property
     def synth_dir(self) -> Path:

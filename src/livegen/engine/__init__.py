@@ -8,6 +8,7 @@ the implementation, the single owner of the device.
 from __future__ import annotations
 
 import enum
+import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -48,6 +49,9 @@ class GenerationRequest:
     # Center-crop each result to this (width, height) after generation.
     crop_to: tuple[int, int] | None = None
     priority: Priority = Priority.SYNC
+    # Set by the caller to stop the work: dropped before it starts, interrupted at the next
+    # denoising step when every request of its batch is cancelled.
+    cancel: threading.Event | None = None
 
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one pipeline call."""

@@ -33,7 +33,7 @@ from livegen.engine.pipelines.common import Adapter
 from livegen.engine.pipelines.sd_turbo import SdAdapter
 from livegen.engine.pipelines.sdxl_turbo import SdxlAdapter
 from livegen.engine.registry import MODELS, alternatives_hint, resolve_source, spec_for
-from livegen.protocol.errors import GpuOutOfMemory, LivegenError, ModelUnavailable
+from livegen.protocol.errors import GpuOutOfMemory, LivegenError, ModelUnavailable, RequestCancelled
 from livegen.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -217,6 +217,9 @@ class Worker:
             return
         runnable = []
         for p in batch:
+            if p.request.cancel is not None and p.request.cancel.is_set():
+                p.future.set_exception(RequestCancelled())
+                continue
             try:
                 adapter.check_inputs(p.request)
                 runnable.append(p)
@@ -268,6 +271,9 @@ class Worker:
 
     def _finish(self, pending: _Pending, images: list[Any], elapsed: float, batch_size: int) -> None:
         request = pending.request
+        if request.cancel is not None and request.cancel.is_set():
+            pending.future.set_exception(RequestCancelled())
+            return
         try:
             encoded = [
                 EncodedImage(

@@ -9,6 +9,9 @@
      ├── Forbidden                    403 a key or token without the right to this app
      ├── NotFound                     404 unknown path, request id or file
      ├── QueueFull                    429 admission refused; retry later
+     ├── RequestCancelled             499 the caller cancelled the request
+     ├── StartTimeout                 504 the request could not start within X-Fal-Request-Timeout
+     ├── InvalidTransition (RuntimeError)  a job state change the table does not allow (a bug)
      ├── ModelUnavailable             503 a model that cannot be loaded or is not served
      └── GpuOutOfMemory               503 the device ran out of memory for this work
 
@@ -107,6 +110,29 @@ class QueueFull(LivegenError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+class RequestCancelled(LivegenError):
+    http_status = 499
+    error_type = "request_cancelled"
+    public_message = "The request was cancelled"
+    message_is_public = True
+
+
+class StartTimeout(LivegenError):
+    """fal's ``startup_timeout``: the caller's ``X-Fal-Request-Timeout`` passed before it started."""
+
+    http_status = 504
+    error_type = "startup_timeout"
+    public_message = "The request did not start within the requested timeout"
+    message_is_public = True
+
+    def headers(self) -> dict[str, str]:
+        return {"X-Fal-Request-Timeout-Type": "user"}
+
+
+class InvalidTransition(LivegenError, RuntimeError):
+    error_type = "internal_error"
 
 
 class ModelUnavailable(LivegenError):

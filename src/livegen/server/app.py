@@ -26,8 +26,11 @@ from livegen.server import errors
 from livegen.server.auth import KeyStore
 from livegen.server.db import Database
 from livegen.server.generation import GenerationService
+from livegen.server.jobs.service import JobService
+from livegen.server.jobs.store import SqliteJobStore
+from livegen.server.jobs.webhooks import WebhookSender, WebhookSigner
 from livegen.server.middleware import RequestIdMiddleware
-from livegen.server.routes import files, health, rest, run
+from livegen.server.routes import files, health, queue, rest, run
 from livegen.server.storage import FileStore
 from livegen.server.tokens import TokenSigner, load_secret
 from livegen.settings import Settings
@@ -54,6 +57,7 @@ def create_app(
             app.state.engine = eng
             app.state.generation = GenerationService(settings, eng, app.state.files)
             app.state.fatal_error = None
+            await _open_jobs(app, settings, db, stack)
             watcher = asyncio.create_task(_watch_startup(app, eng, on_fatal))
             stack.callback(watcher.cancel)
             yield
@@ -70,8 +74,29 @@ def create_app(
     app.include_router(health.router)
     app.include_router(files.router)
     app.include_router(rest.router)
+    app.include_router(queue.router())
     app.include_router(run.router())
     return app
+
+
+async def _open_jobs(app: FastAPI, settings: Settings, db: Database, stack: AsyncExitStack) -> None:
+    store = SqliteJobStore(db)
+    signer = WebhookSigner.load(settings.webhook_key_path)
+    sender = WebhookSender(
+        store,
+        signer,
+        allow_private=settings.allow_private_urls,
+        max_attempts=settings.webhook_max_attempts,
+        backoff_base_s=settings.webhook_backoff_base_s,
+        timeout_s=settings.webhook_timeout_s,
+    )
+    jobs = JobService(settings, store, app.state.generation, on_terminal=lambda job: sender.wake())
+    app.state.webhook_signer = signer
+    app.state.jobs = jobs
+    sender.start()
+    stack.push_async_callback(sender.stop)
+    await jobs.start()
+    stack.push_async_callback(jobs.stop)
 
 
 def _start_worker(settings: Settings) -> Any:

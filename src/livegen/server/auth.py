@@ -46,9 +46,7 @@ class KeyStore:
     def __init__(self, db: Database, static_keys: list[SecretStr] | None = None) -> None:
         self._db = db
         db.migrate(SCHEMA)
-        self._static = [
-            (f"static-{i}", _digest(k.get_secret_value())) for i, k in enumerate(static_keys or [])
-        ]
+        self._static = [(f"static-{i}", _digest(k.get_secret_value())) for i, k in enumerate(static_keys or [])]
 
     def create(self, name: str = "default") -> tuple[KeyInfo, str]:
         """A new key; the full key is returned once and never stored."""
@@ -74,9 +72,7 @@ class KeyStore:
             raise NotFound(f"no active key with id {key_id}")
 
     def has_any(self) -> bool:
-        return bool(self._static) or bool(
-            self._db.query("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1")
-        )
+        return bool(self._static) or bool(self._db.query("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1"))
 
     def verify(self, key: str) -> str:
         """The key id of a valid key; ``Unauthorized`` otherwise."""
@@ -86,9 +82,7 @@ class KeyStore:
             if hmac.compare_digest(digest, expected):
                 found = key_id
         key_id = key.split(":", 1)[0] if ":" in key else ""
-        rows = self._db.query(
-            "SELECT key_sha256 FROM api_keys WHERE key_id = ? AND revoked_at IS NULL", (key_id,)
-        )
+        rows = self._db.query("SELECT key_sha256 FROM api_keys WHERE key_id = ? AND revoked_at IS NULL", (key_id,))
         if rows and hmac.compare_digest(digest, rows[0][0]):
             found = key_id
         if found is None:

@@ -60,6 +60,19 @@ class Database:
         with self._lock:
             return self._require().execute(sql, params).fetchall()
 
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: everything inside commits together or not at all."""
+        with self._lock:
+            conn = self._require()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
     def _require(self) -> sqlite3.Connection:
         if self._conn is None:
             raise RuntimeError("database is closed")

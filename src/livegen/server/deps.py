@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from livegen.server.auth import KeyStore, parse_authorization
 from livegen.server.generation import GenerationService
+from livegen.server.jobs.service import JobService
 from livegen.server.storage import FileStore
 from livegen.server.tokens import TokenSigner
 from livegen.settings import Settings
@@ -27,6 +28,11 @@ def generation(request: Request) -> GenerationService:
 def files(request: Request) -> FileStore:
     store: FileStore = request.app.state.files
     return store
+
+
+def jobs(request: Request) -> JobService:
+    service: JobService = request.app.state.jobs
+    return service
 
 
 def token_signer(request: Request) -> TokenSigner:
@@ -52,3 +58,5 @@ FilesDep = Annotated[FileStore, Depends(files)]
 BaseUrlDep = Annotated[str, Depends(base_url)]
 SettingsDep = Annotated[Settings, Depends(settings)]
 TokensDep = Annotated[TokenSigner, Depends(token_signer)]
+JobsDep = Annotated[JobService, Depends(jobs)]
+KeyDep = Annotated[str, Depends(require_key)]

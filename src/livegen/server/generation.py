@@ -8,9 +8,11 @@ data URLs (``sync_mode: true``) or as stored files served back by URL.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import secrets
+import threading
 import time
 import uuid
 from typing import Any
@@ -50,9 +52,12 @@ class GenerationService:
         *,
         base_url: str,
         priority: Priority = Priority.SYNC,
+        cancel: threading.Event | None = None,
     ) -> dict[str, Any]:
         started = time.perf_counter()
         request = await self.build_request(endpoint, body, base_url=base_url, priority=priority)
+        if cancel is not None:
+            request = dataclasses.replace(request, cancel=cancel)
         self._engine.check(request)
         result = await self._await(request)
         output = await self.render(result, body, base_url=base_url)
@@ -93,11 +98,7 @@ class GenerationService:
                 preserve_aspect_ratio=fields["preserve_aspect_ratio"],
                 crop_output=fields["crop_output"],
             )
-            image = (
-                image.resize((width, height), Image.Resampling.LANCZOS)
-                if image.size != (width, height)
-                else image
-            )
+            image = image.resize((width, height), Image.Resampling.LANCZOS) if image.size != (width, height) else image
             if endpoint.task is Task.INPAINTING:
                 raw_mask = await self._load_image(fields["mask_url"], "mask_url", base_url)
                 mask = raw_mask.convert("L").resize((width, height), Image.Resampling.NEAREST)
@@ -153,9 +154,7 @@ class GenerationService:
             if body.sync_mode:
                 url = to_data_url(encoded.data, encoded.content_type)
             else:
-                stored = await anyio.to_thread.run_sync(
-                    self._files.put, encoded.data, encoded.content_type, file_name
-                )
+                stored = await anyio.to_thread.run_sync(self._files.put, encoded.data, encoded.content_type, file_name)
                 url = f"{base_url}/cdn/files/{stored.file_id}/{stored.file_name}"
             images.append(
                 {

@@ -26,8 +26,9 @@ class RequestIdMiddleware:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers.append((b"x-fal-request-id", request_id.encode()))
-                message = {**message, "headers": headers}
+                if not any(name.lower() == b"x-fal-request-id" for name, _ in headers):
+                    headers.append((b"x-fal-request-id", request_id.encode()))
+                    message = {**message, "headers": headers}
             await send(message)
 
         try:

@@ -49,9 +49,7 @@ class TokenSigner:
         self._secret = secret
         self._clock = clock
 
-    def mint(
-        self, audience: str, key_id: str, *, ttl_s: float, apps: tuple[str, ...] = ()
-    ) -> tuple[str, float]:
+    def mint(self, audience: str, key_id: str, *, ttl_s: float, apps: tuple[str, ...] = ()) -> tuple[str, float]:
         now = self._clock()
         expires = now + ttl_s
         claims = {"aud": audience, "sub": key_id, "apps": list(apps), "iat": int(now), "nbf": int(now) - 1}

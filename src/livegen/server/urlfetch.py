@@ -32,7 +32,7 @@ import httpx
 from livegen.engine.imaging import parse_data_url
 from livegen.protocol.errors import FetchRefused, PayloadTooLarge
 
-__all__ = ["FetchPolicy", "Resolver", "fetch_bytes"]
+__all__ = ["FetchPolicy", "Resolver", "check_target", "fetch_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +86,7 @@ async def fetch_bytes(
     except httpx.ConnectError as exc:
         raise FetchRefused(f"{field} could not be fetched: cannot connect to {target.host}", loc=loc) from exc
     except httpx.HTTPError as exc:
-        raise FetchRefused(
-            f"{field} could not be fetched from {target.host} ({type(exc).__name__})", loc=loc
-        ) from exc
+        raise FetchRefused(f"{field} could not be fetched from {target.host} ({type(exc).__name__})", loc=loc) from exc
 
 
 async def _fetch(
@@ -119,9 +117,7 @@ def _checked_url(url: str | httpx.URL, field: str, *, redirected: bool = False) 
     return parsed
 
 
-async def _checked_addresses(
-    target: httpx.URL, policy: FetchPolicy, field: str, resolve: Resolver
-) -> list[str]:
+async def _checked_addresses(target: httpx.URL, policy: FetchPolicy, field: str, resolve: Resolver) -> list[str]:
     """The addresses ``target``'s host resolves to, refusing non-public ones unless allowed."""
     loc = ("body", field)
     host = target.raw_host.decode("ascii")  # IDNA-encoded; IPv6 without brackets
@@ -174,12 +170,7 @@ def _is_public(ip: _IPAddress) -> bool:
         if ip.ipv4_mapped is not None:
             return True  # the IPv4 address it stands for is public; the ::ffff:0:0/96 range is not
     return ip.is_global and not (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
+        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
     )
 
 
@@ -260,3 +251,16 @@ async def _getaddrinfo(host: str, port: int) -> list[str]:
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return [str(info[4][0]) for info in infos]
+
+
+async def check_target(
+    url: str, *, allow_private: bool, field: str, resolver: Resolver | None = None
+) -> tuple[httpx.URL, list[str]]:
+    """Parse and resolve an http(s) URL we will call (a webhook), refusing private addresses.
+
+    Returns the URL and the checked addresses to connect to (pin one of them, as ``_get_once``
+    does, so the check and the connection see the same address).
+    """
+    target = _checked_url(url, field)
+    policy = FetchPolicy(allow_private=allow_private)
+    return target, await _checked_addresses(target, policy, field, resolver or _getaddrinfo)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from PIL import Image
@@ -113,6 +113,21 @@ def center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
     left = max(0, (image.width - width) // 2)
     top = max(0, (image.height - height) // 2)
     return image.crop((left, top, left + min(width, image.width), top + min(height, image.height)))
+
+
+def interrupt_callback(batch: Sequence[GenerationRequest]) -> Callable[..., dict[str, Any]] | None:
+    """A ``callback_on_step_end`` that stops the denoising loop once every request of the batch
+    is cancelled (a batch shared with live requests runs on; the cancelled result is dropped)."""
+    events = [r.cancel for r in batch if r.cancel is not None]
+    if len(events) != len(batch):
+        return None
+
+    def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if all(e.is_set() for e in events):
+            pipe._interrupt = True
+        return kwargs
+
+    return callback
 
 
 def total_images(batch: Sequence[GenerationRequest]) -> int:

@@ -86,6 +86,7 @@ class SdAdapter:
             "guidance_scale": first.guidance_scale,
             "generator": common.generators(self.device, batch),
             "output_type": "pil",
+            "callback_on_step_end": common.interrupt_callback(batch),
         }
         if cfg:
             kwargs["negative_prompt_embeds"] = common.repeat_rows([e[1] for e in encoded], batch)  # type: ignore[misc]

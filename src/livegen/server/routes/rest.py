@@ -1,10 +1,10 @@
-"""``{BASE}/rest/...`` (fal's rest.fal.ai): realtime tokens."""
+"""``{BASE}/rest/...`` (fal's rest.fal.ai): realtime tokens and the webhook JWKS."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from livegen.protocol.apps import ENDPOINTS
@@ -39,3 +39,10 @@ async def create_token(
     ttl = min(body.token_expiration, settings.max_token_ttl_s)
     token, _ = signer.mint(tokens.REALTIME, key_id, ttl_s=ttl, apps=apps)
     return token
+
+
+@router.get("/.well-known/jwks.json")
+async def jwks(request: Request) -> dict[str, Any]:
+    """The Ed25519 keys webhook signatures verify against (public, no key needed)."""
+    keys: dict[str, Any] = request.app.state.webhook_signer.jwks()
+    return keys
