@@ -55,11 +55,21 @@ def free_port() -> int:
 
 
 def start_server(
-    data_dir: Path, *args: str, env: dict[str, str] | None = None, wait_ready: bool = True
+    data_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+    synth_from: Path | None = None,
+    port: int | None = None,
 ) -> LiveServer:
-    port = free_port()
+    """``livegen serve`` on loopback. ``synth_from``: reuse another data dir's synthesized
+    checkpoints (a symlink), so each server does not build its own."""
+    port = port or free_port()
     log_path = data_dir / f"server-{port}.log"
     data_dir.mkdir(parents=True, exist_ok=True)
+    if synth_from is not None and not (data_dir / "synth").exists():
+        (synth_from / "synth").mkdir(parents=True, exist_ok=True)
+        (data_dir / "synth").symlink_to(synth_from / "synth")
     full_env = {**os.environ, "LIVEGEN_API_KEYS": API_KEY, "HF_HUB_OFFLINE": "1", **(env or {})}
     cmd = [sys.executable, "-m", "livegen", "serve", "--port", str(port), "--data-dir", str(data_dir), *args]
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
