@@ -7,9 +7,12 @@ commands, so ``livegen keys`` stays light.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +32,24 @@ def _settings(**overrides: Any) -> Any:
         raise click.UsageError(problems) from None
 
 
+class RedactSecrets(logging.Filter):
+    """uvicorn logs each WebSocket handshake with its path and query, where realtime tokens
+    travel (``?fal_jwt_token=``): rewrite such records before any handler sees them."""
+
+    _TOKEN = re.compile(r"((?:fal_jwt_token|token|key)=)[^&\s\"']+", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self._TOKEN.sub(r"\1<redacted>", message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactSecrets())
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
@@ -52,8 +71,7 @@ def main() -> None:
 )
 @click.option(
     "--weights",
-    help="hub | random | tiny-random | PATH (a folder of diffusers folders). "
-    "[env LIVEGEN_WEIGHTS; default hub]",
+    help="hub | random | tiny-random | PATH (a folder of diffusers folders). [env LIVEGEN_WEIGHTS; default hub]",
 )
 @click.option(
     "--models",
@@ -64,9 +82,7 @@ def main() -> None:
     default=None,
     help="Load other models on first use, or refuse them. [env LIVEGEN_LOAD_ON_DEMAND; default on]",
 )
-@click.option(
-    "--device", type=click.Choice(["auto", "cuda", "cpu"]), help="[env LIVEGEN_DEVICE; default auto]"
-)
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), help="[env LIVEGEN_DEVICE; default auto]")
 @click.option(
     "--tiny-vae/--full-vae",
     default=None,
@@ -90,9 +106,7 @@ def serve(log_level: str, **flags: Any) -> None:
 
     unknown = [m for m in settings.models if m not in MODELS]
     if unknown:
-        raise click.UsageError(
-            f"unknown model(s) in --models: {', '.join(unknown)}; known: {', '.join(MODELS)}"
-        )
+        raise click.UsageError(f"unknown model(s) in --models: {', '.join(unknown)}; known: {', '.join(MODELS)}")
     setup_logging(log_level)
     _ensure_a_key(settings)
 
@@ -107,7 +121,16 @@ def serve(log_level: str, **flags: Any) -> None:
             server.should_exit = True
 
     app = create_app(settings, on_fatal=stop)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False, log_config=None)
+    # Frames are size-checked by the session (a clear error frame); uvicorn's own cap is a backstop.
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        access_log=False,  # access lines would carry query strings, and realtime tokens travel there
+        log_config=None,
+        ws="websockets-sansio",
+        ws_max_size=2 * settings.max_ws_message_bytes,
+    )
     server = uvicorn.Server(config)
     server.run()
     fatal = app.state.fatal_error if hasattr(app.state, "fatal_error") else None
@@ -190,3 +213,104 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
         except NotFound as exc:
             raise click.ClickException(exc.message) from None
     click.echo(f"revoked {key_id}")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks."""
+
+
+@bench.command("realtime")
+@click.option("--url", help="A running server's base URL. Without it, a server is started (see --weights).")
+@click.option("--key", envvar="FAL_KEY", help="API key for --url. [env FAL_KEY]")
+@click.option("--weights", default="tiny-random", show_default=True, help="For the server this command starts.")
+@click.option("--device", default="auto", show_default=True, help="For the server this command starts.")
+@click.option("--app", default="fal-ai/fast-turbo-diffusion", show_default=True)
+@click.option("--model", default="stabilityai/sd-turbo", show_default=True)
+@click.option("--sessions", default=8, show_default=True)
+@click.option("--fps", default=10.0, show_default=True, help="Frames each session sends per second.")
+@click.option("--duration", default=10.0, show_default=True, help="Seconds of sending.")
+@click.option("--size", default=512, show_default=True)
+@click.option("--steps", default=1, show_default=True)
+@click.option("--strength", default=0.5, show_default=True, help="With --image.")
+@click.option("--image/--no-image", default=False, help="Send a 512x512 PNG data URL (image-to-image).")
+@click.option("--max-buffering", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench_realtime(
+    url: str | None,
+    key: str | None,
+    weights: str,
+    device: str,
+    app: str,
+    model: str,
+    sessions: int,
+    fps: float,
+    duration: float,
+    size: int,
+    steps: int,
+    strength: float,
+    image: bool,
+    max_buffering: int | None,
+    as_json: bool,
+) -> None:
+    """Drive realtime sessions like the clients do and report latency and throughput."""
+    import asyncio
+    import json
+
+    from livegen.bench.realtime import BenchConfig, format_report, input_image_data_url, run_bench
+
+    frame: dict[str, Any] = {"prompt": "a photo of a red fox in the snow", "model_name": model}
+    frame.update(num_inference_steps=steps, sync_mode=True)
+    if image:
+        frame.update(image_url=input_image_data_url(size), strength=strength)
+    else:
+        frame["image_size"] = {"width": size, "height": size}
+    with _bench_server(url, key, weights, device, model) as (base_url, api_key):
+        config = BenchConfig(base_url, api_key, app, sessions, fps, duration, frame, max_buffering)
+        report = asyncio.run(run_bench(config))
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if report["misordered"]:
+        sys.exit(1)
+
+
+@contextlib.contextmanager
+def _bench_server(url: str | None, key: str | None, weights: str, device: str, model: str) -> Iterator[tuple[str, str]]:
+    if url:
+        if not key:
+            raise click.UsageError("--key (or FAL_KEY) is needed with --url")
+        yield url.rstrip("/"), key
+        return
+    import os
+    import secrets
+    import socket
+    import subprocess
+    import tempfile
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api_key = secrets.token_urlsafe(16)
+    data_dir = Path(tempfile.mkdtemp(prefix="livegen-bench-"))
+    env = {**os.environ, "LIVEGEN_API_KEYS": api_key}
+    cmd = [sys.executable, "-m", "livegen", "serve", "--port", str(port), "--data-dir", str(data_dir),
+           "--weights", weights, "--device", device, "--models", model, "--log-level", "WARNING"]  # fmt: skip
+    process = subprocess.Popen(cmd, env=env)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise click.ClickException("the server exited before it was ready")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(base_url + "/readyz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.3)
+        else:
+            raise click.ClickException("the server was not ready in 15 minutes")
+        yield base_url, api_key
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

@@ -54,13 +54,30 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=10, ge=1)
     webhook_backoff_base_s: float = Field(default=15.0, gt=0)
     webhook_timeout_s: float = Field(default=10.0, gt=0)
+    max_sessions: int = Field(default=64, ge=1, description="Concurrent realtime sessions")
+    session_timeout_s: float = Field(default=60.0, gt=0, description="Idle realtime sessions get TIMEOUT")
+    default_max_buffering: int = Field(default=2, ge=1, le=60, description="Realtime inbox size without ?max_buffering")
+    max_session_fps: float = Field(default=60.0, gt=0, description="Frames a realtime session may start per second")
+    max_ws_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Browser origins allowed on the realtime WebSocket besides the server's own ("*": any).
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_token_ttl_s: int = Field(default=3600, ge=1, description="Cap on realtime/CDN token lifetimes")
+    max_upload_bytes: int = Field(default=1024**3, ge=1, description="Cap on one uploaded file (413 beyond)")
+    max_upload_part_bytes: int = Field(default=100 * 1024**2, ge=1, description="Cap on one multipart part")
+    upload_expiry_s: float = Field(default=3600, gt=0, description="Unfinished uploads are deleted after this")
 
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, v: object) -> object:
         if isinstance(v, str):
             return [m.strip() for m in v.split(",") if m.strip()]
+        return v
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [o.strip().rstrip("/") for o in v.split(",") if o.strip()]
         return v
 
     @field_validator("api_keys", mode="before")
@@ -86,6 +103,10 @@ class Settings(BaseSettings):
     @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
 
     @property
     def secret_path(self) -> Path:

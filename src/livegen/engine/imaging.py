@@ -87,14 +87,11 @@ def decode_image(data: bytes, *, max_pixels: int = 4096 * 4096, field: str = "im
     with img:
         fmt = "JPEG" if img.format in _JPEG_ALIASES else img.format
         if fmt not in ALLOWED_FORMATS:  # Pillow was told to try only these; belt and braces
-            raise InvalidImage(
-                f"{field} is a {img.format} image; only PNG, JPEG or WebP images are accepted", loc=loc
-            )
+            raise InvalidImage(f"{field} is a {img.format} image; only PNG, JPEG or WebP images are accepted", loc=loc)
         width, height = img.size
         if width * height > max_pixels:
             raise InvalidImage(
-                f"{field} is {width}×{height} ({width * height} pixels); "
-                f"images may have at most {max_pixels} pixels",
+                f"{field} is {width}×{height} ({width * height} pixels); images may have at most {max_pixels} pixels",
                 loc=loc,
             )
         if fmt != "JPEG" and getattr(img, "n_frames", 1) > 1:
@@ -227,9 +224,7 @@ def encode_image(img: Image.Image, fmt: Literal["jpeg", "png"], *, quality: int 
         out = img if img.mode in ("RGB", "RGBA", "L", "LA") else _to_rgb(img)
         out.save(buf, format="PNG", compress_level=1)
     else:
-        raise InvalidInput(
-            f"output_format must be 'jpeg' or 'png', got {fmt!r}", loc=("body", "output_format")
-        )
+        raise InvalidInput(f"output_format must be 'jpeg' or 'png', got {fmt!r}", loc=("body", "output_format"))
     return buf.getvalue()
 
 

@@ -32,9 +32,7 @@ MODELS: dict[str, ModelSpec] = {
     s.model_id: s
     for s in (
         ModelSpec("stabilityai/sd-turbo", "sd_turbo", "stabilityai/sd-turbo", "madebyollin/taesd"),
-        ModelSpec(
-            "stabilityai/sdxl-turbo", "sdxl_turbo", "stabilityai/sdxl-turbo", "madebyollin/taesdxl", sdxl=True
-        ),
+        ModelSpec("stabilityai/sdxl-turbo", "sdxl_turbo", "stabilityai/sdxl-turbo", "madebyollin/taesdxl", sdxl=True),
         ModelSpec(
             "runwayml/stable-diffusion-v1-5",
             "lcm",

@@ -134,11 +134,7 @@ class Worker:
     def check(self, request: GenerationRequest) -> None:
         spec_for(request.model_id)
         adapter = self._adapters.get(request.model_id)
-        if (
-            adapter is None
-            and not self.settings.load_on_demand
-            and request.model_id not in self.settings.models
-        ):
+        if adapter is None and not self.settings.load_on_demand and request.model_id not in self.settings.models:
             raise ModelUnavailable(
                 f"Model {request.model_id} is not loaded on this server; start it with "
                 f"--models including {request.model_id} (or enable loading on demand)"
@@ -169,6 +165,8 @@ class Worker:
             "batches": self.stats.batches,
             "images": self.stats.images,
             "multi_request_batches": self.stats.multi_request_batches,
+            "busy_s": round(self.stats.busy_s, 3),
+            "batch_sizes": dict(self.stats.batch_sizes),
         }
 
     # -- the device thread --------------------------------------------------------------------

@@ -33,9 +33,7 @@ TURBO = "fal-ai/fast-turbo-diffusion"
 LCM = "fal-ai/fast-lcm-diffusion"
 
 ENDPOINTS: tuple[Endpoint, ...] = (
-    Endpoint(
-        TURBO, TURBO, Task.TEXT_TO_IMAGE, schemas.TurboTextToImage, "SD-Turbo / SDXL-Turbo text-to-image"
-    ),
+    Endpoint(TURBO, TURBO, Task.TEXT_TO_IMAGE, schemas.TurboTextToImage, "SD-Turbo / SDXL-Turbo text-to-image"),
     Endpoint(
         f"{TURBO}/image-to-image",
         TURBO,
@@ -51,9 +49,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "SD-Turbo / SDXL-Turbo inpainting",
     ),
     Endpoint(LCM, LCM, Task.TEXT_TO_IMAGE, schemas.LcmTextToImage, "LCM-LoRA (SD 1.5 / SDXL) text-to-image"),
-    Endpoint(
-        f"{LCM}/image-to-image", LCM, Task.IMAGE_TO_IMAGE, schemas.LcmImageToImage, "LCM-LoRA image-to-image"
-    ),
+    Endpoint(f"{LCM}/image-to-image", LCM, Task.IMAGE_TO_IMAGE, schemas.LcmImageToImage, "LCM-LoRA image-to-image"),
     Endpoint(f"{LCM}/inpainting", LCM, Task.INPAINTING, schemas.LcmInpainting, "LCM-LoRA inpainting"),
 )
 

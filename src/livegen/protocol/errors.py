@@ -4,6 +4,7 @@
      ├── InvalidInput (ValueError)    422 a field's value is wrong; carries ``loc``
      │    ├── InvalidImage            422 an image input cannot be used
      │    └── FetchRefused            422 a URL input may not or could not be fetched
+     ├── BadRequest                   400 a request livegen cannot route (e.g. a bad x-fal-target-url)
      ├── PayloadTooLarge              413 a body or an inline file over its cap
      ├── Unauthorized                 401 no key, or a key we do not know
      ├── Forbidden                    403 a key or token without the right to this app
@@ -70,6 +71,13 @@ class InvalidImage(InvalidInput):
 class FetchRefused(InvalidInput):
     error_type = "file_download_error"
     validation_type = "file_download_error"
+
+
+class BadRequest(LivegenError):
+    http_status = 400
+    error_type = "bad_request"
+    public_message = "Bad request"
+    message_is_public = True
 
 
 class PayloadTooLarge(LivegenError):

@@ -12,9 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-ImageSizePreset = Literal[
-    "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
-]
+ImageSizePreset = Literal["square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"]
 
 IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
     "square_hd": (1024, 1024),
@@ -64,9 +62,7 @@ class _Input(BaseModel):
     guidance_scale: float = Field(ge=0.0, le=20.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Random when absent; echoed")
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
-    sync_mode: bool = Field(
-        default=True, description="true: images come back inline as data URLs; false: as file URLs"
-    )
+    sync_mode: bool = Field(default=True, description="true: images come back inline as data URLs; false: as file URLs")
     enable_safety_checker: bool = Field(
         default=True,
         description="Run the safety checker when the server has one loaded (see /readyz); "
@@ -94,9 +90,7 @@ class LcmTextToImage(_Input):
 
 
 class _ImageInput(BaseModel):
-    image_url: str = Field(
-        min_length=1, description="http(s) URL or data URI of the input image (PNG, JPEG or WebP)"
-    )
+    image_url: str = Field(min_length=1, description="http(s) URL or data URI of the input image (PNG, JPEG or WebP)")
     strength: float = Field(
         default=0.95, gt=0.0, le=1.0, description="How much the result departs from the input image"
     )
@@ -146,3 +140,28 @@ class Output(BaseModel):
     has_nsfw_concepts: list[bool]
     prompt: str
     request_id: str | None = None
+
+
+class _RealtimeImage(BaseModel):
+    """What realtime frames add to the text-to-image schema: an optional input image, as a URL
+    (fal's quickstart sends a data URL) or as raw bytes (fal's camera demos). With an image the
+    frame is image-to-image, without one text-to-image."""
+
+    image_url: str | None = Field(default=None, min_length=1)
+    image_bytes: bytes | None = Field(default=None, description="Raw PNG/JPEG/WebP bytes (msgpack bin)")
+    strength: float = Field(default=0.95, gt=0.0, le=1.0)
+    image_size: ImageSizePreset | ImageSize | None = None
+    preserve_aspect_ratio: bool = False
+    crop_output: bool = False
+
+    @property
+    def has_image(self) -> bool:
+        return self.image_url is not None or self.image_bytes is not None
+
+
+class TurboRealtime(_RealtimeImage, TurboTextToImage):
+    image_size: ImageSizePreset | ImageSize | None = None
+
+
+class LcmRealtime(_RealtimeImage, LcmTextToImage):
+    image_size: ImageSizePreset | ImageSize | None = None

@@ -27,12 +27,14 @@ from livegen.server.auth import KeyStore
 from livegen.server.db import Database
 from livegen.server.generation import GenerationService
 from livegen.server.jobs.service import JobService
-from livegen.server.jobs.store import SqliteJobStore
+from livegen.server.jobs.store import Job, SqliteJobStore
 from livegen.server.jobs.webhooks import WebhookSender, WebhookSigner
+from livegen.server.metrics import Metrics, MetricsMiddleware
 from livegen.server.middleware import RequestIdMiddleware
-from livegen.server.routes import files, health, queue, rest, run
+from livegen.server.routes import files, health, proxy, queue, realtime, rest, run, uploads
 from livegen.server.storage import FileStore
 from livegen.server.tokens import TokenSigner, load_secret
+from livegen.server.uploads import UploadService
 from livegen.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ def create_app(
             db = stack.enter_context(Database.open(settings.db_path))
             app.state.keys = KeyStore(db, settings.api_keys)
             app.state.files = FileStore(db, settings.files_dir)
+            app.state.uploads = await stack.enter_async_context(UploadService(db, app.state.files, settings))
             app.state.tokens = TokenSigner(load_secret(settings.secret_path))
             eng = engine if engine is not None else stack.enter_context(_start_worker(settings))
             app.state.engine = eng
@@ -69,13 +72,18 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = Metrics()
     errors.install(app)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(proxy.FalProxyMiddleware)  # /api/fal/proxy; inside RequestIdMiddleware
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
     app.include_router(files.router)
+    app.include_router(uploads.router)
     app.include_router(rest.router)
     app.include_router(queue.router())
     app.include_router(run.router())
+    realtime.install(app, settings)
     return app
 
 
@@ -89,8 +97,16 @@ async def _open_jobs(app: FastAPI, settings: Settings, db: Database, stack: Asyn
         max_attempts=settings.webhook_max_attempts,
         backoff_base_s=settings.webhook_backoff_base_s,
         timeout_s=settings.webhook_timeout_s,
+        on_attempt=lambda ok: app.state.metrics.webhooks.labels("delivered" if ok else "failed").inc(),
     )
-    jobs = JobService(settings, store, app.state.generation, on_terminal=lambda job: sender.wake())
+    metrics: Metrics = app.state.metrics
+
+    def on_terminal(job: Job) -> None:
+        metrics.jobs.labels(job.state.value).inc()
+        sender.wake()
+
+    jobs = JobService(settings, store, app.state.generation, on_terminal=on_terminal)
+    metrics.watch(app.state.engine.status, store.counts)
     app.state.webhook_signer = signer
     app.state.jobs = jobs
     sender.start()

@@ -7,11 +7,13 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from livegen.protocol.errors import Unauthorized
 from livegen.server.auth import KeyStore, parse_authorization
 from livegen.server.generation import GenerationService
 from livegen.server.jobs.service import JobService
 from livegen.server.storage import FileStore
-from livegen.server.tokens import TokenSigner
+from livegen.server.tokens import CDN, TokenSigner
+from livegen.server.uploads import UploadService
 from livegen.settings import Settings
 
 
@@ -46,6 +48,19 @@ def require_key(request: Request) -> str:
     return keys.verify(parse_authorization(request.headers.get("authorization")))
 
 
+def uploads(request: Request) -> UploadService:
+    service: UploadService = request.app.state.uploads
+    return service
+
+
+def require_cdn_token(request: Request) -> str:
+    """The key id behind a CDN upload token (``Authorization: Bearer <token>``), else 401."""
+    scheme, _, token = (request.headers.get("authorization") or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("pass 'Authorization: Bearer <token from /rest/storage/auth/token>'", public=True)
+    return token_signer(request).verify(token.strip(), CDN).key_id
+
+
 def base_url(request: Request) -> str:
     configured: str = request.app.state.settings.public_url
     if configured:
@@ -60,3 +75,5 @@ SettingsDep = Annotated[Settings, Depends(settings)]
 TokensDep = Annotated[TokenSigner, Depends(token_signer)]
 JobsDep = Annotated[JobService, Depends(jobs)]
 KeyDep = Annotated[str, Depends(require_key)]
+UploadsDep = Annotated[UploadService, Depends(uploads)]
+CdnKeyDep = Annotated[str, Depends(require_cdn_token)]

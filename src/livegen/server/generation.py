@@ -24,8 +24,8 @@ from pydantic import BaseModel
 
 from livegen.engine import Engine, GenerationRequest, GenerationResult, Priority
 from livegen.engine.imaging import decode_image, fit_size, to_data_url
-from livegen.protocol.apps import Endpoint, Task
-from livegen.protocol.errors import InvalidInput, NotFound
+from livegen.protocol.apps import BY_ID, Endpoint, Task
+from livegen.protocol.errors import InvalidInput, NotFound, PayloadTooLarge
 from livegen.protocol.schemas import MAX_SIDE, resolve_image_size
 from livegen.server.storage import FileStore
 from livegen.server.urlfetch import FetchPolicy, fetch_bytes
@@ -54,12 +54,9 @@ class GenerationService:
         priority: Priority = Priority.SYNC,
         cancel: threading.Event | None = None,
     ) -> dict[str, Any]:
+        """Generate for one validated input and return fal's output."""
         started = time.perf_counter()
-        request = await self.build_request(endpoint, body, base_url=base_url, priority=priority)
-        if cancel is not None:
-            request = dataclasses.replace(request, cancel=cancel)
-        self._engine.check(request)
-        result = await self._await(request)
+        request, result = await self.generate(endpoint, body, base_url=base_url, priority=priority, cancel=cancel)
         output = await self.render(result, body, base_url=base_url)
         logger.info(
             "run endpoint=%s model=%s size=%dx%d steps=%d images=%d batch=%d ms=%.1f",
@@ -74,6 +71,21 @@ class GenerationService:
         )
         return output
 
+    async def generate(
+        self,
+        endpoint: Endpoint,
+        body: BaseModel,
+        *,
+        base_url: str,
+        priority: Priority,
+        cancel: threading.Event | None = None,
+    ) -> tuple[GenerationRequest, GenerationResult]:
+        request = await self.build_request(endpoint, body, base_url=base_url, priority=priority)
+        if cancel is not None:
+            request = dataclasses.replace(request, cancel=cancel)
+        self._engine.check(request)
+        return request, await self._await(request)
+
     async def _await(self, request: GenerationRequest) -> GenerationResult:
         future = self._engine.submit(request)
         try:
@@ -86,12 +98,17 @@ class GenerationService:
         self, endpoint: Endpoint, body: BaseModel, *, base_url: str, priority: Priority
     ) -> GenerationRequest:
         fields = body.model_dump()
+        task = endpoint.task
+        if task is Task.TEXT_TO_IMAGE and (fields.get("image_url") or fields.get("image_bytes")):
+            task = Task.IMAGE_TO_IMAGE  # a realtime frame on a base app that carries an image
         image = mask = None
         crop_to = None
-        if endpoint.task is Task.TEXT_TO_IMAGE:
-            width, height = resolve_image_size(body.image_size)
+        if task is Task.TEXT_TO_IMAGE:
+            width, height = resolve_image_size(body.image_size or default_image_size(endpoint.app_id))
         else:
-            image = await self._load_image(fields["image_url"], "image_url", base_url)
+            image = await self._load_image(
+                fields.get("image_url"), "image_url", base_url, raw=fields.get("image_bytes")
+            )
             width, height, crop_to = output_size(
                 image.size,
                 body.image_size,
@@ -99,13 +116,13 @@ class GenerationService:
                 crop_output=fields["crop_output"],
             )
             image = image.resize((width, height), Image.Resampling.LANCZOS) if image.size != (width, height) else image
-            if endpoint.task is Task.INPAINTING:
+            if task is Task.INPAINTING:
                 raw_mask = await self._load_image(fields["mask_url"], "mask_url", base_url)
                 mask = raw_mask.convert("L").resize((width, height), Image.Resampling.NEAREST)
         seed = fields["seed"] if fields["seed"] is not None else secrets.randbelow(2**32)
         return GenerationRequest(
             model_id=fields["model_name"],
-            task=endpoint.task,
+            task=task,
             prompt=fields["prompt"],
             negative_prompt=fields["negative_prompt"],
             width=width,
@@ -123,9 +140,17 @@ class GenerationService:
             priority=priority,
         )
 
-    async def _load_image(self, url: str, field: str, base_url: str) -> Image.Image:
-        data = self._local_file(url, base_url)
+    async def _load_image(self, url: str | None, field: str, base_url: str, *, raw: bytes | None = None) -> Image.Image:
+        if raw is not None:
+            data: bytes | None = raw
+            field = "image_bytes"
+            if len(raw) > self._settings.max_input_image_bytes:
+                raise PayloadTooLarge(f"image_bytes is larger than {self._settings.max_input_image_bytes} bytes")
+        else:
+            assert url is not None
+            data = self._local_file(url, base_url)
         if data is None:
+            assert url is not None
             data = await fetch_bytes(url, self._fetch_policy, field=field)
         return await anyio.to_thread.run_sync(
             lambda: decode_image(data, max_pixels=self._settings.max_input_image_pixels, field=field)
@@ -146,12 +171,26 @@ class GenerationService:
         except NotFound:
             return None
 
-    async def render(self, result: GenerationResult, body: BaseModel, *, base_url: str) -> dict[str, Any]:
-        images = []
+    async def render(
+        self, result: GenerationResult, body: BaseModel, *, base_url: str, as_bytes: bool = False
+    ) -> dict[str, Any]:
+        """fal's output. ``as_bytes``: images as raw ``content`` (realtime frames that came as
+        ``image_bytes``) instead of URLs."""
+        images: list[dict[str, Any]] = []
         for encoded in result.images:
             ext = encoded.content_type.split("/")[-1]
             file_name = f"{uuid.uuid4().hex}.{ext}"
-            if body.sync_mode:
+            if as_bytes:
+                images.append(
+                    {
+                        "content": encoded.data,
+                        "width": encoded.width,
+                        "height": encoded.height,
+                        "content_type": encoded.content_type,
+                    }
+                )
+                continue
+            if body.sync_mode:  # type: ignore[attr-defined]
                 url = to_data_url(encoded.data, encoded.content_type)
             else:
                 stored = await anyio.to_thread.run_sync(self._files.put, encoded.data, encoded.content_type, file_name)
@@ -176,6 +215,11 @@ class GenerationService:
         if getattr(body, "request_id", ""):
             output["request_id"] = body.request_id
         return output
+
+
+def default_image_size(app_id: str) -> Any:
+    """The ``image_size`` default of the app's text-to-image schema (``square`` / ``square_hd``)."""
+    return BY_ID[app_id].input_model.model_fields["image_size"].default
 
 
 def output_size(

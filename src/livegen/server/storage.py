@@ -1,12 +1,16 @@
-"""Files livegen serves back: generated images (``sync_mode: false``), later uploads.
+"""Files livegen serves back: generated images (``sync_mode: false``) and uploads.
 
 Stored under server-generated ids in the data dir (never a client's name in a path), with
-their content type and size in SQLite, and served unauthenticated at
-``{base}/cdn/files/{file_id}/{file_name}``.
+their content type, size and a sanitised display name in SQLite, and served unauthenticated
+at ``{base}/cdn/files/{file_id}/{file_name}``. The display name only decorates the URL: the
+id alone finds the file.
+
+Methods touch the disk; async callers run them through ``anyio.to_thread``.
 """
 
 from __future__ import annotations
 
+import mimetypes
 import os
 import re
 import secrets
@@ -14,11 +18,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from livegen.protocol.errors import NotFound
+from livegen.protocol.errors import InvalidInput, NotFound
 from livegen.server.db import Database
 
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+MAX_NAME_CHARS = 100
+
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _FILE_ID = re.compile(r"^[0-9a-f]{32}$")
+# Printable ASCII only: the value goes back out verbatim as a response header.
+_CONTENT_TYPE = re.compile(r"^[!-~][ -~]{0,254}$")
 
 
 SCHEMA = """
@@ -32,6 +41,34 @@ CREATE TABLE IF NOT EXISTS files (
 """
 
 
+def new_file_id() -> str:
+    return secrets.token_hex(16)
+
+
+def file_url(base_url: str, file_id: str, file_name: str) -> str:
+    return f"{base_url}/cdn/files/{file_id}/{file_name}"
+
+
+def safe_name(file_name: str | None, content_type: str = DEFAULT_CONTENT_TYPE) -> str:
+    """A display name that is one harmless URL segment: ``[A-Za-z0-9._-]``, no leading dot
+    (so never ``.`` or ``..``), at most ``MAX_NAME_CHARS``, keeping the end (the extension).
+    Without a usable name: ``upload`` plus an extension guessed from the content type."""
+    name = _UNSAFE_NAME_CHARS.sub("_", file_name or "")[-MAX_NAME_CHARS:].lstrip(".")
+    if name.strip("_"):
+        return name
+    return "upload" + (mimetypes.guess_extension(content_type.split(";")[0].strip()) or ".bin")
+
+
+def check_content_type(value: str | None, *, loc: tuple[str | int, ...] = ("body", "content_type")) -> str:
+    """The content type to store and serve back verbatim; the default when none is given."""
+    if not value or not value.strip():
+        return DEFAULT_CONTENT_TYPE
+    value = value.strip()
+    if not _CONTENT_TYPE.match(value):
+        raise InvalidInput("content type must be printable ASCII, at most 255 characters", loc=loc)
+    return value
+
+
 @dataclass(frozen=True)
 class StoredFile:
     file_id: str
@@ -39,6 +76,9 @@ class StoredFile:
     size: int
     file_name: str
     path: Path
+
+    def url(self, base_url: str) -> str:
+        return file_url(base_url, self.file_id, self.file_name)
 
 
 class FileStore:
@@ -49,17 +89,29 @@ class FileStore:
         root.mkdir(parents=True, exist_ok=True)
 
     def put(self, data: bytes, content_type: str, file_name: str) -> StoredFile:
-        file_id = secrets.token_hex(16)
-        name = _SAFE_NAME.sub("_", file_name)[-100:] or "file"
-        path = self._root / file_id
-        tmp = path.with_suffix(".tmp")
+        file_id = new_file_id()
+        tmp = self._root / f"{file_id}.tmp"
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-        self._db.execute(
-            "INSERT INTO files (file_id, content_type, size, file_name, created_at) VALUES (?, ?, ?, ?, ?)",
-            (file_id, content_type, len(data), name, time.time()),
-        )
-        return StoredFile(file_id, content_type, len(data), name, path)
+        return self.adopt(tmp, file_id=file_id, content_type=content_type, file_name=file_name)
+
+    def adopt(self, path: Path, *, file_id: str, content_type: str, file_name: str) -> StoredFile:
+        """Take over a finished file written elsewhere on the same filesystem (an upload's
+        staging area): moved into place, then registered under ``file_id``."""
+        if not _FILE_ID.match(file_id):
+            raise ValueError(f"not a file id: {file_id!r}")
+        name = safe_name(file_name, content_type)
+        size = path.stat().st_size
+        target = self._root / file_id
+        os.replace(path, target)
+        try:
+            self._db.execute(
+                "INSERT INTO files (file_id, content_type, size, file_name, created_at) VALUES (?, ?, ?, ?, ?)",
+                (file_id, content_type, size, name, time.time()),
+            )
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+        return StoredFile(file_id, content_type, size, name, target)
 
     def get(self, file_id: str) -> StoredFile:
         if not _FILE_ID.match(file_id):

@@ -325,3 +325,14 @@ def test_server_log_has_no_secrets(live_server: LiveServer, http: httpx.Client) 
     log = live_server.log()
     assert live_server.key not in log
     assert "base64," not in log
+
+
+def test_metrics(http: httpx.Client, live_server: LiveServer) -> None:
+    run(http, TURBO, {"prompt": "counted", **SD})
+    assert http.post(TURBO, json={}).status_code == 422
+    text = httpx.get(live_server.base_url + "/metrics").text
+    assert 'livegen_http_requests_total{method="POST",route="/fal-ai/fast-turbo-diffusion",status="200"}' in text
+    assert 'livegen_http_requests_total{method="POST",route="/fal-ai/fast-turbo-diffusion",status="422"}' in text
+    for name in ("livegen_engine_batches_total", "livegen_engine_busy_seconds_total", "livegen_queue_jobs"):
+        assert name in text
+    assert live_server.key not in text

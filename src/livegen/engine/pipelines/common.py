@@ -85,9 +85,7 @@ def repeat_rows(rows: Sequence[torch.Tensor], batch: Sequence[GenerationRequest]
     return torch.cat([row.expand(r.num_images, *row.shape[1:]) for row, r in zip(rows, batch, strict=True)])
 
 
-def repeat_images(
-    images: Sequence[Image.Image | None], batch: Sequence[GenerationRequest]
-) -> list[Image.Image]:
+def repeat_images(images: Sequence[Image.Image | None], batch: Sequence[GenerationRequest]) -> list[Image.Image]:
     out: list[Image.Image] = []
     for image, r in zip(images, batch, strict=True):
         assert image is not None
@@ -95,9 +93,7 @@ def repeat_images(
     return out
 
 
-def split_outputs(
-    images: Sequence[Image.Image], batch: Sequence[GenerationRequest]
-) -> list[list[Image.Image]]:
+def split_outputs(images: Sequence[Image.Image], batch: Sequence[GenerationRequest]) -> list[list[Image.Image]]:
     out: list[list[Image.Image]] = []
     start = 0
     for r in batch:

@@ -69,9 +69,7 @@ class SdAdapter:
     def _encode(self, prompt: str, negative: str, cfg: bool) -> Embeds:
         def create() -> Embeds:
             with torch.inference_mode():
-                pe, npe = self.t2i.encode_prompt(
-                    prompt, self.device, 1, cfg, negative_prompt=negative or None
-                )
+                pe, npe = self.t2i.encode_prompt(prompt, self.device, 1, cfg, negative_prompt=negative or None)
             return pe, npe
 
         return self.embeds.get_or_create((prompt, negative, cfg), create)
@@ -96,9 +94,7 @@ class SdAdapter:
             images = self._run(first.task, batch, kwargs)
         return common.split_outputs(images, batch)
 
-    def _run(
-        self, task: Task, batch: Sequence[GenerationRequest], kwargs: dict[str, Any]
-    ) -> list[Image.Image]:
+    def _run(self, task: Task, batch: Sequence[GenerationRequest], kwargs: dict[str, Any]) -> list[Image.Image]:
         first = batch[0]
         if task is Task.TEXT_TO_IMAGE:
             out = self.t2i(height=first.height, width=first.width, **kwargs)

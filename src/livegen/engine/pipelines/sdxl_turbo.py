@@ -101,9 +101,7 @@ class SdxlAdapter:
             images = self._run(first.task, batch, kwargs)
         return common.split_outputs(images, batch)
 
-    def _run(
-        self, task: Task, batch: Sequence[GenerationRequest], kwargs: dict[str, Any]
-    ) -> list[Image.Image]:
+    def _run(self, task: Task, batch: Sequence[GenerationRequest], kwargs: dict[str, Any]) -> list[Image.Image]:
         first = batch[0]
         if task is Task.TEXT_TO_IMAGE:
             out = self.t2i(height=first.height, width=first.width, **kwargs)

@@ -182,6 +182,11 @@ class SqliteJobStore:
     def count(self, state: JobState) -> int:
         return int(self._db.query("SELECT COUNT(*) FROM jobs WHERE state = ?", (state.value,))[0][0])
 
+    def counts(self) -> dict[str, int]:
+        """Jobs per state (for metrics)."""
+        found = dict(self._db.query("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+        return {state.value: int(found.get(state.value, 0)) for state in JobState}
+
     def requeue_running(self) -> int:
         """After a crash: jobs that were running start again from the queue."""
         return self._db.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'")

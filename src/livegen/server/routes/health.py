@@ -1,11 +1,13 @@
-"""``/healthz`` (the process answers) and ``/readyz`` (models loaded, ready for work)."""
+"""``/healthz`` (the process answers), ``/readyz`` (models loaded, ready for work) and
+``/metrics`` (Prometheus)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 router = APIRouter(tags=["health"])
 
@@ -24,3 +26,8 @@ async def readyz(request: Request) -> JSONResponse:
         body["status"] = "failed"
         body["error"] = fatal
     return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,183 @@
+"""``livegen bench realtime``: N sessions at F frames/s for D seconds, as the clients do it.
+
+Each session gets a token from ``POST /rest/tokens/``, opens the realtime WebSocket and sends
+msgpack frames (``request_id`` = a per-session counter) at the requested rate, while a reader
+times each result against the send time of the frame it answers. At the end it waits briefly
+for stragglers and reports latency percentiles, delivered frames/s, frames the server dropped
+(superseded by newer ones: latest wins), error frames and misordered results (a result whose
+``request_id`` is lower than one already seen in that session; must be 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import msgpack
+import websockets
+
+
+@dataclass
+class SessionStats:
+    sent: int = 0
+    results: int = 0
+    errors: int = 0
+    misordered: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    error_reasons: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    base_url: str
+    key: str
+    app: str = "fal-ai/fast-turbo-diffusion"
+    sessions: int = 8
+    fps: float = 10.0
+    duration_s: float = 10.0
+    frame: dict[str, Any] = field(default_factory=dict)
+    max_buffering: int | None = None
+    drain_s: float = 10.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def input_image_data_url(size: int) -> str:
+    from PIL import Image
+
+    img = Image.new("RGB", (size, size), (40, 90, 160))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+async def _token(client: httpx.AsyncClient, config: BenchConfig) -> str:
+    alias = config.app.split("/")[1]
+    r = await client.post(
+        f"{config.base_url}/rest/tokens/",
+        json={"allowed_apps": [alias], "token_expiration": 3600},
+        headers={"Authorization": f"Key {config.key}"},
+    )
+    r.raise_for_status()
+    token: str = r.json()
+    return token
+
+
+async def _session(config: BenchConfig, token: str, index: int, stats: SessionStats, start_at: float) -> None:
+    ws_base = config.base_url.replace("http", "ws", 1)
+    url = f"{ws_base}/{config.app}/realtime?fal_jwt_token={token}"
+    if config.max_buffering:
+        url += f"&max_buffering={config.max_buffering}"
+    sent_at: dict[int, float] = {}
+    done_sending = asyncio.Event()
+    async with websockets.connect(url, max_size=None) as ws:
+
+        async def reader() -> None:
+            last = -1
+            while True:
+                try:
+                    message = await asyncio.wait_for(
+                        ws.recv(), timeout=config.drain_s if done_sending.is_set() else None
+                    )
+                except (TimeoutError, websockets.ConnectionClosed):
+                    return
+                now = time.perf_counter()
+                if isinstance(message, str):
+                    control = json.loads(message)
+                    if control.get("type") == "x-fal-error":
+                        stats.errors += 1
+                        stats.error_reasons.append(f"{control.get('error')}: {control.get('reason')}")
+                    continue
+                result = msgpack.unpackb(message, raw=False)
+                seq = int(result.get("request_id", -1))
+                stats.results += 1
+                if seq < last:
+                    stats.misordered += 1
+                last = max(last, seq)
+                if seq in sent_at:
+                    stats.latencies_ms.append((now - sent_at[seq]) * 1e3)
+                if done_sending.is_set() and seq == stats.sent - 1:
+                    return  # the last frame's result: nothing newer can come
+
+        read_task = asyncio.create_task(reader())
+        await asyncio.sleep(max(0.0, start_at - time.perf_counter()) + index * (1 / config.fps) / config.sessions)
+        interval = 1.0 / config.fps
+        deadline = time.perf_counter() + config.duration_s
+        next_send = time.perf_counter()
+        seq = 0
+        while time.perf_counter() < deadline:
+            frame = {**config.frame, "request_id": str(seq), "seed": index * 1_000_000 + seq}
+            sent_at[seq] = time.perf_counter()
+            await ws.send(msgpack.packb(frame, use_bin_type=True))
+            stats.sent += 1
+            seq += 1
+            next_send += interval
+            await asyncio.sleep(max(0.0, next_send - time.perf_counter()))
+        done_sending.set()
+        await read_task
+
+
+async def run_bench(config: BenchConfig) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        tokens = [await _token(client, config) for _ in range(config.sessions)]
+    stats = [SessionStats() for _ in range(config.sessions)]
+    start_at = time.perf_counter() + 0.2
+    started = time.perf_counter()
+    await asyncio.gather(*(_session(config, tokens[i], i, stats[i], start_at) for i in range(config.sessions)))
+    wall = time.perf_counter() - started
+    return summarize(config, stats, wall)
+
+
+def summarize(config: BenchConfig, stats: list[SessionStats], wall_s: float) -> dict[str, Any]:
+    latencies = [v for s in stats for v in s.latencies_ms]
+    results = sum(s.results for s in stats)
+    sent = sum(s.sent for s in stats)
+    errors = sum(s.errors for s in stats)
+    return {
+        "sessions": config.sessions,
+        "fps_requested": config.fps,
+        "duration_s": config.duration_s,
+        "frames_sent": sent,
+        "results": results,
+        "dropped": sent - results - errors,
+        "errors": errors,
+        "misordered": sum(s.misordered for s in stats),
+        "latency_ms": {
+            "p50": percentile(latencies, 50),
+            "p95": percentile(latencies, 95),
+            "p99": percentile(latencies, 99),
+            "mean": statistics.fmean(latencies) if latencies else float("nan"),
+        },
+        "delivered_fps_total": results / config.duration_s,
+        "delivered_fps_per_session": results / config.duration_s / config.sessions,
+        "wall_s": wall_s,
+        "error_samples": sorted({r for s in stats for r in s.error_reasons})[:5],
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lat = report["latency_ms"]
+    lines = [
+        f"sessions {report['sessions']} x {report['fps_requested']:g} frames/s for {report['duration_s']:g} s",
+        f"frames sent {report['frames_sent']}, results {report['results']}, dropped (superseded) "
+        f"{report['dropped']}, errors {report['errors']}, misordered {report['misordered']}",
+        f"latency ms: p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  p99 {lat['p99']:.1f}  mean {lat['mean']:.1f}",
+        f"delivered frames/s: total {report['delivered_fps_total']:.1f}, "
+        f"per session {report['delivered_fps_per_session']:.2f}",
+    ]
+    for sample in report["error_samples"]:
+        lines.append(f"error: {sample}")
+    return "\n".join(lines)

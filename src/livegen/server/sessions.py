@@ -1,0 +1,258 @@
+"""A realtime session: latest frame wins, output is bounded, one task writes.
+
+Three tasks per WebSocket:
+
+- the reader decodes msgpack frames into the inbox, a ``deque(maxlen=max_buffering)``: when it
+  is full the oldest frame falls off (counted as dropped), so a client sending faster than the
+  device renders gets the newest frames, never a growing backlog;
+- the worker takes frames from the inbox one at a time (so results keep their order), at most
+  ``max_fps`` per second, validates them, hands them to the engine at realtime priority (the
+  engine batches them with other sessions' frames) and puts the results in the outbox;
+- the writer is the only task that sends. The outbox holds ``2 * max_buffering`` messages; when
+  a client stops reading, the writer blocks, the outbox fills, the worker waits and the inbox
+  keeps only the newest frames: memory stays bounded and other sessions are unaffected.
+
+Control messages follow fal: ``x-fal-message`` timings after each result, ``x-fal-error`` for
+bad frames (the session stays open), ``TIMEOUT`` after ``session_timeout_s`` without input and
+then a normal close (1000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from pydantic import BaseModel, ValidationError
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from livegen.engine import Priority
+from livegen.protocol.apps import Endpoint
+from livegen.protocol.errors import (
+    InvalidInput,
+    LivegenError,
+    ModelUnavailable,
+    PayloadTooLarge,
+    QueueFull,
+)
+from livegen.server.generation import GenerationService
+from livegen.server.metrics import Metrics
+from livegen.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Frame:
+    payload: dict[str, Any]
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    data: bytes | str | None  # None: close the connection (1000) after what came before
+
+
+def error_code(exc: LivegenError) -> str:
+    if isinstance(exc, InvalidInput):
+        return "INVALID_INPUT"
+    if isinstance(exc, PayloadTooLarge):
+        return "PAYLOAD_TOO_LARGE"
+    if isinstance(exc, ModelUnavailable):
+        return "MODEL_UNAVAILABLE"
+    if isinstance(exc, QueueFull):
+        return "OVERLOADED"
+    return "INTERNAL_ERROR"
+
+
+def error_message(code: str, reason: str) -> str:
+    return json.dumps({"type": "x-fal-error", "error": code, "reason": reason})
+
+
+def validation_reason(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors()[:5]:
+        where = ".".join(str(p) for p in e["loc"]) or "input"
+        parts.append(f"{where}: {e['msg']}")
+    return "; ".join(parts)
+
+
+class Session:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        endpoint: Endpoint,
+        input_model: type[BaseModel],
+        service: GenerationService,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        max_buffering: int,
+        base_url: str,
+    ) -> None:
+        self._ws = websocket
+        self._endpoint = endpoint
+        self._input_model = input_model
+        self._service = service
+        self._settings = settings
+        self._metrics = metrics
+        self._base_url = base_url
+        self._inbox: deque[Frame] = deque(maxlen=max_buffering)
+        self._inbox_ready = asyncio.Event()
+        self._outbox: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=2 * max_buffering)
+        self.received = self.dropped = self.results = self.errors = 0
+        self._busy = False
+        self._last_activity = time.monotonic()
+
+    async def run(self) -> None:
+        await self._ws.accept()
+        started = time.monotonic()
+        tasks = [
+            asyncio.create_task(self._read_loop(), name="realtime-reader"),
+            asyncio.create_task(self._work_loop(), name="realtime-worker"),
+            asyncio.create_task(self._write_loop(), name="realtime-writer"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    logger.error("realtime session task failed", exc_info=task.exception())
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self._ws.close(1000)
+            logger.info(
+                "realtime session closed endpoint=%s s=%.1f frames=%d dropped=%d results=%d errors=%d",
+                self._endpoint.endpoint_id,
+                time.monotonic() - started,
+                self.received,
+                self.dropped,
+                self.results,
+                self.errors,
+            )
+
+    # -- reader -------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        """Returns when the client goes away, or after the idle timeout has been announced."""
+        while True:
+            try:
+                message = await asyncio.wait_for(self._ws.receive(), timeout=max(0.05, self._idle_left()))
+            except TimeoutError:
+                if self._busy or self._idle_left() > 0:
+                    continue  # a frame is still being rendered: the session is not idle
+                await self._send_error("TIMEOUT", "no inputs, reconnect when needed!", close=True)
+                await asyncio.Event().wait()  # the writer closes; wait to be cancelled
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes")
+            if data is None:
+                await self._send_error("INVALID_INPUT", "send each input as one binary msgpack frame")
+                continue
+            if len(data) > self._settings.max_ws_message_bytes:
+                limit = self._settings.max_ws_message_bytes
+                await self._send_error("PAYLOAD_TOO_LARGE", f"a frame may hold at most {limit} bytes, got {len(data)}")
+                continue
+            try:
+                payload = msgpack.unpackb(data, raw=False)
+            except Exception:  # noqa: BLE001 - msgpack raises several unrelated types
+                await self._send_error("INVALID_INPUT", "the frame is not valid msgpack")
+                continue
+            if not isinstance(payload, dict):
+                await self._send_error("INVALID_INPUT", "the frame must be a msgpack map of input fields")
+                continue
+            self._accept(Frame(payload, time.perf_counter()))
+
+    def _idle_left(self) -> float:
+        """Seconds until the session counts as idle: ``session_timeout_s`` after the last input
+        or result, whichever came later."""
+        return self._last_activity + self._settings.session_timeout_s - time.monotonic()
+
+    def _accept(self, frame: Frame) -> None:
+        self._last_activity = time.monotonic()
+        self.received += 1
+        self._metrics.realtime_frames.labels("received").inc()
+        if len(self._inbox) == self._inbox.maxlen:
+            self.dropped += 1  # the oldest waiting frame is superseded
+            self._metrics.realtime_frames.labels("dropped").inc()
+        self._inbox.append(frame)
+        self._inbox_ready.set()
+
+    # -- worker -------------------------------------------------------------------------------
+
+    async def _work_loop(self) -> None:
+        min_interval = 1.0 / self._settings.max_session_fps
+        next_start = 0.0
+        while True:
+            while not self._inbox:
+                self._inbox_ready.clear()
+                await self._inbox_ready.wait()
+            wait = next_start - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)  # the frame rate cap; newer frames may replace this one
+                if not self._inbox:
+                    continue
+            next_start = time.monotonic() + min_interval
+            self._busy = True
+            try:
+                await self._process(self._inbox.popleft())
+            finally:
+                self._busy = False
+                self._last_activity = time.monotonic()
+
+    async def _process(self, frame: Frame) -> None:
+        try:
+            body = self._input_model.model_validate(frame.payload)
+        except ValidationError as exc:
+            await self._send_error("INVALID_INPUT", validation_reason(exc))
+            return
+        try:
+            _, result = await self._service.generate(
+                self._endpoint, body, base_url=self._base_url, priority=Priority.REALTIME
+            )
+            output = await self._service.render(
+                result, body, base_url=self._base_url, as_bytes=getattr(body, "image_bytes", None) is not None
+            )
+        except LivegenError as exc:
+            internal = error_code(exc) == "INTERNAL_ERROR"
+            await self._send_error(error_code(exc), exc.wire_message, close=internal)
+            return
+        request_id = frame.payload.get("request_id")
+        if request_id:
+            output["request_id"] = request_id
+        self.results += 1
+        self._metrics.realtime_frames.labels("result").inc()
+        await self._outbox.put(Outgoing(msgpack.packb(output, use_bin_type=True)))
+        timing = time.perf_counter() - frame.received_at
+        await self._outbox.put(Outgoing(json.dumps({"type": "x-fal-message", "action": "timings", "timing": timing})))
+
+    async def _send_error(self, code: str, reason: str, *, close: bool = False) -> None:
+        self.errors += 1
+        self._metrics.realtime_frames.labels("error").inc()
+        await self._outbox.put(Outgoing(error_message(code, reason)))
+        if close:
+            await self._outbox.put(Outgoing(None))
+
+    # -- writer -------------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        while True:
+            item = await self._outbox.get()
+            if item.data is None:
+                await self._ws.close(1000)
+                return
+            try:
+                if isinstance(item.data, bytes):
+                    await self._ws.send_bytes(item.data)
+                else:
+                    await self._ws.send_text(item.data)
+            except (WebSocketDisconnect, RuntimeError):
+                return
