@@ -1,8 +1,7 @@
 // Shared set-up for the Node tests (not a test file itself).
 //
 // The server under test comes from the environment: LIVEGEN_BASE_URL and FAL_KEY (a valid
-// livegen key). tests/compat/test_js_client.py sets both for its live server. Tests of routes
-// that are not built yet run only with LIVEGEN_JS_PENDING=1.
+// livegen key). tests/compat/test_js_client.py sets both for its live server.
 import { register } from "node:module";
 
 register("./resolve-hook.mjs", import.meta.url);
@@ -12,7 +11,6 @@ const helper = await import("../../clients/js/livegen.mjs");
 export const { createLivegenClient, installWebSocketShim, toLivegenUrl, toLivegenWebSocketUrl } = helper;
 
 export const MODES = ["middleware", "proxy"];
-export const PENDING = process.env.LIVEGEN_JS_PENDING === "1";
 export const TURBO = "fal-ai/fast-turbo-diffusion";
 export const TURBO_INPUT = { prompt: "a red fox", model_name: "stabilityai/sd-turbo" };
 
@@ -30,9 +28,4 @@ export function server() {
 export function clientFor(mode, options = {}) {
   const { baseUrl, key } = server();
   return createLivegenClient({ baseUrl, mode, credentials: key, ...options });
-}
-
-/** Skip option for node:test when a pending route is not enabled. */
-export function pendingSkip(what) {
-  return PENDING ? false : `${what} not built yet (set LIVEGEN_JS_PENDING=1 to run)`;
 }

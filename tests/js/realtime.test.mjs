@@ -6,10 +6,9 @@ import { deflateSync } from "node:zlib";
 
 import { ApiError } from "@fal-ai/client";
 
-import { MODES, clientFor, installWebSocketShim, pendingSkip, server } from "./harness.mjs";
+import { MODES, clientFor, installWebSocketShim, server } from "./harness.mjs";
 
 const LCM = "fal-ai/fast-lcm-diffusion";
-const SKIP = pendingSkip("the realtime WebSocket route (/{app_id}/realtime)");
 
 const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
   let c = n;
@@ -70,7 +69,7 @@ function once(fal, input, timeoutMs = 120_000) {
 }
 
 for (const mode of MODES) {
-  describe(`realtime (${mode})`, { skip: SKIP }, () => {
+  describe(`realtime (${mode})`, () => {
     const original = globalThis.WebSocket;
     before(async () => {
       await installWebSocketShim(server().baseUrl);

@@ -4,10 +4,10 @@ import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { describe, test } from "node:test";
 
-import { MODES, clientFor, pendingSkip, server } from "./harness.mjs";
+import { MODES, clientFor, server } from "./harness.mjs";
 
 for (const mode of MODES) {
-  describe(`storage (${mode})`, { skip: pendingSkip("the storage routes (/rest/storage/upload/...)") }, () => {
+  describe(`storage (${mode})`, () => {
     for (const [name, type] of [
       ["binary", "application/octet-stream"],
       ["png-typed", "image/png"],
