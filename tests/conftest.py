@@ -110,9 +110,7 @@ def shared_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def live_server(shared_data_dir: Path) -> Iterator[LiveServer]:
-    server = start_server(
-        shared_data_dir, "--weights", "tiny-random", "--device", "cpu", "--models", ALL_MODELS
-    )
+    server = start_server(shared_data_dir, "--weights", "tiny-random", "--device", "cpu", "--models", ALL_MODELS)
     yield server
     stop_server(server)
 

@@ -215,9 +215,49 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
     click.echo(f"revoked {key_id}")
 
 
-@main.group()
-def bench() -> None:
-    """Benchmarks."""
+@main.group(invoke_without_command=True)
+@click.option("--model", default="stabilityai/sd-turbo", show_default=True)
+@click.option("--weights", default="random", show_default=True, help="hub | random | tiny-random | PATH")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--task", type=click.Choice(["t2i", "i2i"]), default="t2i", show_default=True)
+@click.option("--size", default=512, show_default=True)
+@click.option("--steps", default=1, show_default=True)
+@click.option("--strength", default=0.5, show_default=True, help="i2i only")
+@click.option("--batch", default="1,4,8,16", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--iters", default=5, show_default=True, help="Timed iterations per batch size.")
+@click.option("--tiny-vae/--full-vae", default=False, help="livegen decodes with TAESD/TAESDXL.")
+@click.option("--baseline/--no-baseline", default=True, help="Also time stock diffusers.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Where synthesized checkpoints are cached.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def bench(
+    ctx: click.Context,
+    model: str,
+    weights: str,
+    device: str,
+    task: str,
+    size: int,
+    steps: int,
+    strength: float,
+    batch: str,
+    iters: int,
+    tiny_vae: bool,
+    baseline: bool,
+    data_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Engine benchmark: livegen's engine and stock diffusers side by side (see also `bench realtime`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import json
+
+    from livegen.bench.engine import EngineBenchConfig, format_table, run_engine_bench
+
+    settings = _settings(weights=weights, device=device, tiny_vae=tiny_vae, data_dir=data_dir, models=[model])
+    batches = tuple(int(b) for b in batch.split(",") if b.strip())
+    config = EngineBenchConfig(model, task, size, steps, batches, iters, strength, baseline)
+    report = run_engine_bench(settings, config)
+    click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
 
 
 @bench.command("realtime")

@@ -144,7 +144,8 @@ def test_unknown_request_id(queue_server: LiveServer, fal: fal_client.SyncClient
         fal.status(APP, "00000000-0000-0000-0000-000000000000")
     assert info.value.status_code == 404
     r = httpx.put(
-        f"{queue_server.base_url}/queue/{APP}/requests/nope/cancel", headers={"Authorization": f"Key {queue_server.key}"}
+        f"{queue_server.base_url}/queue/{APP}/requests/nope/cancel",
+        headers={"Authorization": f"Key {queue_server.key}"},
     )
     assert r.status_code == 404 and r.json() == {"status": "NOT_FOUND"}
 
@@ -232,7 +233,9 @@ def test_webhook_outage_then_recovery(queue_server: LiveServer, fal: fal_client.
     receiver = Receiver(fail_first=3)
     handles = [fal.submit(APP, {"prompt": f"hook {i}", **SD}, webhook_url=receiver.url) for i in range(2)]
     bad = fal.submit(
-        f"{APP}/image-to-image", {"prompt": "x", **SD, "image_url": "data:image/png;base64,AAAA"}, webhook_url=receiver.url
+        f"{APP}/image-to-image",
+        {"prompt": "x", **SD, "image_url": "data:image/png;base64,AAAA"},
+        webhook_url=receiver.url,
     )
     receiver.wait(3 + 3)  # three failures, then one success per request
     time.sleep(1.0)

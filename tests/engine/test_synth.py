@@ -246,9 +246,7 @@ def test_ensure_synthesized_replaces_an_incomplete_folder(tmp_path: Path) -> Non
     assert [p.name for p in final.parent.iterdir()] == [final.name]  # no temp dirs left over
 
 
-def test_ensure_synthesized_loser_of_a_race_discards_its_copy(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_ensure_synthesized_loser_of_a_race_discards_its_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     final = tmp_path / "tiny-random" / "madebyollin--taesd"
     real_synthesize = synth.synthesize
 

@@ -45,12 +45,12 @@ def test_sigkill_mid_queue_loses_nothing(tmp_path: Path, shared_data_dir: Path) 
                         pending.discard(rid)
                 time.sleep(0.2)
             assert not pending, f"{len(pending)} of 50 jobs never completed after the restart"
-        assert "requeued" in restarted.log()  # jobs were running when the process died
             for i, rid in enumerate(ids):
                 result = http.get(f"/queue/{APP}/requests/{rid}")
                 assert result.status_code == 200, result.text[:200]
                 assert result.json()["seed"] == i
                 image = httpx.get(result.json()["images"][0]["url"])
                 assert image.status_code == 200 and image.content[:2] == b"\xff\xd8"
+        assert "requeued" in restarted.log()  # jobs were running when the process died
     finally:
         stop_server(restarted)
