@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     max_image_side: int = Field(default=2048, ge=64)
     max_num_images: int = Field(default=8, ge=1)
     max_inference_steps: int = Field(default=50, ge=1)
+    # JSON request bodies (uploads have their own limits); a 20 MB image as a data URL is ~27 MB.
+    max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     max_input_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_input_image_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
     fetch_timeout_s: float = Field(default=10.0, gt=0)

@@ -30,7 +30,7 @@ from livegen.server.jobs.service import JobService
 from livegen.server.jobs.store import Job, SqliteJobStore
 from livegen.server.jobs.webhooks import WebhookSender, WebhookSigner
 from livegen.server.metrics import Metrics, MetricsMiddleware
-from livegen.server.middleware import RequestIdMiddleware
+from livegen.server.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from livegen.server.routes import files, health, proxy, queue, realtime, rest, run, uploads
 from livegen.server.storage import FileStore
 from livegen.server.tokens import TokenSigner, load_secret
@@ -74,6 +74,7 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = Metrics()
     errors.install(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(proxy.FalProxyMiddleware)  # /api/fal/proxy; inside RequestIdMiddleware
     app.add_middleware(RequestIdMiddleware)

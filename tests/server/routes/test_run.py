@@ -336,3 +336,27 @@ def test_metrics(http: httpx.Client, live_server: LiveServer) -> None:
     for name in ("livegen_engine_batches_total", "livegen_engine_busy_seconds_total", "livegen_queue_jobs"):
         assert name in text
     assert live_server.key not in text
+
+
+def test_oversized_body_is_413_before_it_is_read(live_server: LiveServer) -> None:
+    import socket
+
+    # Declare 100 MB and send none of it: the answer must come without the body.
+    with socket.create_connection(("127.0.0.1", int(live_server.base_url.rsplit(":", 1)[1])), timeout=10) as s:
+        s.sendall(
+            b"POST /fal-ai/fast-turbo-diffusion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Key {live_server.key}\r\nContent-Length: {100 * 1024 * 1024}\r\n\r\n".encode()
+        )
+        answer = s.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    assert "larger than" in answer
+
+
+def test_oversized_chunked_body_is_413(http: httpx.Client) -> None:
+    def chunks() -> Any:
+        for _ in range(40):
+            yield b"x" * (1024 * 1024)
+
+    response = http.post(TURBO, content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error_type"] == "payload_too_large"
