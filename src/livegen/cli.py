@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import logging
 import re
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,6 +122,26 @@ def serve(log_level: str, **flags: Any) -> None:
             server.should_exit = True
 
     app = create_app(settings, on_fatal=stop)
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT /readyz turns 503 at once, before uvicorn drains in-flight requests."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.draining = True
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises the signal after a graceful shutdown (exit status -15); a
+            # drained, clean stop exits 0 instead.
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
     # Frames are size-checked by the session (a clear error frame); uvicorn's own cap is a backstop.
     config = uvicorn.Config(
         app,
@@ -130,8 +151,9 @@ def serve(log_level: str, **flags: Any) -> None:
         log_config=None,
         ws="websockets-sansio",
         ws_max_size=2 * settings.max_ws_message_bytes,
+        timeout_graceful_shutdown=settings.drain_timeout_s,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
     server.run()
     fatal = app.state.fatal_error if hasattr(app.state, "fatal_error") else None
     if fatal:

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     max_input_image_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
     fetch_timeout_s: float = Field(default=10.0, gt=0)
     jpeg_quality: int = Field(default=90, ge=1, le=100)
+    # Generation requests (run, stream, submit) per second per API key; 0 = unlimited.
+    rate_limit_per_key: float = Field(default=0.0, ge=0)
+    rate_limit_burst: int = Field(default=20, ge=1)
+    drain_timeout_s: float = Field(default=30.0, gt=0, description="How long SIGTERM waits for in-flight requests")
     max_queued: int = Field(default=1000, ge=1, description="Queue length cap (429 beyond it)")
     max_running_jobs: int = Field(default=8, ge=1, description="Queue jobs handed to the engine at once")
     results_ttl_s: float = Field(default=7 * 24 * 3600, gt=0, description="How long finished jobs are kept")

@@ -31,6 +31,7 @@ from livegen.server.jobs.store import Job, SqliteJobStore
 from livegen.server.jobs.webhooks import WebhookSender, WebhookSigner
 from livegen.server.metrics import Metrics, MetricsMiddleware
 from livegen.server.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from livegen.server.ratelimit import RateLimiter
 from livegen.server.routes import files, health, proxy, queue, realtime, rest, run, uploads
 from livegen.server.storage import FileStore
 from livegen.server.tokens import TokenSigner, load_secret
@@ -73,6 +74,8 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_key, settings.rate_limit_burst)
+    app.state.draining = False
     errors.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -61,6 +61,13 @@ def require_cdn_token(request: Request) -> str:
     return token_signer(request).verify(token.strip(), CDN).key_id
 
 
+def rate_limited_key(request: Request) -> str:
+    """``require_key``, then the key's rate limit (429 with Retry-After beyond it)."""
+    key_id = require_key(request)
+    request.app.state.rate_limiter.check(key_id)
+    return key_id
+
+
 def base_url(request: Request) -> str:
     configured: str = request.app.state.settings.public_url
     if configured:
@@ -77,3 +84,4 @@ JobsDep = Annotated[JobService, Depends(jobs)]
 KeyDep = Annotated[str, Depends(require_key)]
 UploadsDep = Annotated[UploadService, Depends(uploads)]
 CdnKeyDep = Annotated[str, Depends(require_cdn_token)]
+RateLimitedKeyDep = Annotated[str, Depends(rate_limited_key)]

@@ -21,6 +21,8 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     engine = request.app.state.engine
     body: dict[str, Any] = {"status": "ready" if engine.ready else "loading", **engine.status()}
+    if request.app.state.draining:
+        body["status"] = "draining"
     fatal = getattr(request.app.state, "fatal_error", None)
     if fatal:
         body["status"] = "failed"

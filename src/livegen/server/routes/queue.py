@@ -54,7 +54,7 @@ def _submit_handler(endpoint: Endpoint) -> Any:
 
     async def submit(
         body: input_model,  # type: ignore[valid-type]
-        key_id: deps.KeyDep,
+        key_id: deps.RateLimitedKeyDep,
         jobs: deps.JobsDep,
         settings: deps.SettingsDep,
         base_url: deps.BaseUrlDep,

@@ -55,7 +55,7 @@ def _stream_handler(endpoint: Endpoint) -> Any:
 
 
 def router() -> APIRouter:
-    r = APIRouter(dependencies=[Depends(deps.require_key)])
+    r = APIRouter(dependencies=[Depends(deps.rate_limited_key)])
     for endpoint in ENDPOINTS:
         r.add_api_route(
             f"/{endpoint.endpoint_id}",
