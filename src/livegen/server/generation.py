@@ -148,7 +148,7 @@ class GenerationService:
                 raise PayloadTooLarge(f"image_bytes is larger than {self._settings.max_input_image_bytes} bytes")
         else:
             assert url is not None
-            data = self._local_file(url, base_url)
+            data = await anyio.to_thread.run_sync(self._local_file, url, base_url, field)
         if data is None:
             assert url is not None
             data = await fetch_bytes(url, self._fetch_policy, field=field)
@@ -156,8 +156,9 @@ class GenerationService:
             lambda: decode_image(data, max_pixels=self._settings.max_input_image_pixels, field=field)
         )
 
-    def _local_file(self, url: str, base_url: str) -> bytes | None:
-        """Bytes of a file this server serves, read from disk instead of over the network."""
+    def _local_file(self, url: str, base_url: str, field: str) -> bytes | None:
+        """Bytes of a file this server serves, read from disk instead of over the network
+        (under the same size cap as a download)."""
         base = urlsplit(base_url)
         target = urlsplit(url)
         prefix = base.path.rstrip("/") + "/cdn/files/"
@@ -167,9 +168,12 @@ class GenerationService:
             return None
         file_id = target.path[len(prefix) :].split("/", 1)[0]
         try:
-            return self._files.get(file_id).path.read_bytes()
+            stored = self._files.get(file_id)
         except NotFound:
             return None
+        if stored.size > self._settings.max_input_image_bytes:
+            raise PayloadTooLarge(f"{field} is larger than the {self._settings.max_input_image_bytes}-byte limit")
+        return stored.path.read_bytes()
 
     async def render(
         self, result: GenerationResult, body: BaseModel, *, base_url: str, as_bytes: bool = False
