@@ -175,7 +175,7 @@ def test_tokens_never_reach_the_log(live_server: LiveServer) -> None:
 
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory: pytest.TempPathFactory, shared_data_dir: Path) -> Iterator[LiveServer]:
-    env = {"LIVEGEN_MAX_SESSIONS": "1", "LIVEGEN_SESSION_TIMEOUT_S": "1.5"}
+    env = {"LIVEGEN_MAX_SESSIONS": "1", "LIVEGEN_SESSION_TIMEOUT_S": "1.5", "LIVEGEN_MAX_SESSION_FPS": "4"}
     server = start_server(
         tmp_path_factory.mktemp("small-server"),
         "--weights", "tiny-random", "--device", "cpu", "--models", "stabilityai/sd-turbo",
@@ -199,3 +199,15 @@ def test_session_limit_and_idle_timeout(small_server: LiveServer) -> None:
     with open_session(small_server) as ws:  # the slot was freed
         send(ws, {**SMALL, "prompt": "again"})
         assert recv_result(ws)["images"]
+
+
+def test_frame_rate_cap(small_server: LiveServer) -> None:
+    with open_session(small_server, max_buffering="60") as ws:
+        for i in range(8):
+            send(ws, {**SMALL, "prompt": "capped", "request_id": str(i)})
+        arrivals = []
+        for _ in range(8):
+            recv_result(ws)
+            arrivals.append(time.monotonic())
+    # 4 frames/s: eight frames need at least 7 intervals of 0.25 s, however fast the engine is.
+    assert arrivals[-1] - arrivals[0] >= 7 * 0.25 * 0.9
