@@ -72,25 +72,12 @@ class Settings(BaseSettings):
     max_upload_part_bytes: int = Field(default=100 * 1024**2, ge=1, description="Cap on one multipart part")
     upload_expiry_s: float = Field(default=3600, gt=0, description="Unfinished uploads are deleted after this")
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "api_keys", "allowed_origins", mode="before")
     @classmethod
-    def _split_models(cls, v: object) -> object:
+    def _split_commas(cls, v: object) -> object:
+        """Lists come from flags and env vars as comma-separated strings."""
         if isinstance(v, str):
-            return [m.strip() for m in v.split(",") if m.strip()]
-        return v
-
-    @field_validator("allowed_origins", mode="before")
-    @classmethod
-    def _split_origins(cls, v: object) -> object:
-        if isinstance(v, str):
-            return [o.strip().rstrip("/") for o in v.split(",") if o.strip()]
-        return v
-
-    @field_validator("api_keys", mode="before")
-    @classmethod
-    def _split_keys(cls, v: object) -> object:
-        if isinstance(v, str):
-            return [k.strip() for k in v.split(",") if k.strip()]
+            return [item.strip() for item in v.split(",") if item.strip()]
         return v
 
     @field_validator("weights")

@@ -138,7 +138,9 @@ async def _watch_startup(app: FastAPI, engine: Engine, on_fatal: Callable[[str],
         if on_fatal is not None:
             on_fatal(message)
         return
+    status = engine.status()
     logger.info(
-        "ready: %s",
-        ", ".join(m for m, s in engine.status()["models"].items() if s == "loaded") or "no models preloaded",
+        "ready: %s; safety checker: %s",
+        ", ".join(m for m, s in status["models"].items() if s == "loaded") or "no models preloaded",
+        status.get("safety_checker", "unknown"),
     )
