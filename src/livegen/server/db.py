@@ -48,9 +48,11 @@ class Database:
             self._require().executescript(schema)
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        # Under the lock: closing a connection another thread is using crashes the process.
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         with self._lock:
