@@ -32,7 +32,7 @@ from livegen.server.jobs.webhooks import WebhookSender, WebhookSigner
 from livegen.server.metrics import Metrics, MetricsMiddleware
 from livegen.server.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from livegen.server.ratelimit import RateLimiter
-from livegen.server.routes import files, health, proxy, queue, realtime, rest, run, uploads
+from livegen.server.routes import files, health, proxy, queue, realtime, rest, run, uploads, web
 from livegen.server.storage import FileStore
 from livegen.server.tokens import TokenSigner, load_secret
 from livegen.server.uploads import UploadService
@@ -82,6 +82,7 @@ def create_app(
     app.add_middleware(proxy.FalProxyMiddleware)  # /api/fal/proxy; inside RequestIdMiddleware
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
+    app.include_router(web.router)
     app.include_router(files.router)
     app.include_router(uploads.router)
     app.include_router(rest.router)
