@@ -51,15 +51,9 @@ def test_serve_creates_a_key_once_and_honours_managed_keys(tmp_path: Path) -> No
     try:
         assert "FAL_KEY=" not in server.log()[len(log) :]
         headers = {"Authorization": f"Key {key}"}
-        assert (
-            httpx.post(server.base_url + "/fal-ai/fast-turbo-diffusion", json={}, headers=headers).status_code
-            == 401
-        )
+        assert httpx.post(server.base_url + "/fal-ai/fast-turbo-diffusion", json={}, headers=headers).status_code == 401
         headers = {"Authorization": f"Key {new_key}"}
-        assert (
-            httpx.post(server.base_url + "/fal-ai/fast-turbo-diffusion", json={}, headers=headers).status_code
-            == 422
-        )
+        assert httpx.post(server.base_url + "/fal-ai/fast-turbo-diffusion", json={}, headers=headers).status_code == 422
     finally:
         stop_server(server)
 
@@ -124,9 +118,7 @@ def test_weights_path_loads_a_local_folder(tmp_path: Path, shared_data_dir: Path
     )
     try:
         client = server.client()
-        ok = client.post(
-            "/fal-ai/fast-turbo-diffusion", json={"prompt": "x", "model_name": "stabilityai/sd-turbo"}
-        )
+        ok = client.post("/fal-ai/fast-turbo-diffusion", json={"prompt": "x", "model_name": "stabilityai/sd-turbo"})
         assert ok.status_code == 200
         refused = client.post("/fal-ai/fast-turbo-diffusion", json={"prompt": "x"})  # sdxl-turbo: not loaded
         assert refused.status_code == 503

@@ -63,9 +63,7 @@ def req(prompt: str, **kw: object) -> GenerationRequest:
 
 @pytest.fixture
 def worker(tmp_path: Path) -> FakeWorker:
-    w = FakeWorker(
-        Settings(data_dir=tmp_path, models=["stabilityai/sd-turbo"], max_batch_size=4, device="cpu")
-    )
+    w = FakeWorker(Settings(data_dir=tmp_path, models=["stabilityai/sd-turbo"], max_batch_size=4, device="cpu"))
     w.open()
     w.startup.result(10)
     yield w  # type: ignore[misc]

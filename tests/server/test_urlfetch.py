@@ -196,9 +196,7 @@ def test_octal_ip_is_refused(server: LoopbackServer) -> None:
 def test_resolved_non_public_addresses_are_refused(address: str) -> None:
     requests: list[httpx.Request] = []
     transport = mock(lambda r: requests.append(r) or httpx.Response(200))
-    exc = refused(
-        "http://name.test/x.png", resolver=stub_resolver({"name.test": [address]}), transport=transport
-    )
+    exc = refused("http://name.test/x.png", resolver=stub_resolver({"name.test": [address]}), transport=transport)
     assert f"name.test → {address}" in exc.message
     assert requests == []
 

@@ -69,11 +69,7 @@ def test_num_images_uses_seed_plus_i(http: httpx.Client) -> None:
     # Same pixels (PNG is lossless); batch size may change float rounding, so compare loosely.
     a = Image.open(io.BytesIO(image_bytes(many, 2))).convert("RGB")
     b = Image.open(io.BytesIO(image_bytes(third))).convert("RGB")
-    diff = max(
-        abs(x - y)
-        for pa, pb in zip(a.getdata(), b.getdata(), strict=True)
-        for x, y in zip(pa, pb, strict=True)
-    )
+    diff = max(abs(x - y) for pa, pb in zip(a.getdata(), b.getdata(), strict=True) for x, y in zip(pa, pb, strict=True))
     assert diff <= 2
     assert image_bytes(many, 0) != image_bytes(many, 1)
 
@@ -169,16 +165,11 @@ def _pixel_bomb() -> bytes:
     """A valid PNG header claiming 30000 x 30000 pixels (the data is not needed to refuse it)."""
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-        )
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
     )
 
 
