@@ -14,6 +14,7 @@
      ├── StartTimeout                 504 the request could not start within X-Fal-Request-Timeout
      ├── InvalidTransition (RuntimeError)  a job state change the table does not allow (a bug)
      ├── ModelUnavailable             503 a model that cannot be loaded or is not served
+     ├── ServerFull                   503 more realtime sessions than the server takes
      └── GpuOutOfMemory               503 the device ran out of memory for this work
 
 Every class declares ``http_status`` and ``error_type``. ``server/errors.py`` renders them in
@@ -153,6 +154,18 @@ class ModelUnavailable(LivegenError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "30"}
+
+
+class ServerFull(LivegenError):
+    """More realtime sessions than ``max_sessions``: refused at the handshake."""
+
+    http_status = 503
+    error_type = "too_many_sessions"
+    public_message = "The server is at its realtime session limit; retry later"
+    message_is_public = True
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
 
 
 class GpuOutOfMemory(LivegenError):

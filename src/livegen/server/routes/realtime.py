@@ -20,7 +20,15 @@ from pydantic import BaseModel
 from starlette.websockets import WebSocket
 
 from livegen.protocol.apps import ENDPOINTS, Endpoint, Task
-from livegen.protocol.errors import Forbidden, InvalidInput, LivegenError, ModelUnavailable, Unauthorized, error_body
+from livegen.protocol.errors import (
+    Forbidden,
+    InvalidInput,
+    LivegenError,
+    ModelUnavailable,
+    ServerFull,
+    Unauthorized,
+    error_body,
+)
 from livegen.protocol.schemas import LcmRealtime, TurboRealtime
 from livegen.server.auth import KeyStore, parse_authorization
 from livegen.server.sessions import Session
@@ -33,16 +41,6 @@ REALTIME_MODELS: dict[str, type[BaseModel]] = {
     "fal-ai/fast-turbo-diffusion": TurboRealtime,
     "fal-ai/fast-lcm-diffusion": LcmRealtime,
 }
-
-
-class ServerFull(LivegenError):
-    http_status = 503
-    error_type = "too_many_sessions"
-    public_message = "The server is at its realtime session limit; retry later"
-    message_is_public = True
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "5"}
 
 
 class SessionSlots:
