@@ -352,7 +352,14 @@ def _join_parts(folder: Path, parts: list[tuple[int, str]], dest: Path, max_byte
 
 def _staged_bytes(folder: Path) -> int:
     folder.mkdir(mode=0o700, exist_ok=True)
-    return sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
+    total = 0
+    for entry in os.scandir(folder):
+        try:
+            if entry.is_file():
+                total += entry.stat().st_size
+        except FileNotFoundError:
+            continue  # a part uploaded in parallel was renamed or discarded since the listing
+    return total
 
 
 class _Sink:
