@@ -25,6 +25,11 @@ class Endpoint:
     summary: str
 
     @property
+    def slug(self) -> str:
+        """The id as a Python identifier, for handler (and OpenAPI operation) names."""
+        return self.endpoint_id.replace("/", "_").replace("-", "_")
+
+    @property
     def alias(self) -> str:
         return self.app_id.split("/", 1)[1]
 

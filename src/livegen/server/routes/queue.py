@@ -83,7 +83,7 @@ def _submit_handler(endpoint: Endpoint) -> Any:
         }
         return JSONResponse(content, headers={"x-fal-request-id": job.request_id})
 
-    submit.__name__ = "submit_" + endpoint.endpoint_id.replace("/", "_").replace("-", "_")
+    submit.__name__ = "submit_" + endpoint.slug
     return submit
 
 

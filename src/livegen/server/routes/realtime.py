@@ -146,7 +146,7 @@ def _handler(endpoint: Endpoint) -> Any:
         finally:
             slot.__exit__(None, None, None)
 
-    realtime.__name__ = "realtime_" + endpoint.endpoint_id.replace("/", "_").replace("-", "_")
+    realtime.__name__ = "realtime_" + endpoint.slug
     return realtime
 
 

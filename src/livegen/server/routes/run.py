@@ -28,7 +28,7 @@ def _handler(endpoint: Endpoint) -> Any:
         assert isinstance(body, BaseModel)
         return await service.run(endpoint, body, base_url=base_url)
 
-    run.__name__ = "run_" + endpoint.endpoint_id.replace("/", "_").replace("-", "_")
+    run.__name__ = "run_" + endpoint.slug
     return run
 
 
@@ -50,7 +50,7 @@ def _stream_handler(endpoint: Endpoint) -> Any:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    stream.__name__ = "stream_" + endpoint.endpoint_id.replace("/", "_").replace("-", "_")
+    stream.__name__ = "stream_" + endpoint.slug
     return stream
 
 
