@@ -35,6 +35,13 @@ for (const mode of MODES) {
       assert.match(requestId, /^[0-9a-f-]{36}$/);
     });
 
+    test("method get sends the input in the query string", async () => {
+      const input = { ...TURBO_INPUT, seed: 42, image_size: "square" };
+      const { data } = await clientFor(mode).run(TURBO, { input, method: "get" });
+      assert.equal(data.seed, 42);
+      assert.deepEqual(jpegSize(data.images[0].url), { width: 512, height: 512 });
+    });
+
     test("a missing prompt is a ValidationError at body.prompt", async () => {
       const fal = clientFor(mode);
       const err = await fal.run(TURBO, { input: { model_name: "stabilityai/sd-turbo" } }).then(

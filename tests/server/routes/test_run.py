@@ -353,3 +353,38 @@ def test_oversized_chunked_body_is_413(http: httpx.Client) -> None:
     response = http.post(TURBO, content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413
     assert response.json()["error_type"] == "payload_too_large"
+
+
+# -- GET with the input in the query string (``fal.run(id, {method: "get"})``) --------------
+
+
+def test_get_with_query_input_runs(http: httpx.Client) -> None:
+    params = {"prompt": "a red fox", **SD, "seed": "77", "num_images": "2", "enable_safety_checker": "false"}
+    response = http.get(TURBO, params=params, headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text[:300]
+    result = response.json()
+    assert result["seed"] == 77 and len(result["images"]) == 2
+    posted = run(http, TURBO, {"prompt": "a red fox", **SD, "seed": 77, "num_images": 2})
+    assert image_bytes(result) == image_bytes(posted)
+
+
+def test_get_with_json_valued_query_parameter(http: httpx.Client) -> None:
+    params = {"prompt": "x", **SD, "seed": "1", "image_size": '{"width": 256, "height": 128}'}
+    assert size_of(http.get(TURBO, params=params).json()) == (256, 128)
+
+
+@pytest.mark.parametrize(
+    ("params", "loc"),
+    [({**SD}, ["query", "prompt"]), ({"prompt": "x", **SD, "num_inference_steps": "many"}, None)],
+)
+def test_get_with_bad_query_is_422(http: httpx.Client, params: dict[str, str], loc: list[str] | None) -> None:
+    response = http.get(TURBO, params=params)
+    assert response.status_code == 422, response.text[:300]
+    detail = response.json()["detail"]
+    assert detail[0]["loc"][0] == "query"
+    if loc is not None:
+        assert detail[0]["loc"] == loc
+
+
+def test_get_without_key_is_401(live_server: LiveServer) -> None:
+    assert httpx.get(live_server.base_url + TURBO, params={"prompt": "x"}).status_code == 401

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from livegen.protocol.apps import ENDPOINTS, Endpoint
 from livegen.protocol.schemas import Output
@@ -30,6 +31,42 @@ def _handler(endpoint: Endpoint) -> Any:
 
     run.__name__ = "run_" + endpoint.slug
     return run
+
+
+def _query_value(values: list[str]) -> Any:
+    """One query parameter's value. ``URLSearchParams`` flattens everything to strings: numbers and
+    booleans are left to pydantic's lax parsing, a JSON object or array is parsed, a repeated key is a list."""
+    parsed: list[Any] = []
+    for value in values:
+        if value[:1] in ("{", "["):
+            try:
+                parsed.append(json.loads(value))
+                continue
+            except ValueError:
+                pass
+        parsed.append(value)
+    return parsed[0] if len(parsed) == 1 else parsed
+
+
+def _get_handler(endpoint: Endpoint) -> Any:
+    input_model = endpoint.input_model
+
+    async def run_get(
+        request: Request,
+        service: deps.GenerationDep,
+        base_url: deps.BaseUrlDep,
+    ) -> dict[str, Any]:
+        """The same run with the input in the query string: what ``fal.run(id, {method: "get"})`` sends."""
+        raw = {key: _query_value(request.query_params.getlist(key)) for key in request.query_params.keys()}
+        try:
+            body = input_model.model_validate(raw)
+        except ValidationError as exc:
+            errors = [{**e, "loc": ("query", *e["loc"])} for e in exc.errors(include_url=False, include_input=False)]
+            raise RequestValidationError(errors) from None
+        return await service.run(endpoint, body, base_url=base_url)
+
+    run_get.__name__ = "run_get_" + endpoint.slug
+    return run_get
 
 
 def _stream_handler(endpoint: Endpoint) -> Any:
@@ -64,6 +101,15 @@ def router() -> APIRouter:
             response_model=Output,
             response_model_exclude_none=True,
             summary=endpoint.summary,
+            tags=[endpoint.app_id],
+        )
+        r.add_api_route(
+            f"/{endpoint.endpoint_id}",
+            _get_handler(endpoint),
+            methods=["GET"],
+            response_model=Output,
+            response_model_exclude_none=True,
+            summary=f"{endpoint.summary} (input in the query string)",
             tags=[endpoint.app_id],
         )
         r.add_api_route(
