@@ -77,6 +77,7 @@ class JobService:
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
+        self._orphaned = False  # a job ended but its outcome could not be stored
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -113,6 +114,7 @@ class JobService:
         start_timeout: float | None = None,
         webhook_url: str | None = None,
     ) -> Job:
+        self._generation.check_limits(endpoint, body)
         queued = self._store.count(JobState.QUEUED)
         if queued >= self._settings.max_queued:
             raise QueueFull(f"the queue holds {queued} requests, its limit", retry_after=5)
@@ -199,25 +201,33 @@ class JobService:
         next_expiry = 0.0
         while True:
             self._wake.clear()
-            if self._clock() >= next_expiry:
-                expired = self._store.expire(self._clock() - self._settings.results_ttl_s)
-                if expired:
-                    logger.info("expired %d finished job(s)", expired)
-                next_expiry = self._clock() + 600
-            self._fail_overdue()
-            free = self._settings.max_running_jobs - len(self._running)
-            if free > 0:
-                for job in self._store.queued(free, exclude=self._running):
-                    self._start(job)
+            try:
+                if self._orphaned:
+                    requeued = self._store.requeue_running(exclude=self._running)
+                    self._orphaned = False
+                    logger.warning("requeued %d job(s) whose end could not be recorded", requeued)
+                if self._clock() >= next_expiry:
+                    expired = self._store.expire(self._clock() - self._settings.results_ttl_s)
+                    if expired:
+                        logger.info("expired %d finished job(s)", expired)
+                    next_expiry = self._clock() + 600
+                self._fail_overdue()
+                free = self._settings.max_running_jobs - len(self._running)
+                if free > 0:
+                    for job in self._store.queued(free, exclude=self._running):
+                        self._start(job)
+            except Exception as exc:  # noqa: BLE001 - e.g. a full disk: the queue waits, it does not die
+                logger.error("job dispatch failed (%s: %s); retrying in 2 s", type(exc).__name__, exc)
+                await asyncio.sleep(2.0)
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.5)
 
     def _fail_overdue(self) -> None:
         now = self._clock()
-        for job in self._store.queued(limit=1000):
-            if job.deadline_at is not None and now > job.deadline_at:
-                waited = now - job.created_at
-                self._finish(job, JobState.FAILED, error=StartTimeout(f"Request did not start within {waited:.1f} s"))
+        for job in self._store.overdue(now):
+            waited = now - job.created_at
+            self._finish(job, JobState.FAILED, error=StartTimeout(f"Request did not start within {waited:.1f} s"))
 
     def _start(self, job: Job) -> None:
         job = self._store.transition(
@@ -229,8 +239,18 @@ class JobService:
         )
         cancel = threading.Event()
         task = asyncio.create_task(self._run(job, cancel), name=f"job-{job.request_id}")
+        task.add_done_callback(self._check_recorded)
         self._running[job.request_id] = _Running(task, cancel)
         self._changed_now()
+
+    def _check_recorded(self, task: asyncio.Task[None]) -> None:
+        """A job whose end could not be stored (e.g. on a full disk) is still RUNNING in the
+        store: the dispatcher queues it again, so it is neither lost nor stuck until a restart."""
+        if task.cancelled() or task.exception() is None:
+            return
+        logger.error("%s: its outcome could not be recorded (%s); it will run again", task.get_name(), task.exception())
+        self._orphaned = True
+        self._wake.set()
 
     async def _run(self, job: Job, cancel: threading.Event) -> None:
         endpoint = BY_ID[job.endpoint_id]

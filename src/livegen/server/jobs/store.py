@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     logs_json    TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority, created_at);
+CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs (deadline_at) WHERE state = 'queued' AND deadline_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS webhook_deliveries (
     delivery_id     INTEGER PRIMARY KEY AUTOINCREMENT,
     request_id      TEXT NOT NULL,
@@ -172,6 +173,15 @@ class SqliteJobStore:
         )
         return [_row_to_job(r) for r in rows]
 
+    def overdue(self, now: float, limit: int = 1000) -> list[Job]:
+        """Queued jobs whose start deadline (``X-Fal-Request-Timeout``) has passed (an indexed lookup)."""
+        rows = self._db.query(
+            f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND deadline_at IS NOT NULL AND deadline_at < ? "
+            "ORDER BY deadline_at LIMIT ?",
+            (now, limit),
+        )
+        return [_row_to_job(r) for r in rows]
+
     def queue_position(self, job: Job) -> int:
         rows = self._db.query(
             "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND (priority < ? OR (priority = ? AND created_at < ?))",
@@ -187,9 +197,13 @@ class SqliteJobStore:
         found = dict(self._db.query("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
         return {state.value: int(found.get(state.value, 0)) for state in JobState}
 
-    def requeue_running(self) -> int:
-        """After a crash: jobs that were running start again from the queue."""
-        return self._db.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'")
+    def requeue_running(self, exclude: Iterable[str] = ()) -> int:
+        """After a crash: jobs that were running start again from the queue (except ``exclude``,
+        those this process is still running)."""
+        skip = list(exclude)
+        marks = ", ".join("?" * len(skip))
+        where = "state = 'running'" + (f" AND request_id NOT IN ({marks})" if skip else "")
+        return self._db.execute(f"UPDATE jobs SET state = 'queued' WHERE {where}", skip)
 
     def expire(self, completed_before: float) -> int:
         return self._db.execute(
