@@ -24,13 +24,52 @@ def test_bench_realtime_8_sessions(live_server: LiveServer) -> None:
 
 
 def test_bench_engine_smoke_on_cpu(shared_data_dir: object) -> None:
+    """CI's check of the engine bench: plain pipelines and the fast path (eager on a CPU) beside
+    stock diffusers, every row printed. No speed assertion: CPU numbers are a smoke check."""
     cmd = [sys.executable, "-m", "livegen", "bench", "--weights", "tiny-random", "--device", "cpu", "--size", "64",
-           "--batch", "1,2", "--iters", "1", "--task", "i2i", "--steps", "2", "--json",
+           "--batch", "1,2", "--iters", "1", "--task", "i2i", "--steps", "2", "--variant", "plain,eager", "--json",
            "--data-dir", str(shared_data_dir)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
-    assert [r["batch"] for r in report["rows"]] == [1, 2]
+    rows = [(r["batch"], r["variant"]) for r in report["rows"]]
+    assert rows == [(1, "plain"), (1, "eager"), (2, "plain"), (2, "eager")]
     for row in report["rows"]:
         assert row["livegen_ms_per_img"] > 0 and row["diffusers_ms_per_img"] > 0 and row["speedup"] > 0
+        assert row["first_call_ms"] > 0
     assert report["warmup"]["livegen"]["first_image_s"] > 0
+    assert report["variants"]["plain"]["fast_path"] is None
+    assert report["variants"]["eager"]["fast_path"]["graphs"] == 0  # no CUDA graphs on a CPU
+
+
+def test_bench_table_names_every_variant() -> None:
+    from livegen.bench.engine import format_table
+
+    row = {"task": "t2i", "model": "stabilityai/sd-turbo", "size": 512, "batch": 1, "livegen_ms_per_img": 5.0,
+           "livegen_img_per_s": 200.0, "first_call_ms": 900.0, "diffusers_ms_per_img": 66.8,
+           "diffusers_img_per_s": 15.0, "speedup": 13.36}  # fmt: skip
+    fast = {"graphs": 3, "capture_s": 1.5, "compile_s": 0.0}
+    report = {
+        "device": "NVIDIA H100", "torch": "2.11", "diffusers": "0.42.1", "weights": "random", "steps": 1, "iters": 5,
+        "rows": [{**row, "variant": "plain"}, {**row, "variant": "graph"}],
+        "variants": {
+            "plain": {"load_s": 3.0, "first_image_s": 0.2, "dtype": "float16", "fast_path": None,
+                      "vram_model_bytes": 2 * 2**30, "vram_peak_bytes": 3 * 2**30},
+            "graph": {"load_s": 3.0, "first_image_s": 0.9, "dtype": "float16", "fast_path": fast,
+                      "vram_model_bytes": 2 * 2**30, "vram_peak_bytes": 3 * 2**30},
+        },
+        "warmup": {"diffusers": {"load_s": 2.0, "first_image_s": 0.3, "vram_peak_bytes": 4 * 2**30}},
+    }  # fmt: skip
+    table = format_table(report)
+    assert "plain" in table and "graph" in table and "13.36x" in table
+    assert "3 CUDA graphs captured in 1.5 s" in table and "VRAM model 2.00 GiB peak 3.00 GiB" in table
+
+
+def test_bench_refuses_an_unknown_variant() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "livegen", "bench", "--variant", "graph+turbo", "--weights", "tiny-random"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "unknown variant" in done.stderr

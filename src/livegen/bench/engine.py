@@ -11,6 +11,8 @@ CPU are a smoke check; the ones that count come from a GPU with ``--weights rand
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +29,10 @@ from livegen.settings import Settings
 PROMPT = "a photo of a red fox in the snow, detailed, 4k"
 
 
+VARIANTS = ("default", "plain", "eager", "graph", "compile", "compile-ro")
+MODIFIERS = ("bf16", "fp16", "fp32", "tiny-vae", "full-vae")
+
+
 @dataclass(frozen=True)
 class EngineBenchConfig:
     model: str
@@ -37,6 +43,37 @@ class EngineBenchConfig:
     iters: int = 5
     strength: float = 0.5
     baseline: bool = True
+    sizes: tuple[int, ...] = ()  # several sizes in one run (default: just ``size``)
+    variants: tuple[str, ...] = ("default",)
+    guidance_scale: float = 0.0
+
+    def all_sizes(self) -> tuple[int, ...]:
+        return self.sizes or (self.size,)
+
+
+def variant_settings(settings: Settings, variant: str) -> Settings:
+    """Engine settings for a variant: BASE[+MODIFIER...], e.g. ``graph``, ``graph+bf16``,
+    ``eager+full-vae``. BASE: default (what ``livegen serve`` does on this device), plain
+    (stock pipelines, no fast path), eager (fast path, no graph), graph (fast path + CUDA
+    graphs), compile (torch.compile default mode inside CUDA graphs), compile-ro (torch.compile
+    reduce-overhead, its own graphs)."""
+    base, *mods = variant.split("+")
+    if base not in VARIANTS or any(m not in MODIFIERS for m in mods):
+        raise ValueError(f"unknown variant {variant!r}: BASE[+MOD] with BASE in {VARIANTS}, MOD in {MODIFIERS}")
+    presets: dict[str, dict[str, Any]] = {
+        "plain": {"fast_path": "off"},
+        "eager": {"fast_path": "on", "cuda_graphs": False},
+        "graph": {"fast_path": "on", "cuda_graphs": True},
+        "compile": {"fast_path": "on", "cuda_graphs": True, "torch_compile": "default"},
+        "compile-ro": {"fast_path": "on", "cuda_graphs": False, "torch_compile": "reduce-overhead"},
+    }
+    update = dict(presets.get(base, {}))
+    for m in mods:
+        if m in ("bf16", "fp16", "fp32"):
+            update["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[m]
+        else:
+            update["tiny_vae"] = m == "tiny-vae"
+    return settings.model_copy(update=update)
 
 
 @dataclass
@@ -47,6 +84,8 @@ class Row:
     batch: int
     livegen_ms_per_img: float
     diffusers_ms_per_img: float | None
+    variant: str = "default"
+    first_call_ms: float | None = None  # the first batch at this shape: capture / compile included
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -78,54 +117,92 @@ def _input_image(size: int) -> Image.Image:
     return img
 
 
-def bench_livegen(settings: Settings, config: EngineBenchConfig) -> tuple[dict[str, float], dict[int, float]]:
-    """(warm-up facts, seconds per batch by batch size)."""
+@dataclass
+class Measured:
+    """One side's results: warm-up facts and seconds per batch by (size, batch)."""
+
+    warmup: dict[str, Any]
+    per_batch: dict[tuple[int, int], float]
+    first_call: dict[tuple[int, int], float] = dataclasses.field(default_factory=dict)
+
+
+def _requests(config: EngineBenchConfig, size: int, batch: int, image: Image.Image | None) -> list[GenerationRequest]:
     task = Task.TEXT_TO_IMAGE if config.task == "t2i" else Task.IMAGE_TO_IMAGE
-    image = _input_image(config.size) if task is Task.IMAGE_TO_IMAGE else None
-    per_batch: dict[int, float] = {}
+    return [
+        GenerationRequest(
+            model_id=config.model,
+            task=task,
+            prompt=PROMPT,
+            width=size,
+            height=size,
+            num_inference_steps=config.steps,
+            guidance_scale=config.guidance_scale,
+            seed=i,
+            strength=config.strength,
+            image=image if task is Task.IMAGE_TO_IMAGE else None,
+            priority=Priority.REALTIME,
+        )
+        for i in range(batch)
+    ]
+
+
+def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = "default") -> Measured:
+    """One engine variant: load, then per (size, batch) a first call (captures/compiles that
+    shape; reported apart) and ``iters`` timed calls."""
+    settings = variant_settings(settings, variant).model_copy(
+        update={"models": [config.model], "max_batch_size": max(config.batches), "warmup_sizes": []}
+    )
+    cuda = _cuda(settings)
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    measured = Measured(warmup={}, per_batch={})
     started = time.perf_counter()
-    settings = settings.model_copy(update={"models": [config.model], "max_batch_size": max(config.batches)})
     with Worker.start(settings) as worker:
         worker.startup.result()
         loaded = time.perf_counter()
 
-        def run_batch(batch: int) -> None:
-            requests = [
-                GenerationRequest(
-                    model_id=config.model,
-                    task=task,
-                    prompt=PROMPT,
-                    width=config.size,
-                    height=config.size,
-                    num_inference_steps=config.steps,
-                    guidance_scale=0.0,
-                    seed=i,
-                    strength=config.strength,
-                    image=image,
-                    priority=Priority.REALTIME,
-                )  # fmt: skip
-                for i in range(batch)
-            ]
-            futures = [worker.submit(r) for r in requests]
-            for f in futures:
+        def run(requests: list[GenerationRequest]) -> None:
+            for f in [worker.submit(r) for r in requests]:
                 f.result()
 
-        run_batch(1)
-        first = time.perf_counter()
-        for batch in config.batches:
-            run_batch(batch)  # warm-up at this shape
-            per_batch[batch] = _timed(lambda b=batch: run_batch(b), worker.device, config.iters)
-    warmup = {"load_s": loaded - started, "first_image_s": first - loaded}
-    return warmup, per_batch
+        for size in config.all_sizes():
+            image = _input_image(size) if config.task == "i2i" else None
+            for batch in config.batches:
+                requests = _requests(config, size, batch, image)
+                t0 = time.perf_counter()
+                run(requests)  # warm-up at this shape
+                measured.first_call[size, batch] = time.perf_counter() - t0
+                measured.per_batch[size, batch] = _timed(functools.partial(run, requests), worker.device, config.iters)
+        status = worker.status()
+        measured.warmup = {
+            "load_s": loaded - started,
+            "first_image_s": min(measured.first_call.values()),
+            "fast_path": status.get("fast_path", {}).get(config.model),
+            "dtype": status["dtype"],
+        }
+        if cuda:
+            measured.warmup["vram_model_bytes"] = status["vram_bytes_by_model"].get(config.model)
+            measured.warmup["vram_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return measured
 
 
-def bench_diffusers(settings: Settings, config: EngineBenchConfig) -> tuple[dict[str, float], dict[int, float]]:
+def _cuda(settings: Settings) -> bool:
+    return settings.device != "cpu" and torch.cuda.is_available()
+
+
+def bench_diffusers(settings: Settings, config: EngineBenchConfig) -> Measured:
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 
     spec = spec_for(config.model)
-    device = torch.device("cuda" if settings.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if _cuda(settings) else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     source = resolve_source(spec.base_repo, settings)
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     cls = AutoPipelineForText2Image if config.task == "t2i" else AutoPipelineForImage2Image
     pipe = cls.from_pretrained(source, torch_dtype=dtype).to(device)
@@ -137,65 +214,125 @@ def bench_diffusers(settings: Settings, config: EngineBenchConfig) -> tuple[dict
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     loaded = time.perf_counter()
-    image = _input_image(config.size)
 
-    def run_batch(batch: int) -> None:
-        kwargs: dict[str, Any] = {"num_inference_steps": config.steps, "guidance_scale": 0.0, "output_type": "pil"}
+    def run_batch(size: int, batch: int, image: Image.Image) -> None:
+        kwargs: dict[str, Any] = {
+            "num_inference_steps": config.steps,
+            "guidance_scale": config.guidance_scale,
+            "output_type": "pil",
+        }
         if config.task == "t2i":
-            kwargs.update(height=config.size, width=config.size)
+            kwargs.update(height=size, width=size)
         else:
             kwargs.update(image=[image] * batch, strength=config.strength)
         pipe(prompt=[PROMPT] * batch, **kwargs)
 
-    run_batch(1)
-    first = time.perf_counter()
-    per_batch: dict[int, float] = {}
-    for batch in config.batches:
-        run_batch(batch)
-        per_batch[batch] = _timed(lambda b=batch: run_batch(b), device, config.iters)
-    return {"load_s": loaded - started, "first_image_s": first - loaded}, per_batch
+    measured = Measured(warmup={}, per_batch={})
+    for size in config.all_sizes():
+        image = _input_image(size)
+        for batch in config.batches:
+            t0 = time.perf_counter()
+            run_batch(size, batch, image)
+            measured.first_call[size, batch] = time.perf_counter() - t0
+            measured.per_batch[size, batch] = _timed(
+                functools.partial(run_batch, size, batch, image), device, config.iters
+            )
+    measured.warmup = {"load_s": loaded - started, "first_image_s": min(measured.first_call.values())}
+    if device.type == "cuda":
+        measured.warmup["vram_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return measured
 
 
 def run_engine_bench(settings: Settings, config: EngineBenchConfig) -> dict[str, Any]:
-    ours_warm, ours = bench_livegen(settings, config)
-    theirs_warm: dict[str, float] = {}
-    theirs: dict[int, float] = {}
-    if config.baseline:
-        theirs_warm, theirs = bench_diffusers(settings, config)
+    for v in config.variants:
+        variant_settings(settings, v)  # refuse a typo before minutes of loading
+    ours = {v: bench_livegen(settings, config, v) for v in config.variants}
+    theirs = bench_diffusers(settings, config) if config.baseline else None
     rows = [
-        Row(config.task, config.model, config.size, b, ours[b] / b * 1e3, theirs[b] / b * 1e3 if b in theirs else None)
+        Row(
+            config.task,
+            config.model,
+            size,
+            b,
+            m.per_batch[size, b] / b * 1e3,
+            theirs.per_batch[size, b] / b * 1e3 if theirs else None,
+            variant=v,
+            first_call_ms=m.first_call[size, b] * 1e3,
+        )
+        for size in config.all_sizes()
         for b in config.batches
+        for v, m in ours.items()
     ]
-    device = "cuda" if settings.device != "cpu" and torch.cuda.is_available() else "cpu"
+    cuda = _cuda(settings)
     return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
+        "diffusers": _version("diffusers"),
+        "cuda": torch.version.cuda if cuda else None,
         "weights": settings.weights,
         "steps": config.steps,
+        "guidance_scale": config.guidance_scale,
+        "strength": config.strength if config.task == "i2i" else None,
         "iters": config.iters,
-        "warmup": {"livegen": ours_warm, "diffusers": theirs_warm},
+        "warmup": {"livegen": ours[config.variants[0]].warmup, "diffusers": theirs.warmup if theirs else {}},
+        "variants": {v: m.warmup for v, m in ours.items()},
         "rows": [r.as_dict() for r in rows],
     }
 
 
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _gib(n: int | None) -> str:
+    return f"{n / 2**30:.2f} GiB" if n else "-"
+
+
 def format_table(report: dict[str, Any]) -> str:
     head = (
-        f"device {report['device']}, torch {report['torch']}, weights {report['weights']}, "
-        f"steps {report['steps']}, {report['iters']} timed iterations per row"
+        f"device {report['device']}, torch {report['torch']}, diffusers {report.get('diffusers')}, "
+        f"weights {report['weights']}, steps {report['steps']}, {report['iters']} timed iterations per row"
     )
     lines = [
         head,
         "",
-        "task  model                      size  batch  livegen ms/img  img/s  diffusers ms/img  img/s  speedup",
+        "task  model                      size  batch  variant        livegen ms/img  img/s  first call ms"
+        "  diffusers ms/img  img/s  speedup",
     ]
     for r in report["rows"]:
         theirs = r.get("diffusers_ms_per_img")
         lines.append(
-            f"{r['task']:<5} {r['model']:<26} {r['size']:>4} {r['batch']:>6} {r['livegen_ms_per_img']:>15.1f} "
-            f"{r['livegen_img_per_s']:>6.1f} "
-            + (f"{theirs:>17.1f} {r['diffusers_img_per_s']:>6.1f} {r['speedup']:>7.2f}x" if theirs else "")
+            f"{r['task']:<5} {r['model']:<26} {r['size']:>4} {r['batch']:>6}  {r.get('variant', 'default'):<13}"
+            f"{r['livegen_ms_per_img']:>15.2f} {r['livegen_img_per_s']:>6.1f} {r.get('first_call_ms') or 0:>14.1f}"
+            + (f"{theirs:>18.2f} {r['diffusers_img_per_s']:>6.1f} {r['speedup']:>7.2f}x" if theirs else "")
         )
-    for who, w in report["warmup"].items():
-        if w:
-            lines.append(f"warm-up {who}: load {w['load_s']:.1f} s, first image {w['first_image_s']:.2f} s")
+    for v, w in report.get("variants", {}).items():
+        fast = w.get("fast_path") or {}
+        extra = (
+            f", {fast['graphs']} CUDA graphs captured in {fast['capture_s']:.1f} s, compile {fast['compile_s']:.1f} s"
+            if fast
+            else ""
+        )
+        if fast.get("graph_failures"):
+            extra += f", {fast['graph_failures']} CAPTURES FAILED (ran eagerly): {fast.get('graph_error')}"
+        vram = (
+            f", VRAM model {_gib(w.get('vram_model_bytes'))} peak {_gib(w.get('vram_peak_bytes'))}"
+            if "vram_peak_bytes" in w
+            else ""
+        )
+        lines.append(
+            f"warm-up livegen {v} ({w.get('dtype')}): load {w['load_s']:.1f} s, "
+            f"first image {w['first_image_s']:.2f} s{extra}{vram}"
+        )
+    theirs_w = report["warmup"].get("diffusers")
+    if theirs_w:
+        vram = f", VRAM peak {_gib(theirs_w.get('vram_peak_bytes'))}" if "vram_peak_bytes" in theirs_w else ""
+        lines.append(
+            f"warm-up diffusers: load {theirs_w['load_s']:.1f} s, first image {theirs_w['first_image_s']:.2f} s{vram}"
+        )
     return "\n".join(lines)

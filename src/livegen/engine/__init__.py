@@ -49,6 +49,9 @@ class GenerationRequest:
     # Center-crop each result to this (width, height) after generation.
     crop_to: tuple[int, int] | None = None
     priority: Priority = Priority.SYNC
+    # Which VAE decodes: "default" is the server's choice (the tiny VAE on the fast path unless
+    # --full-vae); honoured by the fast path, the plain pipelines decode with the loaded VAE.
+    vae: Literal["default", "tiny", "full"] = "default"
     # Set by the caller to stop the work: dropped before it starts, interrupted at the next
     # denoising step when every request of its batch is cancelled.
     cancel: threading.Event | None = None
@@ -64,6 +67,7 @@ class GenerationRequest:
             self.guidance_scale,
             self.guidance_rescale,
             self.strength if self.task is not Task.TEXT_TO_IMAGE else None,
+            self.vae,
         )
 
 

@@ -29,6 +29,7 @@ from livegen.protocol.errors import InvalidImage, InvalidInput, PayloadTooLarge
 
 __all__ = [
     "ALLOWED_FORMATS",
+    "check_data_url_size",
     "content_type_for",
     "decode_image",
     "encode_image",
@@ -205,6 +206,24 @@ def parse_data_url(url: str, *, max_bytes: int, field: str = "image_url") -> tup
 
 def _too_large(field: str, max_bytes: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"{field} is larger than the {max_bytes}-byte limit for input files")
+
+
+def check_data_url_size(url: str, *, max_bytes: int, field: str = "image_url") -> None:
+    """PayloadTooLarge when ``url`` is a base64 ``data:`` URL whose payload decodes to more than
+    ``max_bytes``, counted without decoding or copying it (cheap enough for the event loop, so
+    the queue refuses such an input at submit instead of storing it). Anything else passes:
+    :func:`parse_data_url` still checks it exactly when the input is used."""
+    if url[:5].lower() != "data:" or (comma := url.find(",", 5)) < 0:
+        return
+    if not any(p.strip().lower() == "base64" for p in url[5:comma].split(";")[1:]):
+        return
+    if url.find("%", comma) >= 0:  # percent-encoded base64: its size needs decoding
+        return
+    chars = len(url) - comma - 1 - sum(url.count(c, comma) for c in " \t\r\n\f\v")
+    tail = url[-8:].rstrip()
+    chars -= len(tail) - len(tail.rstrip("="))
+    if chars * 3 // 4 > max_bytes:
+        raise _too_large(field, max_bytes)
 
 
 def encode_image(img: Image.Image, fmt: Literal["jpeg", "png"], *, quality: int = 90) -> bytes:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -26,13 +27,15 @@ from typing import Any
 
 import torch
 
-from livegen.engine import EncodedImage, GenerationRequest, GenerationResult
+from livegen.engine import EncodedImage, GenerationRequest, GenerationResult, fastpath
+from livegen.engine.fastpath import Deferred, FastOptions, FastPath
 from livegen.engine.imaging import content_type_for, encode_image
 from livegen.engine.pipelines import common, lcm
 from livegen.engine.pipelines.common import Adapter
 from livegen.engine.pipelines.sd_turbo import SdAdapter
 from livegen.engine.pipelines.sdxl_turbo import SdxlAdapter
-from livegen.engine.registry import MODELS, alternatives_hint, resolve_source, spec_for
+from livegen.engine.registry import MODELS, ModelSpec, alternatives_hint, resolve_source, spec_for
+from livegen.engine.warmup import warmup_batches
 from livegen.protocol.errors import GpuOutOfMemory, LivegenError, ModelUnavailable, RequestCancelled
 from livegen.settings import Settings
 
@@ -75,14 +78,33 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    return {"auto": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(choice, torch.float32)
+
+
+def fast_path_enabled(choice: str, device: torch.device) -> bool:
+    return choice == "on" or (choice == "auto" and device.type == "cuda")
+
+
+def _vram() -> int:
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+
 class Worker:
     """The engine implementation (see ``livegen.engine.Engine``)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.fast = fast_path_enabled(settings.fast_path, self.device)
         self.stats = Stats()
+        self.timings: dict[str, float] = {}  # load_s, warmup_s, time_to_ready_s
+        self._vram: dict[str, int] = {}  # bytes allocated on the device by each model's load
+        # At most two batches in flight on the fast path: one running, one being finished.
+        self._inflight = threading.Semaphore(2)
         self.startup: Future[None] = Future()
         self._state = State.NEW
         self._cond = threading.Condition()
@@ -120,7 +142,8 @@ class Worker:
             pending, self._pending = self._pending, []
             self._cond.notify_all()
         for p in pending:
-            p.future.set_exception(ModelUnavailable("the server is shutting down"))
+            if p.future.set_running_or_notify_cancel():  # not when its caller cancelled it already
+                p.future.set_exception(ModelUnavailable("the server is shutting down"))
         if self._thread.is_alive():
             self._thread.join(timeout=60)
         self._post.shutdown(wait=True)
@@ -167,17 +190,39 @@ class Worker:
             "multi_request_batches": self.stats.multi_request_batches,
             "busy_s": round(self.stats.busy_s, 3),
             "batch_sizes": dict(self.stats.batch_sizes),
+            "fast_path": {m: dict(vars(f.stats)) for m, a in self._adapters.items() if (f := _fast_of(a)) is not None},
+            "timings": dict(self.timings),
+            **self._memory(),
+        }
+
+    def _memory(self) -> dict[str, Any]:
+        if self.device.type != "cuda":
+            return {}
+        return {
+            "vram_bytes_by_model": dict(self._vram),
+            "vram_allocated_bytes": torch.cuda.memory_allocated(),
+            "vram_peak_bytes": torch.cuda.max_memory_allocated(),
         }
 
     # -- the device thread --------------------------------------------------------------------
 
     def _main(self) -> None:
+        started = time.perf_counter()
         try:
             for model_id in self.settings.models:
                 self._adapter(model_id)
+            self.timings["load_s"] = time.perf_counter() - started
+            self._warm_up()
         except BaseException as exc:  # noqa: BLE001 - reported through the startup future
             self.startup.set_exception(exc)
             return
+        self.timings["time_to_ready_s"] = time.perf_counter() - started
+        logger.info(
+            "engine ready in %.1f s (load %.1f s, warm-up %.1f s)",
+            self.timings["time_to_ready_s"],
+            self.timings["load_s"],
+            self.timings.get("warmup_s", 0.0),
+        )
         self.startup.set_result(None)
         while True:
             with self._cond:
@@ -188,6 +233,20 @@ class Worker:
                 batch = self._take_batch()
             if batch:
                 self._run_batch(batch)
+
+    def _warm_up(self) -> None:
+        """Fast path only: render the configured shapes once (captures graphs, picks kernels)."""
+        started = time.perf_counter()
+        for model_id in self.settings.models:
+            adapter = self._adapters[model_id]
+            if _fast_of(adapter) is None:
+                continue
+            for batch in warmup_batches(spec_for(model_id), self.settings):
+                out = adapter(batch)
+                if isinstance(out, Deferred):
+                    out.result()
+        if self.fast:
+            self.timings["warmup_s"] = time.perf_counter() - started
 
     def _take_batch(self) -> list[_Pending]:
         self._pending.sort()
@@ -241,10 +300,33 @@ class Worker:
             logger.exception("batch failed model=%s", model_id)
             self._fail(runnable, LivegenError(f"generation failed: {type(exc).__name__}"))
             return
+        if isinstance(outputs, Deferred):
+            self._inflight.acquire()
+            self._post.submit(self._complete, runnable, outputs, started)
+            return
         elapsed = time.perf_counter() - started
         self._count(requests, elapsed)
         for p, images in zip(runnable, outputs, strict=True):
             self._post.submit(self._finish, p, images, elapsed, len(requests))
+
+    def _complete(self, runnable: list[_Pending], deferred: Deferred[list[list[Any]]], started: float) -> None:
+        """On the encode pool: wait for a fast-path batch's device work, then finish each request."""
+        requests = [p.request for p in runnable]
+        try:
+            outputs = deferred.result()
+        except torch.cuda.OutOfMemoryError as exc:
+            self._fail(runnable, GpuOutOfMemory(str(exc)))
+            return
+        except Exception as exc:
+            logger.exception("batch failed model=%s", requests[0].model_id)
+            self._fail(runnable, LivegenError(f"generation failed: {type(exc).__name__}"))
+            return
+        finally:
+            self._inflight.release()
+        elapsed = time.perf_counter() - started
+        self._count(requests, elapsed)
+        for p, images in zip(runnable, outputs, strict=True):
+            self._finish(p, images, elapsed, len(requests))
 
     @staticmethod
     def _fail(batch: list[_Pending], exc: LivegenError) -> None:
@@ -274,7 +356,9 @@ class Worker:
             return
         try:
             encoded = [
-                EncodedImage(
+                im
+                if isinstance(im, EncodedImage)  # the fast path encoded it on the GPU
+                else EncodedImage(
                     data=encode_image(im, request.output_format, quality=self.settings.jpeg_quality),
                     width=im.width,
                     height=im.height,
@@ -304,6 +388,7 @@ class Worker:
             raise ModelUnavailable(f"Model {model_id} is not loaded on this server")
         self._model_state[model_id] = "loading"
         started = time.perf_counter()
+        before = _vram()
         try:
             adapter = self._load(model_id)
         except LivegenError as exc:
@@ -318,22 +403,75 @@ class Worker:
             ) from exc
         self._adapters[model_id] = adapter
         self._model_state[model_id] = "loaded"
-        logger.info("loaded %s on %s in %.1f s", model_id, self.device, time.perf_counter() - started)
+        self._vram[model_id] = _vram() - before
+        logger.info(
+            "loaded %s on %s in %.1f s (%s, %.2f GiB on the device)",
+            model_id,
+            self.device,
+            time.perf_counter() - started,
+            "fast path" if _fast_of(adapter) is not None else "plain diffusers",
+            self._vram[model_id] / 2**30,
+        )
         return adapter
 
     def _load(self, model_id: str) -> Adapter:
         spec = spec_for(model_id)
         source = resolve_source(spec.base_repo, self.settings)
-        tiny_vae = resolve_source(spec.tiny_vae_repo, self.settings) if self.settings.tiny_vae else None
+        # The plain pipelines decode with whatever VAE they hold; the fast path keeps the full VAE
+        # in the pipeline and the tiny one beside it, so a request can pick either.
+        plain_tiny = bool(self.settings.tiny_vae) and not self.fast
+        tiny_vae = resolve_source(spec.tiny_vae_repo, self.settings) if plain_tiny or self.fast else None
         options: dict[str, Any] = {
             "device": self.device,
             "dtype": self.dtype,
-            "tiny_vae_source": tiny_vae,
+            "tiny_vae_source": tiny_vae if plain_tiny else None,
             "prompt_cache_size": self.settings.prompt_cache_size,
         }
+        adapter: SdAdapter | SdxlAdapter
         if spec.lora_repo is not None:
             lora = resolve_source(spec.lora_repo, self.settings)
-            return lcm.load(model_id, source, lora, sdxl=spec.sdxl, **options)
-        if spec.sdxl:
-            return SdxlAdapter.load(model_id, source, **options)
-        return SdAdapter.load(model_id, source, **options)
+            adapter = lcm.load(model_id, source, lora, sdxl=spec.sdxl, **options)  # type: ignore[assignment]
+        elif spec.sdxl:
+            adapter = SdxlAdapter.load(model_id, source, **options)
+        else:
+            adapter = SdAdapter.load(model_id, source, **options)
+        if self.fast and tiny_vae is not None:
+            self._enable_fast(adapter, spec, tiny_vae)
+        return adapter
+
+    def _enable_fast(self, adapter: SdAdapter | SdxlAdapter, spec: ModelSpec, tiny_vae_source: str) -> None:
+        from diffusers import AutoencoderTiny
+
+        reason = FastPath.unsupported_reason(adapter.t2i)
+        if reason is not None:
+            logger.warning("%s stays on the plain diffusers path: %s", spec.model_id, reason)
+            return
+        settings = self.settings
+        if settings.torch_compile != "off":
+            # Inductor takes its cache location from the environment only; keep compiled kernels in
+            # the data dir so a restart reuses them (compiling costs ~100 s per shape on an H100).
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache_dir / "inductor"))
+            os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+        if self.device.type == "cuda":
+            fastpath.enable_gpu_jpeg()
+        try:
+            tiny = AutoencoderTiny.from_pretrained(tiny_vae_source, dtype=self.dtype).to(self.device)
+        except Exception as exc:
+            if settings.tiny_vae:  # asked for explicitly: a load failure is the model's failure
+                raise
+            logger.warning("%s: no tiny VAE (%s); the fast path decodes with the full VAE", spec.model_id, exc)
+            tiny = None
+        options = FastOptions(
+            cuda_graphs=settings.cuda_graphs,
+            compile=settings.torch_compile,
+            buckets=tuple(sorted(settings.batch_buckets)),
+            jpeg_quality=settings.jpeg_quality,
+        )
+        fast = FastPath(
+            adapter.t2i, sdxl=spec.sdxl, tiny_vae=tiny, device=self.device, dtype=self.dtype, options=options
+        )
+        adapter.enable_fast(fast, "full" if settings.tiny_vae is False or tiny is None else "tiny")
+
+
+def _fast_of(adapter: Adapter) -> FastPath | None:
+    return getattr(adapter, "fast", None)

@@ -74,6 +74,19 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "livegen_engine_queued", "Work items waiting for the device", value=status.get("queued", 0)
         )
+        if "vram_allocated_bytes" in status:  # CUDA only
+            yield GaugeMetricFamily(
+                "livegen_engine_vram_allocated_bytes", "Device memory held by tensors", status["vram_allocated_bytes"]
+            )
+            yield GaugeMetricFamily(
+                "livegen_engine_vram_peak_bytes", "Peak device memory held by tensors", status["vram_peak_bytes"]
+            )
+            by_model = GaugeMetricFamily(
+                "livegen_engine_model_vram_bytes", "Device memory taken by loading each model", labels=["model"]
+            )
+            for model, n in status.get("vram_bytes_by_model", {}).items():
+                by_model.add_metric([model], n)
+            yield by_model
 
 
 class MetricsMiddleware:

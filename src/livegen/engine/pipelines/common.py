@@ -11,19 +11,26 @@ import torch
 from PIL import Image
 
 from livegen.engine import GenerationRequest, Task
+from livegen.engine.fastpath import Deferred, FastPath, Job, Output, VaeChoice
 from livegen.protocol.errors import InvalidInput
 
 V = TypeVar("V")
 
 
+Outputs = list[list[Image.Image]] | Deferred[list[list[Output]]]
+
+
 class Adapter(Protocol):
-    """One loaded model: validates requests and runs batches of compatible ones."""
+    """One loaded model: validates requests and runs batches of compatible ones.
+
+    A batch's outputs are one list of images per request; the fast path returns them as a
+    ``Deferred`` (device work enqueued, ``result()`` waits), possibly already JPEG-encoded."""
 
     model_id: str
 
     def check_inputs(self, request: GenerationRequest) -> None: ...
 
-    def __call__(self, batch: Sequence[GenerationRequest]) -> list[list[Image.Image]]: ...
+    def __call__(self, batch: Sequence[GenerationRequest]) -> Outputs: ...
 
 
 class LruCache(Generic[V]):
@@ -128,3 +135,61 @@ def interrupt_callback(batch: Sequence[GenerationRequest]) -> Callable[..., dict
 
 def total_images(batch: Sequence[GenerationRequest]) -> int:
     return sum(r.num_images for r in batch)
+
+
+def fast_eligible(fast: FastPath | None, batch: Sequence[GenerationRequest]) -> bool:
+    """The fast path renders text- and image-to-image without guidance_rescale; the rest goes
+    through the plain pipeline."""
+    first = batch[0]
+    return fast is not None and first.task is not Task.INPAINTING and not first.guidance_rescale
+
+
+def vae_choice(request: GenerationRequest, default: VaeChoice, fast: FastPath) -> VaeChoice:
+    choice: VaeChoice = default if request.vae == "default" else request.vae
+    return "full" if choice == "tiny" and fast.tiny_vae is None else choice
+
+
+def fast_job(
+    fast: FastPath,
+    batch: Sequence[GenerationRequest],
+    default_vae: VaeChoice,
+    embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    pooled: torch.Tensor | None = None,
+    negative_pooled: torch.Tensor | None = None,
+) -> Job:
+    """One fast-path Job for a batch of compatible requests (rows: request x num_images)."""
+    first = batch[0]
+    i2i = first.task is Task.IMAGE_TO_IMAGE
+    return Job(
+        task=first.task,
+        width=first.width,
+        height=first.height,
+        steps=first.num_inference_steps,
+        strength=first.strength,
+        guidance_scale=first.guidance_scale,
+        vae=vae_choice(first, default_vae, fast),
+        embeds=embeds,
+        generators=generators(fast.device, batch),
+        negative_embeds=negative_embeds,
+        pooled=pooled,
+        negative_pooled=negative_pooled,
+        images=repeat_images([r.image for r in batch], batch) if i2i else None,
+        crops=[r.crop_to for r in batch for _ in range(r.num_images)],
+        formats=[r.output_format for r in batch for _ in range(r.num_images)],
+    )
+
+
+def group_rows(rows: Sequence[V], batch: Sequence[GenerationRequest]) -> list[list[V]]:
+    """Per-image rows back into one list per request."""
+    out: list[list[V]] = []
+    start = 0
+    for r in batch:
+        out.append(list(rows[start : start + r.num_images]))
+        start += r.num_images
+    return out
+
+
+def render_fast(fast: FastPath, job: Job, batch: Sequence[GenerationRequest]) -> Deferred[list[list[Output]]]:
+    pending = fast.render(job)
+    return Deferred(lambda: group_rows(pending.result(), batch))

@@ -22,6 +22,7 @@ from diffusers import (
 from PIL import Image
 
 from livegen.engine import GenerationRequest, Task
+from livegen.engine.fastpath import FastPath, VaeChoice
 from livegen.engine.pipelines import common
 from livegen.protocol.errors import InvalidInput
 
@@ -37,11 +38,13 @@ class SdAdapter:
         self.model_id = model_id
         pipe.set_progress_bar_config(disable=True)
         self.t2i = pipe
-        self.i2i = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
-        self.inpaint = StableDiffusionInpaintPipeline.from_pipe(pipe)
+        self.i2i = StableDiffusionImg2ImgPipeline.from_pipe(pipe, vae=pipe.vae, dtype=pipe.dtype)
+        self.inpaint = StableDiffusionInpaintPipeline.from_pipe(pipe, vae=pipe.vae, dtype=pipe.dtype)
         for p in (self.i2i, self.inpaint):
             p.set_progress_bar_config(disable=True)
         self.device = pipe.device
+        self.fast: FastPath | None = None
+        self.default_vae: VaeChoice = "full"
         self.embeds: common.LruCache[Embeds] = common.LruCache(prompt_cache_size)
 
     @classmethod
@@ -57,6 +60,10 @@ class SdAdapter:
     ) -> SdAdapter:
         pipe = load_pipeline(source, device=device, dtype=dtype, tiny_vae_source=tiny_vae_source)
         return cls(model_id, pipe, prompt_cache_size=prompt_cache_size)
+
+    def enable_fast(self, fast: FastPath, default_vae: VaeChoice) -> None:
+        """Render eligible batches on the fast path (see engine/fastpath.py) from now on."""
+        self.fast, self.default_vae = fast, default_vae
 
     def check_inputs(self, request: GenerationRequest) -> None:
         common.check_common(request, vae_scale_factor=self.t2i.vae_scale_factor)
@@ -74,10 +81,12 @@ class SdAdapter:
 
         return self.embeds.get_or_create((prompt, negative, cfg), create)
 
-    def __call__(self, batch: Sequence[GenerationRequest]) -> list[list[Image.Image]]:
+    def __call__(self, batch: Sequence[GenerationRequest]) -> common.Outputs:
         first = batch[0]
         cfg = first.guidance_scale > 1.0 and self.t2i.unet.config.time_cond_proj_dim is None
         encoded = [self._encode(r.prompt, r.negative_prompt, cfg) for r in batch]
+        if self.fast is not None and common.fast_eligible(self.fast, batch):
+            return self._call_fast(batch, encoded, cfg)
         kwargs: dict[str, Any] = {
             "prompt_embeds": common.repeat_rows([e[0] for e in encoded], batch),
             "num_inference_steps": first.num_inference_steps,
@@ -93,6 +102,17 @@ class SdAdapter:
         with torch.inference_mode():
             images = self._run(first.task, batch, kwargs)
         return common.split_outputs(images, batch)
+
+    def _call_fast(self, batch: Sequence[GenerationRequest], encoded: list[Embeds], cfg: bool) -> common.Outputs:
+        assert self.fast is not None
+        job = common.fast_job(
+            self.fast,
+            batch,
+            self.default_vae,
+            embeds=common.repeat_rows([e[0] for e in encoded], batch),
+            negative_embeds=common.repeat_rows([e[1] for e in encoded], batch) if cfg else None,  # type: ignore[misc]
+        )
+        return common.render_fast(self.fast, job, batch)
 
     def _run(self, task: Task, batch: Sequence[GenerationRequest], kwargs: dict[str, Any]) -> list[Image.Image]:
         first = batch[0]

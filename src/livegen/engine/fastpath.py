@@ -1,0 +1,632 @@
+"""The fast path: the few-step loop written directly over a pipeline's modules.
+
+Stock diffusers pipelines rebuild everything per call (prompt checks, timesteps, latents,
+postprocessing through NumPy and PIL) and launch each kernel from Python, which on a GPU is
+bound by launch overhead at batch 1 (DESIGN.md: 33 ms of launches around 8.6 ms of GPU work).
+This module runs the same arithmetic as ``StableDiffusion{,XL}{,Img2Img}Pipeline`` with
+Euler, Euler-ancestral or LCM schedulers, but as one function of fixed-shape tensors:
+
+    noise [, input image, ancestral noise]  ->  UNet steps  ->  VAE decode  ->  uint8 pixels
+
+so that on CUDA it can be captured once per (task, size, steps, strength, cfg, vae, bucket)
+as a CUDA graph (or compiled with ``torch.compile``) and replayed. Batches are padded up to
+the next bucket (1, 2, 4, 8, 16) so batching never recaptures. Random draws come from the
+same per-image generators, in the same order and dtype, as the pipelines' own draws, so for
+the same seed the fast path reproduces the plain pipeline's pixels (see
+``tests/engine/test_fastpath.py`` for the tolerance and why). On a CPU the same code runs
+eagerly, which is what the CPU tests exercise.
+
+Not covered here (the adapters fall back to the plain pipeline): inpainting,
+``guidance_rescale``, UNets with a guidance embedding (``time_cond_proj_dim``) and
+schedulers other than Euler, Euler-ancestral and LCM.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+import numpy as np
+import torch
+from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from livegen.engine import EncodedImage, Task
+
+logger = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16)
+VaeChoice = Literal["tiny", "full"]
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
+T = TypeVar("T")
+_SCHEDULERS = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, LCMScheduler)
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    cuda_graphs: bool = True
+    compile: CompileMode = "off"
+    buckets: tuple[int, ...] = BUCKETS
+    channels_last: bool = True
+    gpu_jpeg: bool = True
+    jpeg_quality: int = 90
+    graph_warmup_iters: int = 2
+
+
+@dataclass(frozen=True)
+class Job:
+    """One fast-path batch, one row per image (requests already expanded by num_images)."""
+
+    task: Task
+    width: int
+    height: int
+    steps: int
+    strength: float
+    guidance_scale: float
+    vae: VaeChoice
+    embeds: torch.Tensor  # (n, seq, dim)
+    generators: list[torch.Generator]
+    negative_embeds: torch.Tensor | None = None  # set when classifier-free guidance is on
+    pooled: torch.Tensor | None = None  # SDXL: (n, dim)
+    negative_pooled: torch.Tensor | None = None
+    images: Sequence[Image.Image] | None = None  # i2i inputs, RGB, width x height
+    crops: Sequence[tuple[int, int] | None] = ()  # per row: center-crop to (w, h)
+    formats: Sequence[str] = ()  # per row: "jpeg" | "png" (GPU JPEG encode when possible)
+
+    @property
+    def cfg(self) -> bool:
+        return self.negative_embeds is not None
+
+    @property
+    def rows(self) -> int:
+        return int(self.embeds.shape[0])
+
+
+@dataclass
+class _Plan:
+    """What a graph bakes in: the schedule's constants for one (task, steps, strength) on the device."""
+
+    timesteps: list[torch.Tensor]  # per step, 0-dim, as the pipeline hands them to the UNet
+    c_in: list[torch.Tensor | None]  # Euler: scale_model_input divides by this; LCM: None
+    step_consts: list[dict[str, torch.Tensor]]
+    draws_noise: list[bool]  # per step: does the scheduler draw fresh noise (ancestral, LCM)
+    init_sigma: torch.Tensor | None = None  # t2i: initial noise scale
+    add_noise: dict[str, torch.Tensor] = field(default_factory=dict)  # i2i: how noise meets the image latents
+
+
+Output = Image.Image | EncodedImage
+
+
+class Deferred(Generic[T]):
+    """Results of a batch whose device work is enqueued; ``result()`` waits for it (the worker
+    calls it off the device thread, so the next batch's CPU work overlaps this one's GPU work)."""
+
+    def __init__(self, finish: Callable[[], T]) -> None:
+        self._finish = finish
+
+    def result(self) -> T:
+        return self._finish()
+
+
+@dataclass
+class FastStats:
+    graphs: int = 0
+    capture_s: float = 0.0
+    compiled_shapes: int = 0
+    compile_s: float = 0.0
+    padded_rows: int = 0
+    gpu_jpeg_images: int = 0
+    graph_failures: int = 0
+    graph_error: str = ""
+
+
+class FastPath:
+    """The few-step loop over one loaded pipeline's UNet, VAE(s) and scheduler."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        sdxl: bool,
+        tiny_vae: torch.nn.Module | None,
+        device: torch.device,
+        dtype: torch.dtype,
+        options: FastOptions,
+    ) -> None:
+        self.unet = pipe.unet
+        self.full_vae = pipe.vae
+        self.tiny_vae = tiny_vae
+        self.scheduler = pipe.scheduler
+        self.sdxl = sdxl
+        self.device = device
+        self.dtype = dtype
+        self.options = options
+        self.stats = FastStats()
+        self.vae_scale_factor = 2 ** (len(self.full_vae.config.block_out_channels) - 1)
+        self._graphs: dict[tuple[Any, ...], _Graph | None] = {}  # None: capture failed, run eagerly
+        self._plans: dict[tuple[Any, ...], _Plan] = {}
+        self._time_ids: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._compiled: Callable[..., torch.Tensor] | None = None
+        self._pool: Any = None
+        # SDXL's full VAE overflows in fp16; its pipelines decode in fp32 (force_upcast). So do we,
+        # with our own fp32 copy, leaving the pipeline's modules as they are.
+        self._full_vae_fp32: torch.nn.Module | None = None
+        if sdxl and dtype == torch.float16 and getattr(self.full_vae.config, "force_upcast", False):
+            self._full_vae_fp32 = copy.deepcopy(self.full_vae).to(torch.float32)
+        self._prepare_modules()
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _prepare_modules(self) -> None:
+        modules = [self.unet, self.full_vae, self.tiny_vae, self._full_vae_fp32]
+        for m in modules:
+            if m is None:
+                continue
+            if hasattr(m, "set_attn_processor") and getattr(m, "attn_processors", None):
+                m.set_attn_processor(AttnProcessor2_0())  # torch's SDPA (flash / memory-efficient kernels)
+            if self.device.type == "cuda" and self.options.channels_last:
+                m.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            self._pool = torch.cuda.graph_pool_handle()
+
+    @staticmethod
+    def unsupported_reason(pipe: Any) -> str | None:
+        """Why this pipeline cannot take the fast path (None: it can)."""
+        if not isinstance(pipe.scheduler, _SCHEDULERS):
+            return f"scheduler {type(pipe.scheduler).__name__}"
+        if pipe.scheduler.config.prediction_type != "epsilon":
+            return f"prediction_type {pipe.scheduler.config.prediction_type}"
+        if pipe.unet.config.time_cond_proj_dim is not None:
+            return "a UNet with a guidance embedding"
+        if getattr(pipe.config, "requires_aesthetics_score", False):
+            return "aesthetic-score conditioning"
+        if isinstance(pipe.scheduler, EulerDiscreteScheduler) and pipe.scheduler.config.use_karras_sigmas:
+            return "karras sigmas"
+        return None
+
+    def vae_for(self, choice: VaeChoice) -> tuple[Any, torch.dtype]:
+        if choice == "tiny":
+            if self.tiny_vae is None:
+                raise ValueError("no tiny VAE is loaded")
+            return self.tiny_vae, self.dtype
+        if self._full_vae_fp32 is not None:
+            return self._full_vae_fp32, torch.float32
+        return self.full_vae, self.dtype
+
+    def bucket(self, rows: int) -> int:
+        for b in self.options.buckets:
+            if b >= rows:
+                return b
+        return rows
+
+    # -- the schedule -------------------------------------------------------------------------
+
+    def _plan(self, task: Task, steps: int, strength: float) -> _Plan:
+        t_start = 0
+        if task is Task.IMAGE_TO_IMAGE:
+            init_timestep = min(int(steps * strength), steps)
+            t_start = max(steps - init_timestep, 0)
+        key = (task, steps, t_start)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._build_plan(task, steps, t_start)
+        return plan
+
+    def _build_plan(self, task: Task, steps: int, t_start: int) -> _Plan:
+        """The scheduler's own ``set_timesteps``, then the per-step constants its ``step`` would
+        compute, in the same dtypes (so the arithmetic matches it operation for operation)."""
+        sched = type(self.scheduler).from_config(self.scheduler.config)
+        sched.set_timesteps(steps, device="cpu")
+        dev = self.device
+
+        def on(x: torch.Tensor) -> torch.Tensor:
+            return x.to(dev)
+
+        plan = _Plan(timesteps=[], c_in=[], step_consts=[], draws_noise=[])
+        lcm = isinstance(sched, LCMScheduler)
+        ancestral = isinstance(sched, EulerAncestralDiscreteScheduler)
+        for i in range(t_start, steps):
+            plan.timesteps.append(on(sched.timesteps[i]))
+            plan.draws_noise.append((lcm or ancestral) and i != steps - 1)
+            if lcm:
+                plan.c_in.append(None)
+                plan.step_consts.append({k: on(v) for k, v in _lcm_consts(sched, i).items()})
+                continue
+            sigma = sched.sigmas[i]
+            plan.c_in.append(on((sigma**2 + 1) ** 0.5))
+            if ancestral:
+                sigma_to = sched.sigmas[i + 1]
+                sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
+                sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+                consts = {"sigma": sigma, "dt": sigma_down - sigma, "sigma_up": sigma_up}
+            else:
+                sigma_hat = sigma * (0.0 + 1)  # s_churn = 0, as the pipelines call it
+                consts = {"sigma": sigma_hat, "dt": sched.sigmas[i + 1] - sigma_hat}
+            plan.step_consts.append({k: on(v) for k, v in consts.items()})
+        if task is Task.TEXT_TO_IMAGE:
+            init = sched.init_noise_sigma
+            plan.init_sigma = on(init if isinstance(init, torch.Tensor) else torch.tensor(init))
+        elif lcm:
+            alphas = sched.alphas_cumprod.to(device=dev, dtype=self.dtype)
+            t = sched.timesteps[t_start : t_start + 1].to(dev)
+            plan.add_noise = {
+                "sqrt_alpha": (alphas[t] ** 0.5).flatten().reshape(-1, 1, 1, 1),
+                "sqrt_one_minus_alpha": ((1 - alphas[t]) ** 0.5).flatten().reshape(-1, 1, 1, 1),
+            }
+        else:
+            sigmas = sched.sigmas.to(device=dev, dtype=self.dtype)
+            plan.add_noise = {"sigma": sigmas[[t_start]].flatten().reshape(-1, 1, 1, 1)}
+        return plan
+
+    # -- the function a graph captures ----------------------------------------------------------
+
+    def _forward(
+        self,
+        plan: _Plan,
+        vae_choice: VaeChoice,
+        guidance_scale: float | None,
+        inputs: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Static-shape inputs -> (batch, H, W, 3) uint8 on the device. No host sync inside."""
+        vae, vae_dtype = self.vae_for(vae_choice)
+        if "image" in inputs:
+            latents = self._encode_image(vae, vae_dtype, plan, inputs)
+        else:
+            assert plan.init_sigma is not None
+            latents = inputs["noise"] * plan.init_sigma
+        cfg = guidance_scale is not None
+        added = None
+        if self.sdxl:
+            added = {"text_embeds": inputs["pooled"], "time_ids": inputs["time_ids"]}
+        draw = 0
+        for i, t in enumerate(plan.timesteps):
+            model_in = torch.cat([latents] * 2) if cfg else latents
+            c_in = plan.c_in[i]
+            if c_in is not None:
+                model_in = model_in / c_in
+            eps = self.unet(
+                model_in, t, encoder_hidden_states=inputs["embeds"], added_cond_kwargs=added, return_dict=False
+            )[0]
+            if cfg:
+                uncond, text = eps.chunk(2)
+                eps = uncond + guidance_scale * (text - uncond)
+            noise = None
+            if plan.draws_noise[i]:
+                noise = inputs["step_noise"][draw]
+                draw += 1
+            latents = self._step(plan.c_in[i] is None, plan.step_consts[i], latents, eps, noise)
+        return self._decode(vae, vae_dtype, latents)
+
+    def _encode_image(
+        self, vae: Any, vae_dtype: torch.dtype, plan: _Plan, inputs: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        # VaeImageProcessor: uint8 -> float32 / 255 -> 2x - 1, then the pipeline's dtype.
+        x = inputs["image"].permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        x = (2.0 * x - 1.0).to(self.dtype).to(vae_dtype)
+        if self.device.type == "cuda" and self.options.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        encoded = vae.encode(x)
+        if hasattr(encoded, "latent_dist"):
+            dist = encoded.latent_dist
+            lat = dist.mean + dist.std * inputs["vae_noise"]
+        else:
+            lat = encoded.latents
+        lat = vae.config.scaling_factor * lat.to(self.dtype)
+        noise = inputs["noise"]
+        if "sigma" in plan.add_noise:
+            return lat + noise * plan.add_noise["sigma"]
+        return plan.add_noise["sqrt_alpha"] * lat + plan.add_noise["sqrt_one_minus_alpha"] * noise
+
+    @staticmethod
+    def _step(
+        lcm: bool,
+        c: dict[str, torch.Tensor],
+        sample: torch.Tensor,
+        eps: torch.Tensor,
+        noise: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``scheduler.step`` for Euler, Euler-ancestral and LCM (epsilon prediction)."""
+        if lcm:
+            x0 = (sample - c["beta_sqrt"] * eps) / c["alpha_sqrt"]
+            denoised = c["c_out"] * x0 + c["c_skip"] * sample
+            if noise is None:
+                return denoised
+            return c["alpha_prev_sqrt"] * denoised + c["beta_prev_sqrt"] * noise
+        sample32 = sample.to(torch.float32)
+        x0 = sample32 - c["sigma"] * eps
+        derivative = (sample32 - x0) / c["sigma"]
+        prev = sample32 + derivative * c["dt"]
+        if "sigma_up" in c and noise is not None:
+            prev = prev + noise * c["sigma_up"]
+        return prev.to(eps.dtype)
+
+    def _decode(self, vae: Any, vae_dtype: torch.dtype, latents: torch.Tensor) -> torch.Tensor:
+        x = latents.to(vae_dtype) / vae.config.scaling_factor
+        image = vae.decode(x, return_dict=False)[0]
+        image = (image * 0.5 + 0.5).clamp(0, 1)  # VaeImageProcessor.denormalize, in the VAE's dtype
+        return (image.permute(0, 2, 3, 1).to(torch.float32) * 255).round().to(torch.uint8)
+
+    # -- running a batch ----------------------------------------------------------------------
+
+    def render(self, job: Job) -> Deferred[list[Output]]:
+        """Enqueue ``job`` on the device; the Deferred's ``result()`` gives per-row outputs."""
+        rows, bucket = job.rows, self.bucket(job.rows)
+        if rows > bucket:  # above the largest bucket: run in largest-bucket chunks
+            return self._render_chunks(job)
+        plan = self._plan(job.task, job.steps, job.strength)
+        guidance = job.guidance_scale if job.cfg else None
+        inputs = self._inputs(job, plan, bucket)
+        key = (job.task, job.width, job.height, job.steps, len(plan.timesteps), guidance, job.vae, bucket)
+        with torch.inference_mode():
+            pixels = self._run(key, plan, job.vae, guidance, inputs)[:rows]
+            self.stats.padded_rows += bucket - rows
+            return self._collect(job, pixels)
+
+    def _render_chunks(self, job: Job) -> Deferred[list[Output]]:
+        step = max(self.options.buckets)
+        parts = [self.render(_slice_job(job, i, min(i + step, job.rows))) for i in range(0, job.rows, step)]
+        return Deferred(lambda: [out for part in parts for out in part.result()])
+
+    def _inputs(self, job: Job, plan: _Plan, bucket: int) -> dict[str, torch.Tensor]:
+        """The batch's tensors, padded to ``bucket`` rows. Random draws per generator, in the
+        order the pipelines draw: [VAE posterior sample], initial noise, then each step's noise."""
+        rows, dev, dtype = job.rows, self.device, self.dtype
+        shape = (rows, 4, job.height // self.vae_scale_factor, job.width // self.vae_scale_factor)
+        gens = job.generators
+        inputs: dict[str, torch.Tensor] = {}
+        if job.task is Task.IMAGE_TO_IMAGE:
+            assert job.images is not None
+            host = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in job.images]))
+            if dev.type == "cuda":
+                host = host.pin_memory()
+            inputs["image"] = host.to(dev, non_blocking=True)
+            vae, vae_dtype = self.vae_for(job.vae)
+            if not hasattr(vae, "latent_magnitude"):  # AutoencoderKL samples its posterior
+                inputs["vae_noise"] = torch.cat([_draw(g, shape, dev, vae_dtype) for g in gens])
+        inputs["noise"] = randn_tensor(shape, generator=gens, device=dev, dtype=dtype)
+        n_draws = sum(plan.draws_noise)
+        if n_draws:
+            inputs["step_noise"] = torch.stack(
+                [randn_tensor(shape, generator=gens, device=dev, dtype=dtype)
+                 for _ in range(n_draws)]
+            )  # fmt: skip
+        embeds = job.embeds
+        pooled = job.pooled
+        if job.cfg:
+            assert job.negative_embeds is not None
+            embeds = torch.cat([_pad(job.negative_embeds, bucket), _pad(embeds, bucket)])
+            if pooled is not None:
+                assert job.negative_pooled is not None
+                pooled = torch.cat([_pad(job.negative_pooled, bucket), _pad(pooled, bucket)])
+        else:
+            embeds = _pad(embeds, bucket)
+            pooled = _pad(pooled, bucket) if pooled is not None else None
+        inputs["embeds"] = embeds.to(dev, dtype)
+        if self.sdxl:
+            assert pooled is not None
+            inputs["pooled"] = pooled.to(dev, dtype)
+            # (original size, crop top-left, target size), as the SDXL pipelines build them
+            key = (job.height, job.width, embeds.shape[0])
+            if key not in self._time_ids:
+                ids = torch.tensor([[job.height, job.width, 0, 0, job.height, job.width]], dtype=dtype)
+                self._time_ids[key] = ids.to(dev).repeat(embeds.shape[0], 1)
+            inputs["time_ids"] = self._time_ids[key]
+        for name in ("image", "vae_noise", "noise"):
+            if name in inputs:
+                inputs[name] = _pad(inputs[name], bucket)
+        if "step_noise" in inputs:
+            inputs["step_noise"] = torch.stack([_pad(x, bucket) for x in inputs["step_noise"]])
+        return inputs
+
+    def _run(
+        self,
+        key: tuple[Any, ...],
+        plan: _Plan,
+        vae: VaeChoice,
+        guidance: float | None,
+        inputs: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        def fn(**kw: torch.Tensor) -> torch.Tensor:
+            return self._forward(plan, vae, guidance, kw)
+
+        if self.options.compile != "off":
+            fn = self._compile(fn)
+        if self.device.type != "cuda" or not self.options.cuda_graphs or self.options.compile == "reduce-overhead":
+            return fn(**inputs)
+        if key not in self._graphs:
+            started = time.perf_counter()
+            try:
+                self._graphs[key] = _Graph(fn, inputs, self._pool, self.options.graph_warmup_iters)
+            except RuntimeError as exc:  # a capture-unsafe op: serve this shape eagerly, and say so
+                logger.exception("CUDA graph capture failed for %s; this shape runs eagerly", key)
+                self._graphs[key] = None
+                self.stats.graph_failures += 1
+                self.stats.graph_error = f"{type(exc).__name__}: {exc}"[:300]
+            else:
+                self.stats.graphs += 1
+                self.stats.capture_s += time.perf_counter() - started
+                logger.info("captured a CUDA graph for %s in %.2f s", key, time.perf_counter() - started)
+        graph = self._graphs[key]
+        return fn(**inputs) if graph is None else graph.replay(inputs)
+
+    def _compile(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``torch.compile`` over the UNet and VAE modules (compiled once, reused by every shape)."""
+        if self._compiled is None:
+            mode = self.options.compile
+            started = time.perf_counter()
+            self.unet.forward = torch.compile(self.unet.forward, mode=mode, dynamic=False)  # type: ignore[method-assign]
+            vaes: list[Any] = [self.tiny_vae, self.full_vae, self._full_vae_fp32]
+            for vae in vaes:
+                if vae is not None:
+                    vae.decode = torch.compile(vae.decode, mode=mode, dynamic=False)
+            self.stats.compile_s += time.perf_counter() - started
+            self._compiled = fn
+        return fn
+
+    def _collect(self, job: Job, pixels: torch.Tensor) -> Deferred[list[Output]]:
+        """Start moving the pixels to the host (pinned, async) or encoding them on the GPU."""
+        crops = list(job.crops) or [None] * job.rows
+        formats = list(job.formats) or ["png"] * job.rows
+        cuda = self.device.type == "cuda"
+        gpu_jpeg = cuda and self.options.gpu_jpeg and _encode_jpeg_gpu is not None
+        on_gpu = [gpu_jpeg and fmt == "jpeg" for fmt in formats]
+        rows: list[torch.Tensor] = [_crop(pixels[i], crops[i]) for i in range(job.rows)]
+        # Everything that reads ``pixels`` (a CUDA graph's static output, rewritten by the next
+        # replay) is enqueued here, on the device thread, before that replay can be.
+        host: list[torch.Tensor | None] = [None] * job.rows
+        chw: list[torch.Tensor] = []
+        for i, row in enumerate(rows):
+            if on_gpu[i]:
+                chw.append(row.permute(2, 0, 1).contiguous())
+            else:
+                buf = torch.empty(row.shape, dtype=torch.uint8, pin_memory=cuda)
+                host[i] = buf.copy_(row, non_blocking=cuda)
+        done = torch.cuda.Event() if cuda else None
+        if done is not None:
+            done.record()
+        quality = self.options.jpeg_quality
+
+        def finish() -> list[Output]:
+            with torch.inference_mode():
+                return collect()
+
+        def collect() -> list[Output]:
+            out: list[Output] = []
+            encoded = iter(_encode_jpeg_gpu(chw, quality=quality) if chw and _encode_jpeg_gpu else [])
+            if done is not None:
+                done.synchronize()
+            for i in range(job.rows):
+                if on_gpu[i]:
+                    data = next(encoded).cpu().numpy().tobytes()
+                    h, w = rows[i].shape[:2]
+                    out.append(EncodedImage(data=data, width=int(w), height=int(h), content_type="image/jpeg"))
+                    self.stats.gpu_jpeg_images += 1
+                else:
+                    buf = host[i]
+                    assert buf is not None
+                    out.append(Image.fromarray(buf.numpy().copy()))
+            return out
+
+        return Deferred(finish)
+
+    # -- warm-up ------------------------------------------------------------------------------
+
+    def warm_up(self, jobs: Sequence[Job]) -> float:
+        """Render each job once (capturing or compiling its shape); seconds spent."""
+        started = time.perf_counter()
+        for job in jobs:
+            self.render(job).result()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+
+class _Graph:
+    """One captured replay of ``fn`` over static input buffers (copied into before each replay)."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], example: dict[str, torch.Tensor], pool: Any, warmup: int):
+        with torch.inference_mode():
+            self.static = {k: v.clone() for k, v in example.items()}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture: cuDNN/cuBLAS pick algorithms, allocate
+                for _ in range(warmup):
+                    fn(**self.static)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the encode pool may sync events or run nvjpeg meanwhile; only this
+            # thread's calls must be capture-safe.
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                self.output = fn(**self.static)
+
+    def replay(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        for k, v in inputs.items():
+            self.static[k].copy_(v, non_blocking=True)
+        self.graph.replay()
+        return self.output
+
+
+def _draw(gen: torch.Generator, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return randn_tensor((1, *shape[1:]), generator=gen, device=device, dtype=dtype)
+
+
+def _lcm_consts(sched: LCMScheduler, i: int) -> dict[str, torch.Tensor]:
+    """LCMScheduler.step's scalars at absolute step index ``i``."""
+    t = sched.timesteps[i]
+    prev_t = sched.timesteps[i + 1] if i + 1 < len(sched.timesteps) else t
+    alpha_t = sched.alphas_cumprod[t]
+    alpha_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
+    c_skip, c_out = sched.get_scalings_for_boundary_condition_discrete(t)
+    return {
+        "beta_sqrt": (1 - alpha_t).sqrt(),
+        "alpha_sqrt": alpha_t.sqrt(),
+        "c_skip": torch.as_tensor(c_skip),
+        "c_out": torch.as_tensor(c_out),
+        "alpha_prev_sqrt": torch.as_tensor(alpha_prev).sqrt(),
+        "beta_prev_sqrt": (1 - torch.as_tensor(alpha_prev)).sqrt(),
+    }
+
+
+def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Pad dim 0 to ``rows`` with zeros (padding rows are computed and dropped)."""
+    if x.shape[0] >= rows:
+        return x
+    return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
+
+
+def _crop(row: torch.Tensor, crop: tuple[int, int] | None) -> torch.Tensor:
+    if crop is None:
+        return row
+    h, w = row.shape[:2]
+    cw, ch = min(crop[0], w), min(crop[1], h)
+    left, top = max(0, (w - cw) // 2), max(0, (h - ch) // 2)
+    return row[top : top + ch, left : left + cw]
+
+
+def _slice_job(job: Job, start: int, stop: int) -> Job:
+    def cut(x: Any) -> Any:
+        return None if x is None else x[start:stop]
+
+    return Job(
+        task=job.task,
+        width=job.width,
+        height=job.height,
+        steps=job.steps,
+        strength=job.strength,
+        guidance_scale=job.guidance_scale,
+        vae=job.vae,
+        embeds=job.embeds[start:stop],
+        generators=job.generators[start:stop],
+        negative_embeds=cut(job.negative_embeds),
+        pooled=cut(job.pooled),
+        negative_pooled=cut(job.negative_pooled),
+        images=cut(job.images),
+        crops=list(job.crops)[start:stop],
+        formats=list(job.formats)[start:stop],
+    )
+
+
+def _load_gpu_jpeg() -> Callable[..., list[torch.Tensor]] | None:
+    """torchvision's nvjpeg encoder, when torchvision is importable (an optional dependency)."""
+    try:
+        from torchvision.io import encode_jpeg
+    except Exception:  # noqa: BLE001 - any import failure means: encode with PIL
+        return None
+    return encode_jpeg  # type: ignore[no-any-return]
+
+
+_encode_jpeg_gpu: Callable[..., list[torch.Tensor]] | None = None
+
+
+def enable_gpu_jpeg() -> bool:
+    """Import torchvision's encoder (lazily: only a CUDA engine asks). True when available."""
+    global _encode_jpeg_gpu
+    if _encode_jpeg_gpu is None:
+        _encode_jpeg_gpu = _load_gpu_jpeg()
+    return _encode_jpeg_gpu is not None

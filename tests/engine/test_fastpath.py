@@ -1,0 +1,161 @@
+"""The fast path renders what the plain diffusers pipelines render (CPU, tiny random weights).
+
+Tolerance, measured on this suite's inputs (torch 2.13 CPU, fp32, 64x64, three seeds each):
+
+- tiny VAE (TAESD/TAESDXL): identical pixels for every case (sd-turbo t2i/i2i, sdxl-turbo
+  t2i 1 and 3 ancestral steps and i2i, LCM 4 steps with CFG and i2i). The fast path runs the
+  schedulers' arithmetic operation for operation, in the same dtypes, with the same random
+  draws per generator, so fp32 on a CPU leaves nothing to differ.
+- full VAE (AutoencoderKL): at most 1 level of 255 on at most 0.01% of pixels. The plain
+  img2img pipelines encode image by image while the fast path encodes the batch at once, and
+  a few values land on the other side of a rounding boundary.
+
+So the assertion below is: max |difference| <= 1 level and <= 0.1% of pixels differ. On a GPU
+in fp16 the same comparison is looser (see tests/gpu/test_fastpath_gpu.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from livegen.engine import EncodedImage, GenerationRequest, Task
+from livegen.engine.fastpath import Deferred
+from livegen.engine.worker import Worker
+from livegen.settings import Settings
+
+SD, SDXL, LCM = "stabilityai/sd-turbo", "stabilityai/sdxl-turbo", "runwayml/stable-diffusion-v1-5"
+MAX_LEVELS = 1
+MAX_DIFFERING = 0.001
+
+
+@pytest.fixture(scope="module")
+def settings(shared_data_dir: Path) -> Settings:
+    return Settings(weights="tiny-random", device="cpu", data_dir=shared_data_dir, fast_path="on")
+
+
+@pytest.fixture(scope="module")
+def adapters(settings: Settings) -> dict[str, Any]:
+    worker = Worker(settings)
+    return {m: worker._load(m) for m in (SD, SDXL, LCM)}
+
+
+def input_image(size: int = 64) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8))
+
+
+def req(model: str, seed: int = 1, **kw: Any) -> GenerationRequest:
+    base: dict[str, Any] = dict(
+        model_id=model, task=Task.TEXT_TO_IMAGE, prompt="a fox in the snow", width=64, height=64,
+        num_inference_steps=1, guidance_scale=0.0, seed=seed, output_format="png",
+    )  # fmt: skip
+    base.update(kw)
+    if base["task"] is Task.IMAGE_TO_IMAGE:
+        base.setdefault("image", input_image(base["width"]))
+    return GenerationRequest(**base)
+
+
+def pixels(outputs: Any) -> list[np.ndarray]:
+    if isinstance(outputs, Deferred):
+        outputs = outputs.result()
+    out = []
+    for images in outputs:
+        for im in images:
+            assert not isinstance(im, EncodedImage)  # PIL on a CPU
+            out.append(np.asarray(im))
+    return out
+
+
+@contextmanager
+def plain(adapter: Any, vae: str) -> Iterator[None]:
+    """The same loaded modules through the stock pipelines (fast path off), with ``vae``."""
+    fast = adapter.fast
+    pipes = (adapter.t2i, adapter.i2i)
+    full = adapter.t2i.vae
+    adapter.fast = None
+    if vae == "tiny":
+        for p in pipes:
+            p.vae = fast.tiny_vae
+    try:
+        yield
+    finally:
+        adapter.fast = fast
+        for p in pipes:
+            p.vae = full
+
+
+def assert_close(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.shape == y.shape
+        diff = np.abs(x.astype(int) - y.astype(int))
+        assert diff.max() <= MAX_LEVELS, diff.max()
+        assert (diff > 0).mean() <= MAX_DIFFERING, (diff > 0).mean()
+        assert x.std() > 1  # not a blank image matching a blank image
+
+
+CASES = [
+    pytest.param(SD, {}, id="sd-turbo-t2i-1-step"),
+    pytest.param(SD, {"task": Task.IMAGE_TO_IMAGE, "num_inference_steps": 2, "strength": 0.5}, id="sd-turbo-i2i"),
+    pytest.param(SDXL, {}, id="sdxl-turbo-t2i-1-step"),
+    pytest.param(SDXL, {"num_inference_steps": 3}, id="sdxl-turbo-t2i-3-ancestral-steps"),
+    pytest.param(SDXL, {"task": Task.IMAGE_TO_IMAGE, "num_inference_steps": 4, "strength": 0.5}, id="sdxl-i2i"),
+    pytest.param(LCM, {"num_inference_steps": 4, "guidance_scale": 1.5}, id="lcm-4-steps-cfg"),
+    pytest.param(LCM, {"task": Task.IMAGE_TO_IMAGE, "num_inference_steps": 4, "strength": 0.6}, id="lcm-i2i-4x0.6"),
+]
+
+
+@pytest.mark.parametrize("vae", ["tiny", "full"])
+@pytest.mark.parametrize(("model", "kw"), CASES)
+def test_fast_path_matches_plain_pipeline(adapters: dict[str, Any], model: str, kw: dict[str, Any], vae: str) -> None:
+    adapter = adapters[model]
+    batch = [req(model, seed=s, vae=vae, **kw) for s in (1, 2)]
+    fast = pixels(adapter(batch))
+    with plain(adapter, vae):
+        reference = pixels(adapter(batch))
+    assert_close(fast, reference)
+
+
+def test_bucket_padding_gives_the_single_runs_images(adapters: dict[str, Any]) -> None:
+    adapter = adapters[SD]
+    padded_before = adapter.fast.stats.padded_rows
+    batch = [req(SD, seed=s, vae="tiny") for s in (5, 6, 7)]
+    together = pixels(adapter(batch))  # 3 rows, padded to the bucket of 4
+    assert adapter.fast.stats.padded_rows == padded_before + 1
+    alone = [pixels(adapter([r]))[0] for r in batch]
+    assert_close(together, alone)
+    assert not np.array_equal(together[0], together[1])  # seeds differ, so do images
+
+
+def test_num_images_crop_and_chunks_beyond_the_largest_bucket(adapters: dict[str, Any]) -> None:
+    adapter = adapters[SD]
+    buckets = adapter.fast.options
+    r = req(SD, seed=3, vae="tiny", num_images=3, crop_to=(48, 40))
+    try:
+        adapter.fast.options = type(buckets)(buckets=(1, 2))  # 3 rows: one chunk of 2, one of 1
+        out = pixels(adapter([r]))
+    finally:
+        adapter.fast.options = buckets
+    assert [im.shape for im in out] == [(40, 48, 3)] * 3
+    # image i of a request uses seed + i, as on the plain path
+    alone = pixels(adapter([req(SD, seed=4, vae="tiny", crop_to=(48, 40))]))
+    assert_close(out[1:2], alone)
+
+
+def test_worker_serves_on_the_fast_path_with_warm_up(settings: Settings) -> None:
+    s = settings.model_copy(update={"models": [SD], "warmup_sizes": ["64x64"], "warmup_buckets": [1, 2]})
+    with Worker.start(s) as worker:
+        worker.startup.result(timeout=300)
+        futures = [worker.submit(req(SD, seed=i, output_format="jpeg")) for i in range(3)]
+        results = [f.result(timeout=300) for f in futures]
+        status = worker.status()
+    assert all(r.images[0].content_type == "image/jpeg" and r.images[0].data[:2] == b"\xff\xd8" for r in results)
+    assert status["timings"]["warmup_s"] > 0 and status["timings"]["time_to_ready_s"] >= status["timings"]["load_s"]
+    assert SD in status["fast_path"]
