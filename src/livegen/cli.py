@@ -34,14 +34,28 @@ def _settings(**overrides: Any) -> Any:
 
 
 class RedactSecrets(logging.Filter):
-    """uvicorn logs each WebSocket handshake with its path and query, where realtime tokens
-    travel (``?fal_jwt_token=``): rewrite such records before any handler sees them."""
+    """Rewrite records that carry secrets before any handler sees them:
+
+    - uvicorn logs each WebSocket handshake with its path and query, where realtime tokens
+      travel (``?fal_jwt_token=``);
+    - httpx logs every request it sends at INFO with the full URL, and the query of an
+      ``image_url`` or ``fal_webhook`` may be a presigned URL's signature: queries of absolute
+      URLs are dropped whatever their parameters are called;
+    - at DEBUG, websockets logs the handshake headers (``< authorization: Key ...``).
+    """
 
     _TOKEN = re.compile(r"((?:fal_jwt_token|token|key)=)[^&\s\"']+", re.IGNORECASE)
+    _URL_QUERY = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s?#\"']*\?)[^\s#\"']+", re.IGNORECASE)
+    _HEADER = re.compile(
+        r"^([<>] (?:authorization|proxy-authorization|cookie|set-cookie|x-fal-cdn-token):).*$",
+        re.IGNORECASE | re.MULTILINE,
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        redacted = self._TOKEN.sub(r"\1<redacted>", message)
+        redacted = self._URL_QUERY.sub(r"\1<redacted>", message)
+        redacted = self._HEADER.sub(r"\1 <redacted>", redacted)
+        redacted = self._TOKEN.sub(r"\1<redacted>", redacted)
         if redacted != message:
             record.msg, record.args = redacted, ()
         return True
@@ -87,7 +101,7 @@ def main() -> None:
 @click.option(
     "--tiny-vae/--full-vae",
     default=None,
-    help="Decode with TAESD/TAESDXL. [env LIVEGEN_TINY_VAE; default full]",
+    help="Decode with TAESD/TAESDXL. [env LIVEGEN_TINY_VAE; default tiny on the GPU fast path, else full]",
 )
 @click.option(
     "--allow-private-urls",
@@ -114,6 +128,7 @@ def serve(log_level: str, **flags: Any) -> None:
     import uvicorn
 
     from livegen.server.app import create_app
+    from livegen.server.routes import realtime
 
     server: uvicorn.Server | None = None
 
@@ -129,6 +144,12 @@ def serve(log_level: str, **flags: Any) -> None:
         def handle_exit(self, sig: int, frame: Any) -> None:
             app.state.draining = True
             super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            # Realtime sessions get 1012 with a reason (uvicorn would close them without one);
+            # HTTP requests in flight then have drain_timeout_s to finish.
+            await realtime.close_sessions(app)
+            await super().shutdown(sockets)
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
@@ -242,12 +263,26 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
 @click.option("--weights", default="random", show_default=True, help="hub | random | tiny-random | PATH")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--task", type=click.Choice(["t2i", "i2i"]), default="t2i", show_default=True)
-@click.option("--size", default=512, show_default=True)
+@click.option("--size", default="512", show_default=True, help="Comma-separated square sizes, e.g. 512,768,1024.")
 @click.option("--steps", default=1, show_default=True)
 @click.option("--strength", default=0.5, show_default=True, help="i2i only")
+@click.option("--guidance", default=0.0, show_default=True, help="guidance_scale (> 1: classifier-free guidance)")
 @click.option("--batch", default="1,4,8,16", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--iters", default=5, show_default=True, help="Timed iterations per batch size.")
-@click.option("--tiny-vae/--full-vae", default=False, help="livegen decodes with TAESD/TAESDXL.")
+@click.option(
+    "--variant",
+    default="default",
+    show_default=True,
+    help="Comma-separated livegen engine variants, each BASE[+MOD...]: BASE default (what serve does here) | "
+    "plain (stock pipelines) | eager (fast path, no graphs) | graph (fast path + CUDA graphs) | compile "
+    "(torch.compile in CUDA graphs) | compile-ro (torch.compile reduce-overhead); MOD bf16 | fp16 | fp32 | "
+    "tiny-vae | full-vae.",
+)
+@click.option(
+    "--tiny-vae/--full-vae",
+    default=None,
+    help="livegen decodes with TAESD/TAESDXL. [default: tiny on the fast path, else full]",
+)
 @click.option("--baseline/--no-baseline", default=True, help="Also time stock diffusers.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Where synthesized checkpoints are cached.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -258,12 +293,14 @@ def bench(
     weights: str,
     device: str,
     task: str,
-    size: int,
+    size: str,
     steps: int,
     strength: float,
+    guidance: float,
     batch: str,
     iters: int,
-    tiny_vae: bool,
+    variant: str,
+    tiny_vae: bool | None,
     baseline: bool,
     data_dir: Path | None,
     as_json: bool,
@@ -273,11 +310,21 @@ def bench(
         return
     import json
 
-    from livegen.bench.engine import EngineBenchConfig, format_table, run_engine_bench
+    from livegen.bench.engine import EngineBenchConfig, format_table, run_engine_bench, variant_settings
 
     settings = _settings(weights=weights, device=device, tiny_vae=tiny_vae, data_dir=data_dir, models=[model])
     batches = tuple(int(b) for b in batch.split(",") if b.strip())
-    config = EngineBenchConfig(model, task, size, steps, batches, iters, strength, baseline)
+    sizes = tuple(int(s) for s in size.split(",") if s.strip())
+    variants = tuple(v.strip() for v in variant.split(",") if v.strip())
+    for v in variants:
+        try:
+            variant_settings(settings, v)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+    config = EngineBenchConfig(
+        model, task, sizes[0], steps, batches, iters, strength, baseline, sizes=sizes, variants=variants,
+        guidance_scale=guidance,
+    )  # fmt: skip
     report = run_engine_bench(settings, config)
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
 

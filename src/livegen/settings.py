@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from livegen.protocol.schemas import MAX_IMAGES, MAX_SIDE, MAX_STEPS, MIN_SIDE
+
 WeightsSource = str  # "hub" | "random" | "tiny-random" | a folder path
 
 
@@ -30,8 +32,23 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["stabilityai/sd-turbo"])
     load_on_demand: bool = True
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    # Decode latents with the tiny VAE (TAESD / TAESDXL) by default; a request may not override.
-    tiny_vae: bool = False
+    # Decode latents with the tiny VAE (TAESD / TAESDXL). None: tiny on the fast path (where a
+    # request may still ask for the full VAE), full on the plain diffusers pipelines.
+    tiny_vae: bool | None = None
+    # The GPU fast path (engine/fastpath.py): auto = on for CUDA, off on a CPU.
+    fast_path: Literal["auto", "on", "off"] = "auto"
+    # Fast path: replay CUDA graphs per (model, task, size, steps, bucket); torch.compile mode
+    # (off, or inductor's mode; compiling costs ~100 s per shape on an H100, cached in the data dir).
+    cuda_graphs: bool = True
+    torch_compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
+    # Weights' dtype on CUDA (a CPU always runs float32).
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    # Fast path: batches are padded up to the next bucket, so batching never recaptures.
+    batch_buckets: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
+    # Fast path: shapes rendered once at start (graphs captured, kernels chosen) for the
+    # models loaded at start, with each family's default steps for text- and image-to-image.
+    warmup_sizes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["512x512"])
+    warmup_buckets: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1])
     allow_private_urls: bool = False
     # Comma-separated static API keys, accepted besides the managed ones in the data dir.
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
@@ -41,9 +58,10 @@ class Settings(BaseSettings):
 
     max_batch_size: int = Field(default=8, ge=1, le=64)
     prompt_cache_size: int = Field(default=256, ge=0)
-    max_image_side: int = Field(default=2048, ge=64)
-    max_num_images: int = Field(default=8, ge=1)
-    max_inference_steps: int = Field(default=50, ge=1)
+    # Caps a server may set below the schema's bounds (which /openapi.json shows); 422 beyond.
+    max_image_side: int = Field(default=MAX_SIDE, ge=MIN_SIDE, le=MAX_SIDE, description="Cap on output sides")
+    max_num_images: int = Field(default=MAX_IMAGES, ge=1, le=MAX_IMAGES, description="Cap on num_images")
+    max_inference_steps: int = Field(default=MAX_STEPS, ge=1, le=MAX_STEPS, description="Cap on num_inference_steps")
     # JSON request bodies (uploads have their own limits); a 20 MB image as a data URL is ~27 MB.
     max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     max_input_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
@@ -56,6 +74,9 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, gt=0, description="How long SIGTERM waits for in-flight requests")
     max_queued: int = Field(default=1000, ge=1, description="Queue length cap (429 beyond it)")
     max_running_jobs: int = Field(default=8, ge=1, description="Queue jobs handed to the engine at once")
+    max_pending_sync: int = Field(
+        default=64, ge=1, description="Sync requests (run, stream) in flight at once; 503 server_overloaded beyond"
+    )
     results_ttl_s: float = Field(default=7 * 24 * 3600, gt=0, description="How long finished jobs are kept")
     webhook_max_attempts: int = Field(default=10, ge=1)
     webhook_backoff_base_s: float = Field(default=15.0, gt=0)
@@ -72,7 +93,9 @@ class Settings(BaseSettings):
     max_upload_part_bytes: int = Field(default=100 * 1024**2, ge=1, description="Cap on one multipart part")
     upload_expiry_s: float = Field(default=3600, gt=0, description="Unfinished uploads are deleted after this")
 
-    @field_validator("models", "api_keys", "allowed_origins", mode="before")
+    @field_validator(
+        "models", "api_keys", "allowed_origins", "batch_buckets", "warmup_sizes", "warmup_buckets", mode="before"
+    )
     @classmethod
     def _split_commas(cls, v: object) -> object:
         """Lists come from flags and env vars as comma-separated strings."""
@@ -112,3 +135,16 @@ class Settings(BaseSettings):
     @property
     def synth_dir(self) -> Path:
         return self.data_dir / "synth"
+
+    @property
+    def compile_cache_dir(self) -> Path:
+        return self.data_dir / "compile-cache"
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _check_sizes(cls, v: list[str]) -> list[str]:
+        for size in v:
+            w, _, h = size.lower().partition("x")
+            if not (w.isdigit() and h.isdigit()):
+                raise ValueError(f"warm-up sizes are WIDTHxHEIGHT, got {size!r}")
+        return v

@@ -15,7 +15,11 @@
      ├── InvalidTransition (RuntimeError)  a job state change the table does not allow (a bug)
      ├── ModelUnavailable             503 a model that cannot be loaded or is not served
      ├── ServerFull                   503 more realtime sessions than the server takes
-     └── GpuOutOfMemory               503 the device ran out of memory for this work
+     ├── Overloaded                   503 more sync requests in flight than the server admits
+     ├── GpuOutOfMemory               503 the device ran out of memory for this work
+     ├── ShuttingDown                 503 the server is draining (SIGTERM); retry the request
+     └── StorageUnavailable           503 the data dir cannot be written (read-only, I/O error)
+          └── StorageFull             507 the data dir's disk (or a file size limit) is full
 
 Every class declares ``http_status`` and ``error_type``. ``server/errors.py`` renders them in
 fal's shapes (``error_body``): 422 as ``{"detail": [{"loc", "msg", "type"}]}`` so both clients
@@ -168,6 +172,23 @@ class ServerFull(LivegenError):
         return {"Retry-After": "5"}
 
 
+class Overloaded(LivegenError):
+    """More sync requests (run, stream) admitted and unfinished than ``max_pending_sync``:
+    refused at once, so overload costs callers a quick retry instead of an ever longer wait."""
+
+    http_status = 503
+    error_type = "server_overloaded"
+    public_message = "The server is at its limit of requests in flight; retry later"
+    message_is_public = True
+
+    def __init__(self, message: str | None = None, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
 class GpuOutOfMemory(LivegenError):
     http_status = 503
     error_type = "gpu_out_of_memory"
@@ -176,6 +197,39 @@ class GpuOutOfMemory(LivegenError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "5"}
+
+
+class ShuttingDown(LivegenError):
+    """The server is draining after SIGTERM: new realtime sessions are refused, and a request
+    the drain timeout cuts off gets this instead of a bare 500."""
+
+    http_status = 503
+    error_type = "shutting_down"
+    public_message = "The server is shutting down; retry the request"
+    message_is_public = True
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
+class StorageUnavailable(LivegenError):
+    """The data dir cannot be written (read-only filesystem, I/O error): nothing was stored."""
+
+    http_status = 503
+    error_type = "storage_unavailable"
+    public_message = "The server's storage cannot be written right now; nothing was stored"
+    message_is_public = True
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "60"}
+
+
+class StorageFull(StorageUnavailable):
+    """The data dir's disk (or a file size limit) is full: nothing was stored."""
+
+    http_status = 507
+    error_type = "storage_full"
+    public_message = "The server's disk is full; nothing was stored"
 
 
 def error_body(exc: LivegenError) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from livegen.server.jobs.service import JobService
 from livegen.server.jobs.store import Job, SqliteJobStore
 from livegen.server.jobs.webhooks import WebhookSender, WebhookSigner
 from livegen.server.metrics import Metrics, MetricsMiddleware
-from livegen.server.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from livegen.server.middleware import BodyLimitMiddleware, DrainCutMiddleware, RequestIdMiddleware
 from livegen.server.ratelimit import RateLimiter
 from livegen.server.routes import files, health, proxy, queue, realtime, rest, run, uploads, web
 from livegen.server.storage import FileStore
@@ -71,6 +71,7 @@ def create_app(
         version=__version__,
         description="Real-time image generation speaking fal.ai's model API protocol",
         lifespan=lifespan,
+        responses=errors.RESPONSES,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -80,6 +81,7 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(proxy.FalProxyMiddleware)  # /api/fal/proxy; inside RequestIdMiddleware
+    app.add_middleware(DrainCutMiddleware, state=app.state)  # 503, not 500, when the drain timeout cuts
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
     app.include_router(web.router)

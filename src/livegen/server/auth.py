@@ -71,6 +71,13 @@ class KeyStore:
         if not changed:
             raise NotFound(f"no active key with id {key_id}")
 
+    def is_active(self, key_id: str) -> bool:
+        """Whether ``key_id`` names a key that still works: tokens die with the key they were
+        issued for, so revoking a key also ends its outstanding realtime and upload tokens."""
+        if any(key_id == static_id for static_id, _ in self._static):
+            return True
+        return bool(self._db.query("SELECT 1 FROM api_keys WHERE key_id = ? AND revoked_at IS NULL", (key_id,)))
+
     def has_any(self) -> bool:
         return bool(self._static) or bool(self._db.query("SELECT 1 FROM api_keys WHERE revoked_at IS NULL LIMIT 1"))
 

@@ -7,12 +7,15 @@ microseconds) or through ``anyio.to_thread`` for anything that may wait on the d
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from livegen.server.disk import storage_faults
 
 
 class Database:
@@ -55,25 +58,29 @@ class Database:
                 self._conn = None
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        with self._lock:
+        with self._lock, storage_faults():
             return self._require().execute(sql, params).rowcount
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
+        with self._lock, storage_faults():
             return self._require().execute(sql, params).fetchall()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: everything inside commits together or not at all."""
-        with self._lock:
+        """A write transaction: everything inside commits together or not at all (a COMMIT
+        that fails, e.g. on a full disk, rolls back too: the connection never stays inside a
+        transaction that every later ``BEGIN`` would trip over)."""
+        with self._lock, storage_faults():
             conn = self._require()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
 
     def _require(self) -> sqlite3.Connection:
         if self._conn is None:

@@ -58,7 +58,11 @@ def require_cdn_token(request: Request) -> str:
     scheme, _, token = (request.headers.get("authorization") or "").strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("pass 'Authorization: Bearer <token from /rest/storage/auth/token>'", public=True)
-    return token_signer(request).verify(token.strip(), CDN).key_id
+    key_id = token_signer(request).verify(token.strip(), CDN).key_id
+    keys: KeyStore = request.app.state.keys
+    if not keys.is_active(key_id):
+        raise Unauthorized("the API key this token was issued for has been revoked", public=True)
+    return key_id
 
 
 def rate_limited_key(request: Request) -> str:

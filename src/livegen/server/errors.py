@@ -8,11 +8,38 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from livegen.protocol.errors import LivegenError, error_body
+from livegen.server.disk import storage_error
 
 logger = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """fal's error body: ``detail`` is a list for validation errors (422), else a message, with
+    ``error_type`` naming the category (also in the ``X-Fal-Error-Type`` header)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    detail: str | list[ErrorDetail]
+    error_type: str | None = None
+
+
+# Every operation documents this as its ``default`` response, so /openapi.json covers the
+# errors every route can answer (401, 404, 413, 429, 503, ...), not only FastAPI's 422.
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    "default": {"model": ErrorBody, "description": "An error, in fal's shape (PROTOCOL.md §7.1)"}
+}
 
 
 def _response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
@@ -57,6 +84,15 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     return _response(exc.status_code, {"detail": detail}, dict(exc.headers or {}))
 
 
+async def os_error(request: Request, exc: Exception) -> JSONResponse:
+    """A write to the data dir that failed (full disk, read-only): 507/503, not a bare 500."""
+    mapped = storage_error(exc)
+    if mapped is None:
+        return await unhandled_error(request, exc)
+    logger.error("storage fault on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    return await livegen_error(request, mapped)
+
+
 async def unhandled_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return _response(500, {"detail": "Internal Server Error"})
@@ -66,4 +102,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(LivegenError, livegen_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(OSError, os_error)
     app.add_exception_handler(Exception, unhandled_error)

@@ -8,6 +8,7 @@ data URLs (``sync_mode: true``) or as stored files served back by URL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -23,10 +24,11 @@ from PIL import Image
 from pydantic import BaseModel
 
 from livegen.engine import Engine, GenerationRequest, GenerationResult, Priority
-from livegen.engine.imaging import decode_image, fit_size, to_data_url
+from livegen.engine.imaging import check_data_url_size, decode_image, fit_size, to_data_url
 from livegen.protocol.apps import BY_ID, Endpoint, Task
 from livegen.protocol.errors import InvalidInput, NotFound, PayloadTooLarge
-from livegen.protocol.schemas import MAX_SIDE, resolve_image_size
+from livegen.protocol.schemas import MAX_SIDE, MIN_SIDE, resolve_image_size
+from livegen.server.admission import SyncAdmission
 from livegen.server.storage import FileStore
 from livegen.server.urlfetch import FetchPolicy, fetch_bytes
 from livegen.settings import Settings
@@ -39,6 +41,7 @@ class GenerationService:
         self._settings = settings
         self._engine = engine
         self._files = files
+        self.admission = SyncAdmission(settings.max_pending_sync)
         self._fetch_policy = FetchPolicy(
             allow_private=settings.allow_private_urls,
             max_bytes=settings.max_input_image_bytes,
@@ -54,10 +57,12 @@ class GenerationService:
         priority: Priority = Priority.SYNC,
         cancel: threading.Event | None = None,
     ) -> dict[str, Any]:
-        """Generate for one validated input and return fal's output."""
+        """Generate for one validated input and return fal's output. Sync requests count against
+        ``max_pending_sync`` until they finish (``Overloaded`` beyond it, before any work)."""
         started = time.perf_counter()
-        request, result = await self.generate(endpoint, body, base_url=base_url, priority=priority, cancel=cancel)
-        output = await self.render(result, body, base_url=base_url)
+        with self.admission.take() if priority is Priority.SYNC else contextlib.nullcontext():
+            request, result = await self.generate(endpoint, body, base_url=base_url, priority=priority, cancel=cancel)
+            output = await self.render(result, body, base_url=base_url)
         logger.info(
             "run endpoint=%s model=%s size=%dx%d steps=%d images=%d batch=%d ms=%.1f",
             endpoint.endpoint_id,
@@ -81,8 +86,9 @@ class GenerationService:
         cancel: threading.Event | None = None,
     ) -> tuple[GenerationRequest, GenerationResult]:
         request = await self.build_request(endpoint, body, base_url=base_url, priority=priority)
-        if cancel is not None:
-            request = dataclasses.replace(request, cancel=cancel)
+        # Every request can be stopped between denoising steps: a queue job by its cancel, a
+        # sync request or realtime frame when its caller goes away (or a drain timeout cuts it).
+        request = dataclasses.replace(request, cancel=cancel or threading.Event())
         self._engine.check(request)
         return request, await self._await(request)
 
@@ -91,16 +97,22 @@ class GenerationService:
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
-            future.cancel()  # the client went away: drop the work if it has not started
+            future.cancel()  # the client went away: drop the work if it has not started,
+            if request.cancel is not None:
+                request.cancel.set()  # or stop it at the next step if it has
             raise
 
     async def build_request(
         self, endpoint: Endpoint, body: BaseModel, *, base_url: str, priority: Priority
     ) -> GenerationRequest:
+        self.check_limits(endpoint, body)
         fields = body.model_dump()
         task = endpoint.task
-        if task is Task.TEXT_TO_IMAGE and (fields.get("image_url") or fields.get("image_bytes")):
-            task = Task.IMAGE_TO_IMAGE  # a realtime frame on a base app that carries an image
+        has_image = fields.get("image_url") is not None or fields.get("image_bytes") is not None
+        if task is Task.TEXT_TO_IMAGE and has_image:
+            # A realtime frame on a base app that carries an image, even an empty one (refused
+            # as such below rather than quietly answered with text-to-image).
+            task = Task.IMAGE_TO_IMAGE
         image = mask = None
         crop_to = None
         if task is Task.TEXT_TO_IMAGE:
@@ -114,6 +126,8 @@ class GenerationService:
                 body.image_size,
                 preserve_aspect_ratio=fields["preserve_aspect_ratio"],
                 crop_output=fields["crop_output"],
+                field="image_bytes" if fields.get("image_bytes") is not None else "image_url",
+                max_side=min(MAX_SIDE, self._settings.max_image_side),
             )
             image = image.resize((width, height), Image.Resampling.LANCZOS) if image.size != (width, height) else image
             if task is Task.INPAINTING:
@@ -139,6 +153,41 @@ class GenerationService:
             crop_to=crop_to,
             priority=priority,
         )
+
+    def check_limits(self, endpoint: Endpoint, body: BaseModel) -> None:
+        """This server's own caps, which may be set below the schema's bounds
+        (``LIVEGEN_MAX_INFERENCE_STEPS``, ``LIVEGEN_MAX_NUM_IMAGES``, ``LIVEGEN_MAX_IMAGE_SIDE``):
+        InvalidInput (422) naming the field; and inline images over ``max_input_image_bytes``
+        (PayloadTooLarge, 413). Cheap, so the queue checks it at submit."""
+        limits = self._settings
+        for name in ("image_url", "mask_url"):
+            value = getattr(body, name, None)
+            if isinstance(value, str):
+                check_data_url_size(value, max_bytes=limits.max_input_image_bytes, field=name)
+        steps: int = getattr(body, "num_inference_steps", 1)
+        if steps > limits.max_inference_steps:
+            raise InvalidInput(
+                f"num_inference_steps may be at most {limits.max_inference_steps} on this server, got {steps}",
+                loc=("body", "num_inference_steps"),
+            )
+        count: int = getattr(body, "num_images", 1)
+        if count > limits.max_num_images:
+            raise InvalidInput(
+                f"num_images may be at most {limits.max_num_images} on this server, got {count}",
+                loc=("body", "num_images"),
+            )
+        size = getattr(body, "image_size", None)
+        has_image = getattr(body, "image_url", None) is not None or getattr(body, "image_bytes", None) is not None
+        if size is None and endpoint.task is Task.TEXT_TO_IMAGE and not has_image:
+            size = default_image_size(endpoint.app_id)
+        if size is not None:
+            width, height = resolve_image_size(size)
+            if max(width, height) > limits.max_image_side:
+                raise InvalidInput(
+                    f"image_size may be at most {limits.max_image_side} pixels a side on this server, "
+                    f"got {width}×{height}",
+                    loc=("body", "image_size"),
+                )
 
     async def _load_image(self, url: str | None, field: str, base_url: str, *, raw: bytes | None = None) -> Image.Image:
         if raw is not None:
@@ -232,18 +281,32 @@ def output_size(
     *,
     preserve_aspect_ratio: bool,
     crop_output: bool,
+    field: str = "image_url",
+    max_side: int = MAX_SIDE,
 ) -> tuple[int, int, tuple[int, int] | None]:
     """(width, height) to generate at, and the size to crop the result to (if any).
 
-    No ``image_size``: the input's own size, scaled down to fit ``MAX_SIDE`` and snapped to a
-    multiple of 8. With ``image_size``: that size; with ``preserve_aspect_ratio`` the input's
-    aspect ratio at about that area (multiples of 32), or, with ``crop_output`` too, the
-    smallest such size covering ``image_size``, center-cropped back to it afterwards.
+    No ``image_size``: the input's own size, snapped to a multiple of 8 and kept within the
+    bounds an explicit ``image_size`` has (``MIN_SIDE``..``max_side`` a side) by scaling it
+    down, or up when a side is shorter than ``MIN_SIDE``, keeping its aspect ratio; an input
+    more elongated than ``max_side:MIN_SIDE`` (e.g. a 1×100000 strip) is refused. With
+    ``image_size``: that size; with ``preserve_aspect_ratio`` the input's aspect ratio at
+    about that area (multiples of 32), or, with ``crop_output`` too, the smallest such size
+    covering ``image_size``, center-cropped back to it afterwards.
     """
     in_w, in_h = input_size
     if image_size is None:
-        scale = min(1.0, MAX_SIDE / max(in_w, in_h))
-        w, h = fit_size((max(8, int(in_w * scale)), max(8, int(in_h * scale))), 8)
+        scale = min(1.0, max_side / max(in_w, in_h))
+        if min(in_w, in_h) * scale < MIN_SIDE:
+            scale = MIN_SIDE / min(in_w, in_h)
+            if round(max(in_w, in_h) * scale) > max_side:
+                raise InvalidInput(
+                    f"{field} is {in_w}×{in_h}: its aspect ratio is too extreme for an output of "
+                    f"{MIN_SIDE}..{max_side} pixels a side; crop it, or pass image_size to resize it",
+                    loc=("body", field),
+                )
+        sides = [min(max_side, max(MIN_SIDE, round(side * scale))) for side in (in_w, in_h)]
+        w, h = fit_size((sides[0], sides[1]), 8)
         return w, h, None
     w, h = resolve_image_size(image_size)
     if not preserve_aspect_ratio:
@@ -251,17 +314,17 @@ def output_size(
     if crop_output:
         scale = max(w / in_w, h / in_h)
         gen_w, gen_h = (
-            min(MAX_SIDE, math.ceil(in_w * scale / 32) * 32),
-            min(MAX_SIDE, math.ceil(in_h * scale / 32) * 32),
+            min(max_side, math.ceil(in_w * scale / 32) * 32),
+            min(max_side, math.ceil(in_h * scale / 32) * 32),
         )
         return gen_w, gen_h, (min(w, gen_w), min(h, gen_h))
     ratio = in_w / in_h
     area = w * h
-    gen_w = max(32, min(MAX_SIDE, round(math.sqrt(area * ratio) / 32) * 32))
-    gen_h = max(32, min(MAX_SIDE, round(math.sqrt(area / ratio) / 32) * 32))
+    gen_w = max(32, min(max_side, round(math.sqrt(area * ratio) / 32) * 32))
+    gen_h = max(32, min(max_side, round(math.sqrt(area / ratio) / 32) * 32))
     if gen_w < 64 or gen_h < 64:
         raise InvalidInput(
             "the input image's aspect ratio is too extreme for preserve_aspect_ratio",
-            loc=("body", "image_url"),
+            loc=("body", field),
         )
     return gen_w, gen_h, None

@@ -4,13 +4,15 @@ request body cap."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from livegen.protocol.errors import PayloadTooLarge, error_body
+from livegen.protocol.errors import PayloadTooLarge, ShuttingDown, error_body
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -93,3 +95,40 @@ class BodyLimitMiddleware:
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+class DrainCutMiddleware:
+    """A request still running when SIGTERM's drain timeout ends is cancelled by uvicorn, which
+    would answer a bare text 500: answer fal's 503 ``ShuttingDown`` (with ``Retry-After``)
+    instead, so clients see a retryable error and not an app failure. ``state.draining`` is set
+    by ``livegen serve`` on SIGTERM; a cancellation at any other time propagates as before."""
+
+    def __init__(self, app: ASGIApp, state: Any) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if started or not getattr(self.state, "draining", False) or task is None:
+                raise
+            task.uncancel()  # the cancellation is answered here; the task ends normally
+            error = ShuttingDown()
+            body = json.dumps(error_body(error)).encode()
+            headers = [(b"content-type", b"application/json"), (b"x-fal-error-type", error.error_type.encode())]
+            headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})

@@ -14,7 +14,8 @@ Three tasks per WebSocket:
 
 Control messages follow fal: ``x-fal-message`` timings after each result, ``x-fal-error`` for
 bad frames (the session stays open), ``TIMEOUT`` after ``session_timeout_s`` without input and
-then a normal close (1000).
+then a normal close (1000). When the server shuts down (SIGTERM) each session is closed at once
+with 1012 (service restart) and a reason; the client reconnects to a server that is up.
 """
 
 from __future__ import annotations
@@ -109,6 +110,13 @@ class Session:
         self.received = self.dropped = self.results = self.errors = 0
         self._busy = False
         self._last_activity = time.monotonic()
+        self._close_code, self._close_reason = 1000, ""
+        self._stopped = asyncio.Event()
+
+    def stop(self, code: int, reason: str) -> None:
+        """Close from outside (server shutdown: 1012 and why): the frame in flight is dropped."""
+        self._close_code, self._close_reason = code, reason
+        self._stopped.set()
 
     async def run(self) -> None:
         await self._ws.accept()
@@ -117,6 +125,7 @@ class Session:
             asyncio.create_task(self._read_loop(), name="realtime-reader"),
             asyncio.create_task(self._work_loop(), name="realtime-worker"),
             asyncio.create_task(self._write_loop(), name="realtime-writer"),
+            asyncio.create_task(self._stopped.wait(), name="realtime-stop"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -128,7 +137,7 @@ class Session:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
-                await self._ws.close(1000)
+                await self._ws.close(self._close_code, self._close_reason or None)
             logger.info(
                 "realtime session closed endpoint=%s s=%.1f frames=%d dropped=%d results=%d errors=%d",
                 self._endpoint.endpoint_id,

@@ -10,6 +10,7 @@ Methods touch the disk; async callers run them through ``anyio.to_thread``.
 
 from __future__ import annotations
 
+import contextlib
 import mimetypes
 import os
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from livegen.protocol.errors import InvalidInput, NotFound
 from livegen.server.db import Database
+from livegen.server.disk import storage_faults
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 MAX_NAME_CHARS = 100
@@ -91,8 +93,14 @@ class FileStore:
     def put(self, data: bytes, content_type: str, file_name: str) -> StoredFile:
         file_id = new_file_id()
         tmp = self._root / f"{file_id}.tmp"
-        tmp.write_bytes(data)
-        return self.adopt(tmp, file_id=file_id, content_type=content_type, file_name=file_name)
+        try:
+            with storage_faults():
+                tmp.write_bytes(data)
+            return self.adopt(tmp, file_id=file_id, content_type=content_type, file_name=file_name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # a partly written file is never kept
+            raise
 
     def adopt(self, path: Path, *, file_id: str, content_type: str, file_name: str) -> StoredFile:
         """Take over a finished file written elsewhere on the same filesystem (an upload's
@@ -102,7 +110,8 @@ class FileStore:
         name = safe_name(file_name, content_type)
         size = path.stat().st_size
         target = self._root / file_id
-        os.replace(path, target)
+        with storage_faults():
+            os.replace(path, target)
         try:
             self._db.execute(
                 "INSERT INTO files (file_id, content_type, size, file_name, created_at) VALUES (?, ?, ?, ?, ?)",

@@ -56,6 +56,10 @@ class TokenSigner:
         claims["exp"] = int(expires)
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM), expires
 
+    def seconds_left(self, claims: TokenClaims) -> float:
+        """How long a verified token stays valid, by this signer's clock."""
+        return claims.expires_at - self._clock()
+
     def verify(self, token: str, audience: str, *, app: str | None = None) -> TokenClaims:
         """Claims of a valid token; ``Unauthorized`` if invalid or expired, ``Forbidden`` if
         ``app`` (an alias) is not among its allowed apps."""

@@ -6,8 +6,9 @@
 //   (`?fal_jwt_token=`, as fal's clients do); no HTTP request URL carries either.
 // - Tokens: a token is used for new connections until 90 % of its lifetime; while a socket is
 //   open the next one is fetched in the background at that point (retried after 6 s on
-//   failure), like fal's JS client. The server checks the token at the handshake, so an open
-//   socket is never torn down for a refresh; every reconnect starts with a valid token.
+//   failure), like fal's JS client. An open socket is not torn down for a refresh; the server
+//   closes it (1000, "token expired…") when its token expires, and the client reconnects
+//   quietly with the fresh one.
 // - Sending: latest wins. One frame waits while connecting or while `maxInFlight` frames are
 //   being rendered; a newer frame replaces it. `max_buffering` is sized so the server never
 //   has to drop a frame, so each frame gets exactly one answer (a result or an x-fal-error).
@@ -186,8 +187,10 @@ export class RealtimeClient {
     const unanswered = [...this.inFlight.values()];
     this.inFlight.clear();
     if (!this.pending && unanswered.length) this.pending = unanswered[unanswered.length - 1];
-    if (ws.idleTimeout) {
-      this.setState("idle"); // the server's idle timeout: reconnect on the next frame, quietly
+    if (ws.idleTimeout || (event.code === 1000 && event.reason?.startsWith("token expired"))) {
+      // The server's idle timeout, or the end of the token's lifetime (by then the refresh has
+      // fetched the next token): reconnect on the next frame, quietly.
+      this.setState("idle");
       this.pump();
       return;
     }

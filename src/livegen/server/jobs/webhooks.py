@@ -122,9 +122,13 @@ class WebhookSender:
         async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=self._timeout) as client:
             while True:
                 self._wake.clear()
-                for delivery in self._store.due_deliveries(self._clock()):
-                    await self._attempt(client, delivery)
-                next_at = self._store.next_delivery_at()
+                try:
+                    for delivery in self._store.due_deliveries(self._clock()):
+                        await self._attempt(client, delivery)
+                    next_at = self._store.next_delivery_at()
+                except Exception as exc:  # noqa: BLE001 - e.g. a full disk: deliveries wait, the sender lives
+                    logger.error("webhook delivery round failed (%s: %s); retrying in 5 s", type(exc).__name__, exc)
+                    next_at = self._clock() + 5.0
                 wait = 60.0 if next_at is None else max(0.0, min(60.0, next_at - self._clock()))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=wait)

@@ -1,7 +1,7 @@
 """``{BASE}/cdn/...`` (fal's v3 CDN): files served back, and the routes that receive bytes.
 
 * ``GET /cdn/files/{file_id}/{file_name}``: unauthenticated, byte-identical, with the exact
-  content type given at upload.
+  content type given at upload, ``nosniff`` and a sandboxing Content-Security-Policy.
 * Python ``fal_v3`` (CDN token, ``Authorization: Bearer``): ``POST /cdn/files/upload``; for
   files over 100 MB ``POST /cdn/files/upload/multipart``, then part PUTs and ``/complete``
   below the returned ``access_url`` (the file's own URL).
@@ -15,10 +15,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect
 
@@ -28,6 +29,9 @@ from livegen.server.storage import check_content_type, file_url
 from livegen.server.uploads import MAX_PARTS, PartRef, UploadKind, UploadService
 
 router = APIRouter(prefix="/cdn", tags=["files"])
+
+# Images and media still display when opened directly; nothing in a file can script or load.
+FILE_CSP = "default-src 'none'; img-src 'self' data:; media-src 'self'; style-src 'unsafe-inline'; sandbox"
 
 
 class Part(BaseModel):
@@ -43,7 +47,14 @@ class CompleteRequest(BaseModel):
         return [PartRef(p.part_number, p.etag) for p in self.parts]
 
 
-@router.get("/files/{file_id}/{file_name}")
+# GET and HEAD as two routes: one route with both methods gives both the same OpenAPI operationId.
+FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The file, with the content type given at upload", "content": {"*/*": {}}}
+}
+
+
+@router.get("/files/{file_id}/{file_name}", response_class=Response, responses=FILE_RESPONSES)
+@router.head("/files/{file_id}/{file_name}", response_class=Response, responses=FILE_RESPONSES)
 async def get_file(file_id: str, file_name: str, store: deps.FilesDep) -> FileResponse:
     stored = await anyio.to_thread.run_sync(store.get, file_id)
     # content-type as a header, not media_type: Starlette would append "; charset=utf-8" to text/*.
@@ -52,6 +63,9 @@ async def get_file(file_id: str, file_name: str, store: deps.FilesDep) -> FileRe
         headers={
             "Content-Type": stored.content_type,
             "X-Content-Type-Options": "nosniff",
+            # Uploads share an origin with the playground (unlike fal's separate CDN host): an
+            # uploaded HTML or SVG file opened in a browser must not run scripts as this origin.
+            "Content-Security-Policy": FILE_CSP,
             "Cache-Control": "public, max-age=86400, immutable",
         },
     )

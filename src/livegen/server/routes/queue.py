@@ -21,6 +21,19 @@ from livegen.server.urlfetch import check_target
 KEEPALIVE_S = 15.0
 
 
+class CancelStatus(BaseModel):
+    """fal's cancel answer (PROTOCOL.md §6.5): 202 CANCELLATION_REQUESTED, 400 ALREADY_COMPLETED,
+    404 NOT_FOUND."""
+
+    status: str
+
+
+CANCEL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": CancelStatus, "description": what}
+    for code, what in ((202, "Cancellation requested"), (400, "Already completed"), (404, "No such request"))
+}
+
+
 def logs_flag(logs: Annotated[str | None, Query()] = None) -> bool:
     """``?logs=``: Python sends true/false, JS 1/0."""
     return (logs or "").strip().lower() in ("1", "true", "yes")
@@ -97,9 +110,21 @@ def router() -> APIRouter:
             summary=f"Queue: {endpoint.summary}",
         )
     r.add_api_route("/{owner}/{alias}/requests/{request_id}/status", status, methods=["GET"])
-    r.add_api_route("/{owner}/{alias}/requests/{request_id}/status/stream", status_stream, methods=["GET"])
+    r.add_api_route(
+        "/{owner}/{alias}/requests/{request_id}/status/stream",
+        status_stream,
+        methods=["GET"],
+        response_class=StreamingResponse,
+        responses={200: {"description": "Server-sent events", "content": {"text/event-stream": {}}}},
+    )
     r.add_api_route("/{owner}/{alias}/requests/{request_id}", result, methods=["GET"])
-    r.add_api_route("/{owner}/{alias}/requests/{request_id}/cancel", cancel, methods=["PUT"])
+    r.add_api_route(
+        "/{owner}/{alias}/requests/{request_id}/cancel",
+        cancel,
+        methods=["PUT"],
+        status_code=202,
+        responses=CANCEL_RESPONSES,
+    )
     return r
 
 

@@ -1,7 +1,7 @@
 """``WS /{endpoint_id}/realtime``: fal's realtime protocol (msgpack frames both ways).
 
 Everything is checked before the handshake is accepted, and a refusal is an HTTP answer with
-fal's error body (403 for credentials and origins, 503 when the server is full, 422 for a bad
+fal's error body (403 for credentials and origins, 503 when the server is full or shutting down, 422 for a bad
 ``max_buffering``), not an accepted socket closed with an unexplained code. Credentials: the
 ``fal_jwt_token`` query parameter (from ``POST /rest/tokens/``, scoped to the app's alias) or
 an ``Authorization: Key`` handshake header (fal-client's ``use_jwt=False``).
@@ -9,8 +9,10 @@ an ``Authorization: Key`` handshake header (fal-client's ``use_jwt=False``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +28,7 @@ from livegen.protocol.errors import (
     LivegenError,
     ModelUnavailable,
     ServerFull,
+    ShuttingDown,
     Unauthorized,
     error_body,
 )
@@ -43,12 +46,17 @@ REALTIME_MODELS: dict[str, type[BaseModel]] = {
 }
 
 
+SHUTDOWN_CLOSE = (1012, "server shutting down; reconnect")  # 1012: service restart
+TOKEN_EXPIRED_CLOSE = (1000, "token expired; reconnect with a new token")
+
+
 class SessionSlots:
-    """Counts open sessions against ``max_sessions``."""
+    """Counts open sessions against ``max_sessions``, and knows them (to close them at shutdown)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.open = 0
+        self.sessions: set[Session] = set()
 
     @contextlib.contextmanager
     def take(self) -> Iterator[None]:
@@ -68,14 +76,20 @@ def input_model(endpoint: Endpoint) -> type[BaseModel]:
     return endpoint.input_model
 
 
-def authenticate(websocket: WebSocket, endpoint: Endpoint) -> str:
+def authenticate(websocket: WebSocket, endpoint: Endpoint) -> float | None:
+    """Check the credentials; how many seconds they stay valid (a token's remaining lifetime),
+    or None for an API key, which does not expire."""
     token = websocket.query_params.get("fal_jwt_token")
+    keys: KeyStore = websocket.app.state.keys
     if token:
         signer: TokenSigner = websocket.app.state.tokens
-        return signer.verify(token, REALTIME, app=endpoint.alias).key_id
+        claims = signer.verify(token, REALTIME, app=endpoint.alias)
+        if not keys.is_active(claims.key_id):
+            raise Unauthorized("the API key this token was issued for has been revoked", public=True)
+        return signer.seconds_left(claims)
     if websocket.headers.get("authorization"):
-        keys: KeyStore = websocket.app.state.keys
-        return keys.verify(parse_authorization(websocket.headers.get("authorization")))
+        keys.verify(parse_authorization(websocket.headers.get("authorization")))
+        return None
     raise Unauthorized("pass ?fal_jwt_token= (from POST /rest/tokens/) or an 'Authorization: Key' header", public=True)
 
 
@@ -117,11 +131,13 @@ def _handler(endpoint: Endpoint) -> Any:
         state = websocket.app.state
         settings: Settings = state.settings
         try:
-            authenticate(websocket, endpoint)
+            valid_for = authenticate(websocket, endpoint)
             check_origin(websocket, settings)
             buffering = max_buffering(websocket, settings)
             if getattr(state, "fatal_error", None):
                 raise ModelUnavailable(f"the server failed to start: {state.fatal_error}")
+            if state.draining:
+                raise ShuttingDown()
             slot = state.realtime_slots.take()
             slot.__enter__()
         except LivegenError as exc:
@@ -142,12 +158,39 @@ def _handler(endpoint: Endpoint) -> Any:
                 max_buffering=buffering,
                 base_url=base_url,
             )
-            await session.run()
+            state.realtime_slots.sessions.add(session)
+            # A session lives no longer than its token. 1000 with a reason: fal's JS client then
+            # fetches a new token and reconnects on its next send without calling onError, and
+            # fal-client's recv() returns None (PROTOCOL.md §8.4).
+            expiry = None
+            if valid_for is not None:
+                expiry = asyncio.get_running_loop().call_later(max(0.0, valid_for), session.stop, *TOKEN_EXPIRED_CLOSE)
+            try:
+                await session.run()
+            finally:
+                if expiry is not None:
+                    expiry.cancel()
+                state.realtime_slots.sessions.discard(session)
         finally:
             slot.__exit__(None, None, None)
 
     realtime.__name__ = "realtime_" + endpoint.slug
     return realtime
+
+
+async def close_sessions(app: FastAPI, timeout_s: float = 2.0) -> int:
+    """Close every open session with 1012 and a reason (server shutdown, before uvicorn closes
+    the sockets with a bare 1012); waits up to ``timeout_s`` for them to go. How many there were."""
+    slots: SessionSlots = app.state.realtime_slots
+    sessions = list(slots.sessions)
+    for session in sessions:
+        session.stop(*SHUTDOWN_CLOSE)
+    deadline = time.monotonic() + timeout_s
+    while slots.sessions and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    if sessions:
+        logger.info("realtime sessions closed for shutdown count=%d", len(sessions))
+    return len(sessions)
 
 
 def install(app: FastAPI, settings: Settings) -> None:

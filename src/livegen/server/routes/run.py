@@ -16,6 +16,10 @@ from livegen.protocol.apps import ENDPOINTS, Endpoint
 from livegen.protocol.schemas import Output
 from livegen.server import deps
 
+SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Server-sent events", "content": {"text/event-stream": {}}}
+}
+
 
 def _handler(endpoint: Endpoint) -> Any:
     input_model = endpoint.input_model
@@ -116,6 +120,8 @@ def router() -> APIRouter:
             f"/{endpoint.endpoint_id}/stream",
             _stream_handler(endpoint),
             methods=["POST"],
+            response_class=StreamingResponse,
+            responses=SSE_RESPONSES,
             summary=f"{endpoint.summary} (server-sent events)",
             tags=[endpoint.app_id],
         )
