@@ -95,9 +95,10 @@ def decode_image(data: bytes, *, max_pixels: int = 4096 * 4096, field: str = "im
                 f"{field} is {width}×{height} ({width * height} pixels); images may have at most {max_pixels} pixels",
                 loc=loc,
             )
-        if fmt != "JPEG" and getattr(img, "n_frames", 1) > 1:
+        frames = int(getattr(img, "n_frames", 1))
+        if fmt != "JPEG" and frames > 1:
             raise InvalidImage(
-                f"{field} is an animated {fmt} with {img.n_frames} frames; send a single still image",
+                f"{field} is an animated {fmt} with {frames} frames; send a single still image",
                 loc=loc,
             )
 
@@ -120,7 +121,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         # scale 0..65535 down to 0..255 instead. 32-bit "I" images are scaled only if they use
         # more than 8 bits.
         lo, hi = img.getextrema()  # type: ignore[misc]
-        if img.mode in _SIXTEEN_BIT_MODES or hi > 255:
+        if img.mode in _SIXTEEN_BIT_MODES or hi > 255:  # type: ignore[operator]
             img = img.point(lambda v: v / 256)  # type: ignore[arg-type, operator]
         return img.convert("L").convert("RGB")
     if img.mode == "F":

@@ -227,7 +227,7 @@ _EULER: dict[str, Any] = {
     "sigma_min": None,
     "sigma_max": None,
 }
-_SCHEDULER: dict[str, tuple[type, dict[str, Any]]] = {
+_SCHEDULER: dict[str, tuple[Any, dict[str, Any]]] = {
     SD15: (PNDMScheduler, {**_BETAS, "skip_prk_steps": True, "set_alpha_to_one": False}),
     SD_TURBO: (EulerDiscreteScheduler, {**_EULER, "timestep_spacing": "trailing"}),
     SDXL_TURBO: (EulerAncestralDiscreteScheduler, {**_BETAS, "timestep_spacing": "trailing"}),
@@ -347,7 +347,7 @@ def _model_configs(repo_id: str, *, tiny: bool) -> dict[str, tuple[type, dict[st
     return models
 
 
-def _instantiate(cls: type, cfg: dict[str, Any]) -> torch.nn.Module:
+def _instantiate(cls: Any, cfg: dict[str, Any]) -> Any:
     if issubclass(cls, CLIPTextModel | CLIPTextModelWithProjection):
         return cls(CLIPTextConfig(**cfg))
     return cls.from_config(cfg)

@@ -95,7 +95,7 @@ class _ImageInput(BaseModel):
         default=0.95, gt=0.0, le=1.0, description="How much the result departs from the input image"
     )
     # Without image_size the output takes the input image's size, snapped to a multiple of 8.
-    image_size: ImageSizePreset | ImageSize | None = None
+    image_size: ImageSizePreset | ImageSize | None = None  # type: ignore[assignment]
     preserve_aspect_ratio: bool = Field(
         default=False, description="Keep the input's aspect ratio within image_size's area (multiples of 32)"
     )
@@ -109,19 +109,19 @@ class _MaskInput(_ImageInput):
 
 
 class TurboImageToImage(_ImageInput, TurboTextToImage):
-    image_size: ImageSizePreset | ImageSize | None = None
+    image_size: ImageSizePreset | ImageSize | None = None  # type: ignore[assignment]
 
 
 class LcmImageToImage(_ImageInput, LcmTextToImage):
-    image_size: ImageSizePreset | ImageSize | None = None
+    image_size: ImageSizePreset | ImageSize | None = None  # type: ignore[assignment]
 
 
 class TurboInpainting(_MaskInput, TurboTextToImage):
-    image_size: ImageSizePreset | ImageSize | None = None
+    image_size: ImageSizePreset | ImageSize | None = None  # type: ignore[assignment]
 
 
 class LcmInpainting(_MaskInput, LcmTextToImage):
-    image_size: ImageSizePreset | ImageSize | None = None
+    image_size: ImageSizePreset | ImageSize | None = None  # type: ignore[assignment]
 
 
 class Image(BaseModel):
@@ -150,7 +150,7 @@ class _RealtimeImage(BaseModel):
     image_url: str | None = Field(default=None, min_length=1)
     image_bytes: bytes | None = Field(default=None, description="Raw PNG/JPEG/WebP bytes (msgpack bin)")
     strength: float = Field(default=0.95, gt=0.0, le=1.0)
-    image_size: ImageSizePreset | ImageSize | None = None
+    image_size: ImageSizePreset | ImageSize | None = None  # type: ignore[assignment]
     preserve_aspect_ratio: bool = False
     crop_output: bool = False
 
@@ -160,8 +160,8 @@ class _RealtimeImage(BaseModel):
 
 
 class TurboRealtime(_RealtimeImage, TurboTextToImage):
-    image_size: ImageSizePreset | ImageSize | None = None
+    image_size: ImageSizePreset | ImageSize | None = None  # type: ignore[assignment]
 
 
 class LcmRealtime(_RealtimeImage, LcmTextToImage):
-    image_size: ImageSizePreset | ImageSize | None = None
+    image_size: ImageSizePreset | ImageSize | None = None  # type: ignore[assignment]

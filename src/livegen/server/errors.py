@@ -56,7 +56,7 @@ async def livegen_error(request: Request, exc: Exception) -> JSONResponse:
 
 def _clean(error: dict[str, Any]) -> dict[str, Any]:
     # Never echo the input back: it may be a data URL of many megabytes, or a secret.
-    out = {
+    out: dict[str, Any] = {
         "loc": list(error.get("loc", ())),
         "msg": str(error.get("msg", "")),
         "type": str(error.get("type", "")),

@@ -116,14 +116,14 @@ class GenerationService:
         image = mask = None
         crop_to = None
         if task is Task.TEXT_TO_IMAGE:
-            width, height = resolve_image_size(body.image_size or default_image_size(endpoint.app_id))
+            width, height = resolve_image_size(getattr(body, "image_size", None) or default_image_size(endpoint.app_id))
         else:
             image = await self._load_image(
                 fields.get("image_url"), "image_url", base_url, raw=fields.get("image_bytes")
             )
             width, height, crop_to = output_size(
                 image.size,
-                body.image_size,
+                getattr(body, "image_size", None),
                 preserve_aspect_ratio=fields["preserve_aspect_ratio"],
                 crop_output=fields["crop_output"],
                 field="image_bytes" if fields.get("image_bytes") is not None else "image_url",
@@ -263,10 +263,10 @@ class GenerationService:
             "timings": result.timings,
             "seed": result.seed,
             "has_nsfw_concepts": result.has_nsfw_concepts,
-            "prompt": body.prompt,
+            "prompt": getattr(body, "prompt", ""),
         }
-        if getattr(body, "request_id", ""):
-            output["request_id"] = body.request_id
+        if request_id := getattr(body, "request_id", ""):
+            output["request_id"] = request_id
         return output
 
 
