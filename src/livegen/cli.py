@@ -125,6 +125,8 @@ def serve(log_level: str, **flags: Any) -> None:
     setup_logging(log_level)
     _ensure_a_key(settings)
 
+    import asyncio
+
     import uvicorn
 
     from livegen.server.app import create_app
@@ -149,6 +151,13 @@ def serve(log_level: str, **flags: Any) -> None:
             # Realtime sessions get 1012 with a reason (uvicorn would close them without one);
             # HTTP requests in flight then have drain_timeout_s to finish.
             await realtime.close_sessions(app)
+            if settings.drain_grace_s > 0:
+                # Still listening: /readyz says draining and new work is refused with 503 (see
+                # DrainCutMiddleware) while a load balancer notices; in-flight requests go on.
+                logging.getLogger("livegen.serve").info(
+                    "draining: refusing new work for %.1f s before closing the socket", settings.drain_grace_s
+                )
+                await asyncio.sleep(settings.drain_grace_s)
             await super().shutdown(sockets)
 
         @contextlib.contextmanager

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     rate_limit_per_key: float = Field(default=0.0, ge=0)
     rate_limit_burst: int = Field(default=20, ge=1)
     drain_timeout_s: float = Field(default=30.0, gt=0, description="How long SIGTERM waits for in-flight requests")
+    # After SIGTERM, keep the listening socket open this long before draining: /readyz answers 503
+    # and new work 503 shutting_down, so a load balancer takes the server out before it goes.
+    drain_grace_s: float = Field(default=0.0, ge=0, le=300, description="Seconds /readyz shows 503 before draining")
     max_queued: int = Field(default=1000, ge=1, description="Queue length cap (429 beyond it)")
     max_running_jobs: int = Field(default=8, ge=1, description="Queue jobs handed to the engine at once")
     max_pending_sync: int = Field(

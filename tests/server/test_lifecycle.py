@@ -48,3 +48,32 @@ def test_rate_limit_per_key_and_sigterm_drain(tmp_path: Path, shared_data_dir: P
     finally:
         if server.process.poll() is None:
             stop_server(server)
+
+
+def test_sigterm_with_a_drain_grace_refuses_new_work_while_still_listening(
+    tmp_path: Path, shared_data_dir: Path
+) -> None:
+    """With LIVEGEN_DRAIN_GRACE_S the socket stays open after SIGTERM: /readyz answers 503
+    ``draining`` (what a load balancer probes), new work gets fal's 503 ``shutting_down`` with
+    Retry-After, reads still work; then the server drains and exits 0."""
+    env = {"LIVEGEN_DRAIN_GRACE_S": "4"}
+    server = start_server(tmp_path, *ARGS, env=env, synth_from=shared_data_dir)
+    try:
+        http = server.client()
+        submitted = http.post(f"/queue{APP}", json=SMALL).json()
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        ready = http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        for path in (APP, f"/queue{APP}"):
+            refused = http.post(path, json=SMALL)
+            assert refused.status_code == 503, refused.text[:200]
+            assert refused.json()["error_type"] == "shutting_down"
+            assert int(refused.headers["retry-after"]) >= 1 and refused.headers["x-fal-request-id"]
+        assert http.get("/healthz").status_code == 200
+        assert http.get(submitted["status_url"].removeprefix(server.base_url)).status_code == 200
+        assert server.process.wait(60) == 0
+        assert "refusing new work for 4.0 s" in server.log()
+    finally:
+        if server.process.poll() is None:
+            stop_server(server)

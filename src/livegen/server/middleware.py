@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from livegen.protocol.errors import PayloadTooLarge, ShuttingDown, error_body
+from livegen.protocol.errors import LivegenError, PayloadTooLarge, ShuttingDown, error_body
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -111,6 +111,9 @@ class DrainCutMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if getattr(self.state, "draining", False) and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            await self._answer(send, ShuttingDown())  # new work, after SIGTERM: go elsewhere
+            return
         started = False
 
         async def tracking_send(message: Message) -> None:
@@ -125,10 +128,13 @@ class DrainCutMiddleware:
             if started or not getattr(self.state, "draining", False) or task is None:
                 raise
             task.uncancel()  # the cancellation is answered here; the task ends normally
-            error = ShuttingDown()
-            body = json.dumps(error_body(error)).encode()
-            headers = [(b"content-type", b"application/json"), (b"x-fal-error-type", error.error_type.encode())]
-            headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
-            headers.append((b"content-length", str(len(body)).encode()))
-            await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await self._answer(send, ShuttingDown())
+
+    @staticmethod
+    async def _answer(send: Send, error: LivegenError) -> None:
+        body = json.dumps(error_body(error)).encode()
+        headers = [(b"content-type", b"application/json"), (b"x-fal-error-type", error.error_type.encode())]
+        headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
