@@ -61,10 +61,24 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+_REFUSED_HANDSHAKE = "ASGI callable returned without completing handshake."
+
+
+class QuietRefusedHandshakes(logging.Filter):
+    """uvicorn logs an ERROR after every WebSocket handshake the app refuses with an HTTP answer
+    (fal's error body: bad token, wrong origin, server full), right after its own INFO line
+    "connection rejected (403 Forbidden)". A refusal is not a server error, and anyone sending
+    bad tokens could otherwise fill the error log: drop that line (the INFO line stays)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "uvicorn.error" and record.msg == _REFUSED_HANDSHAKE)
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactSecrets())
+        handler.addFilter(QuietRefusedHandshakes())
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True

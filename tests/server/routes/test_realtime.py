@@ -159,6 +159,10 @@ def test_refusals_before_the_handshake(live_server: LiveServer) -> None:
     # The server's own origin is fine (the playground).
     with connect(ws_url(live_server, fal_jwt_token=good), origin=live_server.base_url):
         pass
+    # A refusal is logged as uvicorn's INFO "connection rejected", not as an ERROR.
+    log = live_server.log()
+    assert "connection rejected (403 Forbidden)" in log
+    assert "without completing handshake" not in log
 
 
 def test_tokens_never_reach_the_log(live_server: LiveServer) -> None:
