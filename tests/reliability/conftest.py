@@ -20,7 +20,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
+from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import LiveServer
 
@@ -89,3 +91,22 @@ def record(name: str, figures: dict[str, Any]) -> None:
     print(f"\n[{name}]\n{text}")
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / f"reliability-{name}.json").write_text(text + "\n")
+
+
+def open_session(server: LiveServer, endpoint: str = "fal-ai/fast-turbo-diffusion") -> ClientConnection:
+    """A realtime session authenticated with the key header (no token to expire)."""
+    url = server.base_url.replace("http", "ws", 1) + f"/{endpoint}/realtime"
+    return connect(url, additional_headers={"Authorization": f"Key {server.key}"}, max_size=None, open_timeout=30)
+
+
+def next_answer(ws: ClientConnection) -> dict[str, Any]:
+    """The next result (a msgpack map) or x-fal-error (a JSON dict), skipping timings."""
+    while True:
+        message = ws.recv(timeout=60)
+        if isinstance(message, bytes):
+            result: dict[str, Any] = msgpack.unpackb(message, raw=False)
+            return result
+        control: dict[str, Any] = json.loads(message)
+        if control.get("type") == "x-fal-error":
+            return control
+        assert control.get("type") == "x-fal-message", control

@@ -30,13 +30,13 @@ import msgpack
 import pytest
 from PIL import Image
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import ClientConnection
 
 from livegen.engine.imaging import check_data_url_size, parse_data_url
 from livegen.protocol.errors import InvalidInput, PayloadTooLarge
 from livegen.server.generation import output_size
 from tests.conftest import LiveServer, png_bytes
-from tests.reliability.conftest import record
+from tests.reliability.conftest import next_answer, open_session, record
 
 TURBO = "fal-ai/fast-turbo-diffusion"
 I2I = f"/{TURBO}/image-to-image"
@@ -403,25 +403,6 @@ def test_memory_plateaus_under_repeated_large_inputs(
 # -- realtime ------------------------------------------------------------------------------------------
 
 
-def open_session(server: LiveServer) -> ClientConnection:
-    headers = {"Authorization": f"Key {server.key}"}
-    url = server.base_url.replace("http", "ws", 1) + f"/{TURBO}/realtime"
-    return connect(url, additional_headers=headers, max_size=None, open_timeout=30)
-
-
-def answer(ws: ClientConnection) -> dict[str, Any]:
-    """The next result (a msgpack map) or x-fal-error (a JSON dict), skipping timings."""
-    while True:
-        message = ws.recv(timeout=60)
-        if isinstance(message, bytes):
-            result: dict[str, Any] = msgpack.unpackb(message, raw=False)
-            return result
-        control: dict[str, Any] = json.loads(message)
-        if control.get("type") == "x-fal-error":
-            return control
-        assert control.get("type") == "x-fal-message", control
-
-
 REALTIME_CODES = {422: "INVALID_INPUT", 413: "PAYLOAD_TOO_LARGE"}
 
 
@@ -435,7 +416,7 @@ def realtime_corpus(ws: ClientConnection, cases: list[Case], as_bytes: bool, pid
             frame["image_url"] = case.url
         seen.start()
         ws.send(msgpack.packb(frame, use_bin_type=True))
-        got = answer(ws)
+        got = next_answer(ws)
         seen.stop(case, 200 if case.ok else case.status)
         if case.ok:
             assert "images" in got, (case.name, got)
@@ -450,7 +431,7 @@ def realtime_corpus(ws: ClientConnection, cases: list[Case], as_bytes: bool, pid
             assert "base64," not in got["reason"]
     # The same session still renders after the whole corpus.
     ws.send(msgpack.packb({**FAST, "image_bytes": png_bytes(64, 64)}, use_bin_type=True))
-    assert "images" in answer(ws)
+    assert "images" in next_answer(ws)
     return seen
 
 
@@ -472,8 +453,8 @@ def test_realtime_frame_over_the_socket_cap_closes_1009_and_the_server_carries_o
     with open_session(live_server) as ws:
         ws.send(msgpack.packb({**FAST, "image_url": case.url}, use_bin_type=True))
         with pytest.raises(ConnectionClosed) as info:
-            answer(ws)
+            next_answer(ws)
     assert info.value.rcvd is not None and info.value.rcvd.code == 1009
     with open_session(live_server) as ws:
         ws.send(msgpack.packb({**FAST, "image_bytes": png_bytes(64, 64)}, use_bin_type=True))
-        assert "images" in answer(ws)
+        assert "images" in next_answer(ws)

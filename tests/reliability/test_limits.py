@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import select
 import socket
 import threading
@@ -29,12 +28,11 @@ import httpx
 import msgpack
 import pytest
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect
 
 from livegen.protocol import schemas
 from livegen.settings import Settings
 from tests.conftest import LiveServer, data_url, png_bytes, start_server, stop_server
-from tests.reliability.conftest import SERVER_ENV
+from tests.reliability.conftest import SERVER_ENV, next_answer, open_session
 
 TURBO = "fal-ai/fast-turbo-diffusion"
 LCM = "fal-ai/fast-lcm-diffusion"
@@ -200,32 +198,15 @@ def test_out_of_range_is_422_on_run_and_submit(
     assert_422(http.post(f"/queue/{TURBO}/image-to-image", json=body), loc)
 
 
-def open_session(server: LiveServer) -> ClientConnection:
-    url = server.base_url.replace("http", "ws", 1) + f"/{TURBO}/realtime"
-    return connect(url, additional_headers={"Authorization": f"Key {server.key}"}, max_size=None, open_timeout=30)
-
-
-def next_message(ws: ClientConnection) -> dict[str, Any]:
-    """The next result (msgpack map) or x-fal-error (JSON), skipping timings."""
-    while True:
-        message = ws.recv(timeout=60)
-        if isinstance(message, bytes):
-            result: dict[str, Any] = msgpack.unpackb(message, raw=False)
-            return result
-        control: dict[str, Any] = json.loads(message)
-        if control.get("type") == "x-fal-error":
-            return control
-
-
 def test_out_of_range_is_an_error_frame_on_realtime(live_server: LiveServer) -> None:
     with open_session(live_server) as ws:
         for _, change, loc in OUT_OF_RANGE:
             ws.send(msgpack.packb({**I2I, **change}, use_bin_type=True))
-            got = next_message(ws)
+            got = next_answer(ws)
             assert got.get("error") == "INVALID_INPUT", (change, str(got)[:200])
             assert ".".join(map(str, loc[1:])) in got["reason"], (loc, got["reason"])
         ws.send(msgpack.packb(I2I, use_bin_type=True))
-        assert "images" in next_message(ws)  # the session outlived every refusal
+        assert "images" in next_answer(ws)  # the session outlived every refusal
 
 
 # -- a server's own, lower caps -------------------------------------------------------------------------
@@ -247,7 +228,7 @@ def test_server_caps_below_the_schema(capped: LiveServer, change: dict[str, Any]
             assert needle in response.json()["detail"][0]["msg"]
     with open_session(capped) as ws:
         ws.send(msgpack.packb(body, use_bin_type=True))
-        got = next_message(ws)
+        got = next_answer(ws)
         assert got["error"] == "INVALID_INPUT" and needle in got["reason"], got
 
 
@@ -333,16 +314,16 @@ def test_realtime_message_cap(capped: LiveServer) -> None:
     big = {**I2I, "image_url": "data:image/png;base64," + "A" * (WS_CAP + 1000)}
     with open_session(capped) as ws:
         ws.send(msgpack.packb(big, use_bin_type=True))
-        got = next_message(ws)
+        got = next_answer(ws)
         assert got["error"] == "PAYLOAD_TOO_LARGE" and str(WS_CAP) in got["reason"], got
         ws.send(msgpack.packb(I2I, use_bin_type=True))
-        assert "images" in next_message(ws)  # still open
+        assert "images" in next_answer(ws)  # still open
 
     huge = {**I2I, "image_url": "data:image/png;base64," + "A" * (3 * WS_CAP)}
     with open_session(capped) as ws:
         ws.send(msgpack.packb(huge, use_bin_type=True))
         with pytest.raises(ConnectionClosed) as info:
-            next_message(ws)
+            next_answer(ws)
     assert info.value.rcvd is not None and info.value.rcvd.code == 1009
 
 
