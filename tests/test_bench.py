@@ -6,6 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+from livegen.bench.engine import variant_settings
+from livegen.settings import Settings
 from tests.conftest import LiveServer
 
 
@@ -73,3 +77,19 @@ def test_bench_refuses_an_unknown_variant() -> None:
         timeout=120,
     )
     assert done.returncode == 2 and "unknown variant" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected"),
+    [
+        ("plain", {"fast_path": "off"}),
+        ("eager", {"fast_path": "on", "cuda_graphs": False}),
+        ("graph+bf16", {"fast_path": "on", "cuda_graphs": True, "dtype": "bfloat16"}),
+        ("graph+full-vae", {"tiny_vae": False}),
+        ("graph+no-cl", {"cuda_graphs": True, "channels_last": False}),
+        ("compile", {"torch_compile": "default"}),
+    ],
+)
+def test_variant_settings(variant: str, expected: dict[str, object]) -> None:
+    settings = variant_settings(Settings(), variant)
+    assert {k: getattr(settings, k) for k in expected} == expected

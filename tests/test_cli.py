@@ -131,3 +131,10 @@ def test_weights_path_loads_a_local_folder(tmp_path: Path, shared_data_dir: Path
 def test_light_modules_do_not_import_torch(module: str) -> None:
     code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_serve_fast_path_flag() -> None:
+    runner = CliRunner()
+    assert "--fast-path [auto|on|off]" in runner.invoke(main, ["serve", "--help"]).output
+    refused = runner.invoke(main, ["serve", "--fast-path", "maybe"])
+    assert refused.exit_code == 2 and "'maybe' is not one of" in refused.output

@@ -118,6 +118,12 @@ def main() -> None:
     help="Decode with TAESD/TAESDXL. [env LIVEGEN_TINY_VAE; default tiny on the GPU fast path, else full]",
 )
 @click.option(
+    "--fast-path",
+    type=click.Choice(["auto", "on", "off"]),
+    help="The GPU fast path (own loop, CUDA graphs) or the plain diffusers pipelines. "
+    "[env LIVEGEN_FAST_PATH; default auto: on for CUDA]",
+)
+@click.option(
     "--allow-private-urls",
     is_flag=True,
     default=None,
@@ -299,7 +305,7 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
     help="Comma-separated livegen engine variants, each BASE[+MOD...]: BASE default (what serve does here) | "
     "plain (stock pipelines) | eager (fast path, no graphs) | graph (fast path + CUDA graphs) | compile "
     "(torch.compile in CUDA graphs) | compile-ro (torch.compile reduce-overhead); MOD bf16 | fp16 | fp32 | "
-    "tiny-vae | full-vae.",
+    "tiny-vae | full-vae | no-cl (without channels_last).",
 )
 @click.option(
     "--tiny-vae/--full-vae",

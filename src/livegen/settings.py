@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     # Fast path: replay CUDA graphs per (model, task, size, steps, bucket); torch.compile mode
     # (off, or inductor's mode; compiling costs ~100 s per shape on an H100, cached in the data dir).
     cuda_graphs: bool = True
+    # The fast path's UNet/VAE in channels_last memory format on CUDA (convolutions' preferred layout).
+    channels_last: bool = True
     torch_compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
     # Weights' dtype on CUDA (a CPU always runs float32).
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"

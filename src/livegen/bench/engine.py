@@ -30,7 +30,7 @@ PROMPT = "a photo of a red fox in the snow, detailed, 4k"
 
 
 VARIANTS = ("default", "plain", "eager", "graph", "compile", "compile-ro")
-MODIFIERS = ("bf16", "fp16", "fp32", "tiny-vae", "full-vae")
+MODIFIERS = ("bf16", "fp16", "fp32", "tiny-vae", "full-vae", "no-cl")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ class EngineBenchConfig:
 
 def variant_settings(settings: Settings, variant: str) -> Settings:
     """Engine settings for a variant: BASE[+MODIFIER...], e.g. ``graph``, ``graph+bf16``,
-    ``eager+full-vae``. BASE: default (what ``livegen serve`` does on this device), plain
+    ``eager+full-vae``, ``graph+no-cl`` (without channels_last). BASE: default (what ``livegen
+    serve`` does on this device), plain
     (stock pipelines, no fast path), eager (fast path, no graph), graph (fast path + CUDA
     graphs), compile (torch.compile default mode inside CUDA graphs), compile-ro (torch.compile
     reduce-overhead, its own graphs)."""
@@ -69,7 +70,9 @@ def variant_settings(settings: Settings, variant: str) -> Settings:
     }
     update = dict(presets.get(base, {}))
     for m in mods:
-        if m in ("bf16", "fp16", "fp32"):
+        if m == "no-cl":
+            update["channels_last"] = False
+        elif m in ("bf16", "fp16", "fp32"):
             update["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[m]
         else:
             update["tiny_vae"] = m == "tiny-vae"

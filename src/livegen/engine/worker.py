@@ -463,6 +463,7 @@ class Worker:
             tiny = None
         options = FastOptions(
             cuda_graphs=settings.cuda_graphs,
+            channels_last=settings.channels_last,
             compile=settings.torch_compile,
             buckets=tuple(sorted(settings.batch_buckets)),
             jpeg_quality=settings.jpeg_quality,
