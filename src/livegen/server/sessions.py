@@ -154,7 +154,8 @@ class Session:
         """Returns when the client goes away, or after the idle timeout has been announced."""
         while True:
             try:
-                message = await asyncio.wait_for(self._ws.receive(), timeout=max(0.05, self._idle_left()))
+                async with asyncio.timeout(max(0.05, self._idle_left())):  # not wait_for: it can swallow a cancel
+                    message = await self._ws.receive()
             except TimeoutError:
                 if self._busy or self._idle_left() > 0:
                     continue  # a frame is still being rendered: the session is not idle

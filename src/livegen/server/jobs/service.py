@@ -190,7 +190,8 @@ class JobService:
         """Wait until any job changes (True) or ``timeout`` passes (False)."""
         event = self._changed
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: see _dispatch_loop
+                await event.wait()
         except TimeoutError:
             return False
         return True
@@ -220,8 +221,12 @@ class JobService:
                 logger.error("job dispatch failed (%s: %s); retrying in 2 s", type(exc).__name__, exc)
                 await asyncio.sleep(2.0)
                 continue
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+            # arrives as the event is set (a job ending just as stop() cancels this loop), and the
+            # loop then ran on and shutdown waited for it forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+                async with asyncio.timeout(0.5):
+                    await self._wake.wait()
 
     def _fail_overdue(self) -> None:
         now = self._clock()

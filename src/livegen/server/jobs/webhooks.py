@@ -131,7 +131,8 @@ class WebhookSender:
                     next_at = self._clock() + 5.0
                 wait = 60.0 if next_at is None else max(0.0, min(60.0, next_at - self._clock()))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                    async with asyncio.timeout(wait):  # not wait_for, which can swallow stop()'s cancel on 3.11
+                        await self._wake.wait()
 
     async def _attempt(self, client: httpx.AsyncClient, delivery: Delivery) -> None:
         error = await self._post(client, delivery)
