@@ -371,8 +371,15 @@ def bench(
 @click.option("--size", default=512, show_default=True)
 @click.option("--steps", default=1, show_default=True)
 @click.option("--strength", default=0.5, show_default=True, help="With --image.")
-@click.option("--image/--no-image", default=False, help="Send a 512x512 PNG data URL (image-to-image).")
+@click.option("--image/--no-image", default=False, help="Send a --size image as a data URL (image-to-image).")
+@click.option("--image-format", type=click.Choice(["jpeg", "png"]), default="jpeg", show_default=True)
 @click.option("--max-buffering", type=int)
+@click.option("--warmup", default=0.0, show_default=True, help="Seconds of the same load first, not counted.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Data dir for the server this command starts (reuses its synthesized checkpoints). [default: a new one]",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench_realtime(
     url: str | None,
@@ -388,7 +395,10 @@ def bench_realtime(
     steps: int,
     strength: float,
     image: bool,
+    image_format: str,
     max_buffering: int | None,
+    warmup: float,
+    data_dir: Path | None,
     as_json: bool,
 ) -> None:
     """Drive realtime sessions like the clients do and report latency and throughput."""
@@ -400,11 +410,11 @@ def bench_realtime(
     frame: dict[str, Any] = {"prompt": "a photo of a red fox in the snow", "model_name": model}
     frame.update(num_inference_steps=steps, sync_mode=True)
     if image:
-        frame.update(image_url=input_image_data_url(size), strength=strength)
+        frame.update(image_url=input_image_data_url(size, image_format), strength=strength)
     else:
         frame["image_size"] = {"width": size, "height": size}
-    with _bench_server(url, key, weights, device, model) as (base_url, api_key):
-        config = BenchConfig(base_url, api_key, app, sessions, fps, duration, frame, max_buffering)
+    with _bench_server(url, key, weights, device, model, data_dir) as (base_url, api_key):
+        config = BenchConfig(base_url, api_key, app, sessions, fps, duration, frame, max_buffering, warmup_s=warmup)
         report = asyncio.run(run_bench(config))
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if report["misordered"]:
@@ -412,7 +422,9 @@ def bench_realtime(
 
 
 @contextlib.contextmanager
-def _bench_server(url: str | None, key: str | None, weights: str, device: str, model: str) -> Iterator[tuple[str, str]]:
+def _bench_server(
+    url: str | None, key: str | None, weights: str, device: str, model: str, data_dir: Path | None = None
+) -> Iterator[tuple[str, str]]:
     if url:
         if not key:
             raise click.UsageError("--key (or FAL_KEY) is needed with --url")
@@ -431,7 +443,7 @@ def _bench_server(url: str | None, key: str | None, weights: str, device: str, m
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     api_key = secrets.token_urlsafe(16)
-    data_dir = Path(tempfile.mkdtemp(prefix="livegen-bench-"))
+    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="livegen-bench-"))
     env = {**os.environ, "LIVEGEN_API_KEYS": api_key}
     cmd = [sys.executable, "-m", "livegen", "serve", "--port", str(port), "--data-dir", str(data_dir),
            "--weights", weights, "--device", device, "--models", model, "--log-level", "WARNING"]  # fmt: skip

@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     # The fast path's UNet/VAE in channels_last memory format on CUDA (convolutions' preferred layout).
     channels_last: bool = True
     torch_compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
+    # Fast path: the diffusers docs' inductor settings for UNets (1x1 convolutions as matmuls,
+    # coordinate-descent tuning; compiling takes longer). Only with torch_compile.
+    compile_tuning: bool = False
+    # Fast path: one fused QKV (self-attention) / KV (cross-attention) projection per attention
+    # layer instead of three or two matmuls; the weights are shared, no extra memory.
+    fuse_qkv: bool = False
     # Weights' dtype on CUDA (a CPU always runs float32).
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     # Fast path: batches are padded up to the next bucket, so batching never recaptures.

@@ -159,3 +159,26 @@ def test_worker_serves_on_the_fast_path_with_warm_up(settings: Settings) -> None
     assert all(r.images[0].content_type == "image/jpeg" and r.images[0].data[:2] == b"\xff\xd8" for r in results)
     assert status["timings"]["warmup_s"] > 0 and status["timings"]["time_to_ready_s"] >= status["timings"]["load_s"]
     assert SD in status["fast_path"]
+
+
+def storage_bytes(module: Any) -> int:
+    """Bytes of the distinct storages behind a module's parameters (views count once)."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in module.parameters()}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("model", [SD, SDXL])
+def test_fused_qkv_renders_the_same_images_in_the_same_memory(
+    settings: Settings, adapters: dict[str, Any], model: str
+) -> None:
+    fused = Worker(settings.model_copy(update={"fuse_qkv": True}))._load(model)
+    unet, unfused = fused.t2i.unet, adapters[model].t2i.unet
+    layers = [m for m in unet.modules() if getattr(m, "fused_projections", False)]
+    assert layers and all(hasattr(m, "to_qkv") or hasattr(m, "to_kv") for m in layers)
+    assert sum(p.numel() for p in unet.parameters()) > sum(p.numel() for p in unfused.parameters())
+    assert storage_bytes(unet) == storage_bytes(unfused)  # the separate projections are views now
+    batch = [req(model, seed=s, vae="tiny") for s in (1, 2)]
+    out = pixels(fused(batch))
+    with plain(adapters[model], "tiny"):
+        reference = pixels(adapters[model](batch))
+    assert_close(out, reference)

@@ -30,7 +30,7 @@ PROMPT = "a photo of a red fox in the snow, detailed, 4k"
 
 
 VARIANTS = ("default", "plain", "eager", "graph", "compile", "compile-ro")
-MODIFIERS = ("bf16", "fp16", "fp32", "tiny-vae", "full-vae", "no-cl")
+MODIFIERS = ("bf16", "fp16", "fp32", "tiny-vae", "full-vae", "no-cl", "fuse-qkv", "tuned")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ class EngineBenchConfig:
 
 def variant_settings(settings: Settings, variant: str) -> Settings:
     """Engine settings for a variant: BASE[+MODIFIER...], e.g. ``graph``, ``graph+bf16``,
-    ``eager+full-vae``, ``graph+no-cl`` (without channels_last). BASE: default (what ``livegen
+    ``eager+full-vae``, ``graph+no-cl`` (without channels_last), ``graph+fuse-qkv`` (fused attention
+    projections), ``compile+tuned`` (inductor tuning flags). BASE: default (what ``livegen
     serve`` does on this device), plain
     (stock pipelines, no fast path), eager (fast path, no graph), graph (fast path + CUDA
     graphs), compile (torch.compile default mode inside CUDA graphs), compile-ro (torch.compile
@@ -72,6 +73,10 @@ def variant_settings(settings: Settings, variant: str) -> Settings:
     for m in mods:
         if m == "no-cl":
             update["channels_last"] = False
+        elif m == "fuse-qkv":
+            update["fuse_qkv"] = True
+        elif m == "tuned":
+            update["compile_tuning"] = True
         elif m in ("bf16", "fp16", "fp32"):
             update["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[m]
         else:

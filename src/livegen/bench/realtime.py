@@ -45,6 +45,7 @@ class BenchConfig:
     frame: dict[str, Any] = field(default_factory=dict)
     max_buffering: int | None = None
     drain_s: float = 10.0
+    warmup_s: float = 0.0  # the same load first, not counted: first-use captures, connection set-up
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -55,13 +56,20 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def input_image_data_url(size: int) -> str:
+def input_image_data_url(size: int, fmt: str = "jpeg") -> str:
+    """A size x size gradient, as a webcam client sends it (JPEG q80) or as PNG."""
+    import numpy as np
     from PIL import Image
 
-    img = Image.new("RGB", (size, size), (40, 90, 160))
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    rgb = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size))], -1)
+    img = Image.fromarray(rgb.astype(np.uint8))
     buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    if fmt == "png":
+        img.save(buf, "PNG")
+    else:
+        img.save(buf, "JPEG", quality=80)
+    return f"data:image/{fmt};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 async def _token(client: httpx.AsyncClient, config: BenchConfig) -> str:
@@ -83,6 +91,8 @@ async def _session(config: BenchConfig, token: str, index: int, stats: SessionSt
         url += f"&max_buffering={config.max_buffering}"
     sent_at: dict[int, float] = {}
     done_sending = asyncio.Event()
+    first_counted = 1 << 62  # the first frame sent after the warm-up; until then nothing counts
+    seq_end = 0
     async with websockets.connect(url, max_size=None) as ws:
 
         async def reader() -> None:
@@ -103,27 +113,34 @@ async def _session(config: BenchConfig, token: str, index: int, stats: SessionSt
                     continue
                 result = msgpack.unpackb(message, raw=False)
                 seq = int(result.get("request_id", -1))
-                stats.results += 1
                 if seq < last:
                     stats.misordered += 1
                 last = max(last, seq)
+                if seq < first_counted:
+                    continue  # a warm-up frame's result
+                stats.results += 1
                 if seq in sent_at:
                     stats.latencies_ms.append((now - sent_at[seq]) * 1e3)
-                if done_sending.is_set() and seq == stats.sent - 1:
+                if done_sending.is_set() and seq == seq_end - 1:
                     return  # the last frame's result: nothing newer can come
 
         read_task = asyncio.create_task(reader())
         await asyncio.sleep(max(0.0, start_at - time.perf_counter()) + index * (1 / config.fps) / config.sessions)
         interval = 1.0 / config.fps
-        deadline = time.perf_counter() + config.duration_s
+        counted_from = time.perf_counter() + config.warmup_s
+        deadline = counted_from + config.duration_s
         next_send = time.perf_counter()
         seq = 0
         while time.perf_counter() < deadline:
             frame = {**config.frame, "request_id": str(seq), "seed": index * 1_000_000 + seq}
             sent_at[seq] = time.perf_counter()
+            if sent_at[seq] >= counted_from and first_counted > seq:
+                first_counted = seq
             await ws.send(msgpack.packb(frame, use_bin_type=True))
-            stats.sent += 1
+            if seq >= first_counted:
+                stats.sent += 1
             seq += 1
+            seq_end = seq
             next_send += interval
             await asyncio.sleep(max(0.0, next_send - time.perf_counter()))
         done_sending.set()
@@ -150,6 +167,7 @@ def summarize(config: BenchConfig, stats: list[SessionStats], wall_s: float) -> 
         "sessions": config.sessions,
         "fps_requested": config.fps,
         "duration_s": config.duration_s,
+        "warmup_s": config.warmup_s,
         "frames_sent": sent,
         "results": results,
         "dropped": sent - results - errors,

@@ -52,6 +52,8 @@ _SCHEDULERS = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, LCMSched
 class FastOptions:
     cuda_graphs: bool = True
     compile: CompileMode = "off"
+    compile_tuning: bool = False
+    fuse_qkv: bool = False
     buckets: tuple[int, ...] = BUCKETS
     channels_last: bool = True
     gpu_jpeg: bool = True
@@ -172,6 +174,11 @@ class FastPath:
                 m.set_attn_processor(AttnProcessor2_0())  # torch's SDPA (flash / memory-efficient kernels)
             if self.device.type == "cuda" and self.options.channels_last:
                 m.to(memory_format=torch.channels_last)
+        if self.options.fuse_qkv:
+            try:
+                fuse_qkv(self.unet)
+            except ValueError as exc:  # e.g. added KV projections, which diffusers does not fuse
+                logger.warning("attention projections stay unfused: %s", exc)
         if self.device.type == "cuda":
             self._pool = torch.cuda.graph_pool_handle()
 
@@ -452,6 +459,9 @@ class FastPath:
                 self.stats.graphs += 1
                 self.stats.capture_s += time.perf_counter() - started
                 logger.info("captured a CUDA graph for %s in %.2f s", key, time.perf_counter() - started)
+            # Hand back what the warm-up runs left cached (the graph's own pool is kept): without
+            # this, every capture's warm-up peak stays reserved for the life of the process.
+            torch.cuda.empty_cache()
         graph = self._graphs[key]
         return fn(**inputs) if graph is None else graph.replay(inputs)
 
@@ -460,6 +470,8 @@ class FastPath:
         if self._compiled is None:
             mode = self.options.compile
             started = time.perf_counter()
+            if self.options.compile_tuning:
+                _tune_inductor()
             self.unet.forward = torch.compile(self.unet.forward, mode=mode, dynamic=False)  # type: ignore[method-assign]
             vaes: list[Any] = [self.tiny_vae, self.full_vae, self._full_vae_fp32]
             for vae in vaes:
@@ -533,7 +545,7 @@ class _Graph:
     def __init__(self, fn: Callable[..., torch.Tensor], example: dict[str, torch.Tensor], pool: Any, warmup: int):
         with torch.inference_mode():
             self.static = {k: v.clone() for k, v in example.items()}
-            side = torch.cuda.Stream()
+            side = _warmup_stream(self.static[next(iter(self.static))].device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up off the capture: cuDNN/cuBLAS pick algorithms, allocate
                 for _ in range(warmup):
@@ -550,6 +562,54 @@ class _Graph:
             self.static[k].copy_(v, non_blocking=True)
         self.graph.replay()
         return self.output
+
+
+def fuse_qkv(unet: torch.nn.Module) -> int:
+    """diffusers' ``fuse_qkv_projections`` (one matmul for Q, K and V of a self-attention layer,
+    one for K and V of a cross-attention layer), then the separate projections' weights made views
+    of the fused ones: diffusers keeps both copies (+~10 % of the UNet's weights); views keep the
+    memory as it was and the separate layers still valid. Returns the layers fused."""
+    from diffusers.models.attention_processor import Attention
+
+    unet.fuse_qkv_projections()  # type: ignore[operator]
+    fused = 0
+    for module in unet.modules():
+        if not isinstance(module, Attention) or not getattr(module, "fused_projections", False):
+            continue
+        parts, joint = ([module.to_k, module.to_v], module.to_kv) if module.is_cross_attention else (
+            [module.to_q, module.to_k, module.to_v], module.to_qkv)  # fmt: skip
+        start = 0
+        for part in parts:
+            rows = part.weight.shape[0]
+            part.weight.data = joint.weight.data[start : start + rows]
+            if part.bias is not None:
+                part.bias.data = joint.bias.data[start : start + rows]
+            start += rows
+        fused += 1
+    return fused
+
+
+def _tune_inductor() -> None:
+    """The inductor settings diffusers' "speed up inference" guide gives for UNets."""
+    import torch._inductor.config as inductor
+
+    inductor.conv_1x1_as_mm = True
+    inductor.coordinate_descent_tuning = True
+    inductor.epilogue_fusion = False
+    inductor.coordinate_descent_check_all_directions = True
+
+
+_WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """One warm-up stream per device for every capture. The caching allocator keeps freed blocks
+    per stream: with a fresh stream per capture, each capture's warm-up activations stayed cached
+    on a stream nothing used again (SD-Turbo, 9 graphs: 3.9 GiB allocated, 6.2 GiB reserved)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _WARMUP_STREAMS[index]
 
 
 def _draw(gen: torch.Generator, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:

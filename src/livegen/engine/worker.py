@@ -465,6 +465,8 @@ class Worker:
             cuda_graphs=settings.cuda_graphs,
             channels_last=settings.channels_last,
             compile=settings.torch_compile,
+            compile_tuning=settings.compile_tuning,
+            fuse_qkv=settings.fuse_qkv,
             buckets=tuple(sorted(settings.batch_buckets)),
             jpeg_quality=settings.jpeg_quality,
         )
