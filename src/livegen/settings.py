@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     # Browser origins allowed on the realtime WebSocket besides the server's own ("*": any).
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_token_ttl_s: int = Field(default=3600, ge=1, description="Cap on realtime/CDN token lifetimes")
+    key_check_s: float = Field(
+        default=5.0, gt=0, description="How often open realtime sessions re-check that their API key is not revoked"
+    )
     max_upload_bytes: int = Field(default=1024**3, ge=1, description="Cap on one uploaded file (413 beyond)")
     max_upload_part_bytes: int = Field(default=100 * 1024**2, ge=1, description="Cap on one multipart part")
     upload_expiry_s: float = Field(default=3600, gt=0, description="Unfinished uploads are deleted after this")

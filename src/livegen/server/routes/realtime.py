@@ -48,6 +48,7 @@ REALTIME_MODELS: dict[str, type[BaseModel]] = {
 
 SHUTDOWN_CLOSE = (1012, "server shutting down; reconnect")  # 1012: service restart
 TOKEN_EXPIRED_CLOSE = (1000, "token expired; reconnect with a new token")
+KEY_REVOKED_CLOSE = (1008, "the API key this session was opened with has been revoked")  # 1008: policy
 
 
 class SessionSlots:
@@ -76,9 +77,10 @@ def input_model(endpoint: Endpoint) -> type[BaseModel]:
     return endpoint.input_model
 
 
-def authenticate(websocket: WebSocket, endpoint: Endpoint) -> float | None:
-    """Check the credentials; how many seconds they stay valid (a token's remaining lifetime),
-    or None for an API key, which does not expire."""
+def authenticate(websocket: WebSocket, endpoint: Endpoint) -> tuple[str, float | None]:
+    """Check the credentials: the API key's id (a token's: the key it was issued for) and how
+    many seconds they stay valid (a token's remaining lifetime), or None for an API key, which
+    does not expire."""
     token = websocket.query_params.get("fal_jwt_token")
     keys: KeyStore = websocket.app.state.keys
     if token:
@@ -86,10 +88,9 @@ def authenticate(websocket: WebSocket, endpoint: Endpoint) -> float | None:
         claims = signer.verify(token, REALTIME, app=endpoint.alias)
         if not keys.is_active(claims.key_id):
             raise Unauthorized("the API key this token was issued for has been revoked", public=True)
-        return signer.seconds_left(claims)
+        return claims.key_id, signer.seconds_left(claims)
     if websocket.headers.get("authorization"):
-        keys.verify(parse_authorization(websocket.headers.get("authorization")))
-        return None
+        return keys.verify(parse_authorization(websocket.headers.get("authorization"))), None
     raise Unauthorized("pass ?fal_jwt_token= (from POST /rest/tokens/) or an 'Authorization: Key' header", public=True)
 
 
@@ -131,7 +132,7 @@ def _handler(endpoint: Endpoint) -> Any:
         state = websocket.app.state
         settings: Settings = state.settings
         try:
-            valid_for = authenticate(websocket, endpoint)
+            key_id, valid_for = authenticate(websocket, endpoint)
             check_origin(websocket, settings)
             buffering = max_buffering(websocket, settings)
             if getattr(state, "fatal_error", None):
@@ -165,17 +166,35 @@ def _handler(endpoint: Endpoint) -> Any:
             expiry = None
             if valid_for is not None:
                 expiry = asyncio.get_running_loop().call_later(max(0.0, valid_for), session.stop, *TOKEN_EXPIRED_CLOSE)
+            # Nor longer than its key: `livegen keys revoke` (another process) only changes the database.
+            watch = asyncio.create_task(watch_key(session, state.keys, key_id, settings.key_check_s))
             try:
                 await session.run()
             finally:
                 if expiry is not None:
                     expiry.cancel()
+                watch.cancel()
                 state.realtime_slots.sessions.discard(session)
         finally:
             slot.__exit__(None, None, None)
 
     realtime.__name__ = "realtime_" + endpoint.slug
     return realtime
+
+
+async def watch_key(session: Session, keys: KeyStore, key_id: str, interval_s: float) -> None:
+    """Close ``session`` (1008 and why) once its API key is revoked, checking every ``interval_s``."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            active = keys.is_active(key_id)
+        except Exception:  # noqa: BLE001 - a storage hiccup is no reason to drop a session; check again
+            logger.warning("realtime key check failed; the session stays open", exc_info=True)
+            continue
+        if not active:
+            logger.info("realtime session closed: its API key was revoked")
+            session.stop(*KEY_REVOKED_CLOSE)
+            return
 
 
 async def close_sessions(app: FastAPI, timeout_s: float = 2.0) -> int:
