@@ -182,3 +182,17 @@ def test_fused_qkv_renders_the_same_images_in_the_same_memory(
     with plain(adapters[model], "tiny"):
         reference = pixels(adapters[model](batch))
     assert_close(out, reference)
+
+
+def test_compile_allows_a_shape_per_bucket_size_and_step_count(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.compile specializes per shape (dynamic=False); dynamo's default limit of 8 recompiles
+    per function would quietly send the 9th shape (e.g. 5 buckets x 2 sizes) back to eager."""
+    import torch._dynamo.config as dynamo_config
+
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
+    fast = Worker(settings.model_copy(update={"torch_compile": "default"}))._load(SD).fast
+    fast._compile(lambda **kw: None)  # wraps the modules; nothing is compiled until they run
+    assert dynamo_config.recompile_limit >= 5 * 3 * 2 * 2  # buckets x sizes x tasks x cfg
+    assert hasattr(fast.unet.forward, "_torchdynamo_orig_callable")  # torch.compile's wrapper

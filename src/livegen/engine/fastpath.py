@@ -42,6 +42,7 @@ from livegen.engine import EncodedImage, Task
 logger = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16)
+RECOMPILE_LIMIT = 256  # compiled shapes per module under torch.compile (dynamo's default: 8)
 VaeChoice = Literal["tiny", "full"]
 CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 T = TypeVar("T")
@@ -472,6 +473,11 @@ class FastPath:
             started = time.perf_counter()
             if self.options.compile_tuning:
                 _tune_inductor()
+            # Every bucket, size, step count and CFG doubling is a shape of its own (dynamic=False),
+            # each a recompile of the same code: past dynamo's limit (8) it would silently run eagerly.
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
             self.unet.forward = torch.compile(self.unet.forward, mode=mode, dynamic=False)  # type: ignore[method-assign]
             vaes: list[Any] = [self.tiny_vae, self.full_vae, self._full_vae_fp32]
             for vae in vaes:
