@@ -304,6 +304,11 @@ def _hs256(claims: dict[str, Any], key: bytes) -> str:
     return f"{signing_input}.{_b64(signature)}"
 
 
+def _signed_with(server: LiveServer, audience: str, claim: str, value: Any) -> str:
+    """A token signed with the real secret whose ``claim`` is ``value``, whatever its JSON type (null included)."""
+    return jwt.encode({**_claims(audience), claim: value}, _secret(server))
+
+
 def _jwks_public_key(server: LiveServer) -> bytes:
     x = httpx.get(server.base_url + "/rest/.well-known/jwks.json").json()["keys"][0]["x"]
     return base64.urlsafe_b64decode(x + "==")
@@ -392,6 +397,35 @@ FORGERIES: dict[str, tuple[Forger, str]] = {
     "bad base64": (lambda s, aud: "eyJ!!!.eyJ!!!.sig", "invalid token"),
     "JSON that is not an object": (lambda s, aud: f"{_b64(b'[1]')}.{_b64(b'[2]')}.x", "invalid token"),
     "4 KB of noise": (lambda s, aud: secrets.token_urlsafe(3000), "invalid token"),
+    # Correctly signed, but a claim has the wrong type: refused like any invalid token, never a 500.
+    **{
+        f"{claim} {kind}": (lambda s, aud, c=claim, v=value: _signed_with(s, aud, c, v), "invalid token")
+        for claim, kind, value in [
+            ("exp", "a word", "soon"),
+            ("exp", "a numeric string", "9999999999"),
+            ("exp", "a list", [9999999999]),
+            ("exp", "an object", {"at": 9999999999}),
+            ("exp", "null", None),
+            ("exp", "true", True),
+            ("exp", "false", False),
+            ("exp", "Infinity", float("inf")),
+            ("exp", "NaN", float("nan")),
+            ("exp", "too big for a float", 10**400),
+            ("nbf", "a word", "soon"),
+            ("nbf", "null", None),
+            ("nbf", "a list", [0]),
+            ("nbf", "true", True),
+            ("sub", "a number", 1),
+            ("sub", "a list", ["static-0"]),
+            ("sub", "true", True),
+            ("apps", "a string", "fast-turbo-diffusion"),
+            ("apps", "an object", {"fast-turbo-diffusion": True}),
+            ("apps", "a list of numbers", [1]),
+            ("apps", "a list holding null", [None]),
+            ("apps", "null", None),
+            ("apps", "a number", 1),
+        ]
+    },
 }
 
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from livegen.protocol.errors import FetchRefused, PayloadTooLarge
-from livegen.server.urlfetch import FetchPolicy, Resolver, fetch_bytes
+from livegen.server.urlfetch import FetchPolicy, Resolver, check_target, fetch_bytes
 
 BODY = bytes(range(256)) * 8  # 2048 bytes
 DEFAULT = FetchPolicy()
@@ -265,6 +265,25 @@ def test_dns_rebinding_cannot_swap_the_address_after_the_check() -> None:
 def test_other_schemes_and_malformed_urls_are_refused(url: str) -> None:
     transport = mock(lambda r: pytest.fail("must not send a request"))
     refused(url, PRIVATE_OK, transport=transport)
+
+
+@pytest.mark.parametrize(
+    ("url", "resolver"),
+    [
+        ("ftp://example.com/hook", None),  # refused when parsed
+        ("http://hooks.test/h", stub_resolver({"hooks.test": ["10.0.0.7"]})),  # refused when resolved
+        ("http://nowhere.test/h", stub_resolver({})),  # cannot be resolved
+    ],
+)
+def test_check_target_reports_where_the_url_came_from(url: str, resolver: Resolver | None) -> None:
+    """A refusal's loc is in the body unless the caller names another place (fal_webhook: the query)."""
+    for where, loc in ((None, ("body", "fal_webhook")), (("query", "fal_webhook"), ("query", "fal_webhook"))):
+        with pytest.raises(FetchRefused) as info:
+            asyncio.run(check_target(url, allow_private=False, field="fal_webhook", loc=where, resolver=resolver))
+        assert info.value.loc == loc
+        assert info.value.detail()[0]["loc"] == list(loc)
+    # Body fields fetched as inputs still say body.
+    assert refused(url, resolver=resolver).loc == ("body", "image_url")
 
 
 def test_data_urls_are_decoded_without_network() -> None:

@@ -28,7 +28,10 @@ MAX_SIDE = 2048
 MAX_STEPS = 50
 MAX_IMAGES = 8
 MAX_PROMPT_CHARS = 4000
-MAX_SEED = 2**63 - 1
+# 2**53 - 1, the largest integer a JSON number (an IEEE double) holds exactly: /openapi.json writes
+# bounds as doubles (FastAPI types them float), JS clients parse seeds as doubles, and the engine's
+# generators take seed + i (image i) up to 2**64 - 1. 2**63 - 1 was documented as 2**63.
+MAX_SEED = 2**53 - 1
 
 TurboModel = Literal["stabilityai/sdxl-turbo", "stabilityai/sd-turbo"]
 LcmModel = Literal["stabilityai/stable-diffusion-xl-base-1.0", "runwayml/stable-diffusion-v1-5"]

@@ -8,6 +8,7 @@ algorithm confusion) and requires ``exp``.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import time
@@ -74,12 +75,30 @@ class TokenSigner:
             )
         except jwt.PyJWTError as exc:
             raise Unauthorized("invalid token", public=True) from exc
+        # A good signature does not make good claims: one of the wrong type is an invalid token, never a 500.
+        expires_at = _time_claim(claims["exp"])
+        not_before = _time_claim(claims.get("nbf", 0))
+        key_id, apps = claims["sub"], claims.get("apps", [])
+        if not isinstance(key_id, str) or not isinstance(apps, list) or not all(isinstance(a, str) for a in apps):
+            raise Unauthorized("invalid token", public=True)
         now = self._clock()
-        if now >= float(claims["exp"]):
+        if now >= expires_at:
             raise Unauthorized("token expired", public=True)
-        if now < float(claims.get("nbf", 0)):
+        if now < not_before:
             raise Unauthorized("token not yet valid", public=True)
-        apps = tuple(str(a) for a in claims.get("apps", []))
         if app is not None and app not in apps:
             raise Forbidden(f"this token is not valid for {app}", public=True)
-        return TokenClaims(str(claims["sub"]), apps, float(claims["exp"]))
+        return TokenClaims(key_id, tuple(apps), expires_at)
+
+
+def _time_claim(value: object) -> float:
+    """A NumericDate claim (RFC 7519): a finite JSON number; bools, strings, null and lists are not."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Unauthorized("invalid token", public=True)
+    try:
+        seconds = float(value)
+    except OverflowError as exc:  # an integer too big for a float
+        raise Unauthorized("invalid token", public=True) from exc
+    if not math.isfinite(seconds):  # Python's json reads NaN and Infinity
+        raise Unauthorized("invalid token", public=True)
+    return seconds

@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 """``(host, port) -> addresses``: how a host name becomes IP address strings."""
 
+Loc = tuple[str | int, ...]
+"""Where a URL sits in the request, as a 422 detail's ``loc``: ``("body", "image_url")``."""
+
 _SCHEMES = {"http": 80, "https": 443}
 _REDIRECTS = {301, 302, 303, 307, 308}
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
@@ -101,9 +104,9 @@ async def _fetch(
     raise FetchRefused(f"{field} was redirected more than {policy.max_redirects} times", loc=("body", field))
 
 
-def _checked_url(url: str | httpx.URL, field: str, *, redirected: bool = False) -> httpx.URL:
+def _checked_url(url: str | httpx.URL, field: str, *, redirected: bool = False, loc: Loc | None = None) -> httpx.URL:
     """Parse ``url`` as httpx will, and refuse anything but an http(s) URL with a host."""
-    loc = ("body", field)
+    loc = loc or ("body", field)
     what = f"{field} redirected to" if redirected else f"{field} is"
     try:
         parsed = httpx.URL(url)
@@ -117,9 +120,11 @@ def _checked_url(url: str | httpx.URL, field: str, *, redirected: bool = False) 
     return parsed
 
 
-async def _checked_addresses(target: httpx.URL, policy: FetchPolicy, field: str, resolve: Resolver) -> list[str]:
+async def _checked_addresses(
+    target: httpx.URL, policy: FetchPolicy, field: str, resolve: Resolver, *, loc: Loc | None = None
+) -> list[str]:
     """The addresses ``target``'s host resolves to, refusing non-public ones unless allowed."""
-    loc = ("body", field)
+    loc = loc or ("body", field)
     host = target.raw_host.decode("ascii")  # IDNA-encoded; IPv6 without brackets
     port = target.port or _SCHEMES[target.scheme]
     try:
@@ -254,13 +259,15 @@ async def _getaddrinfo(host: str, port: int) -> list[str]:
 
 
 async def check_target(
-    url: str, *, allow_private: bool, field: str, resolver: Resolver | None = None
+    url: str, *, allow_private: bool, field: str, loc: Loc | None = None, resolver: Resolver | None = None
 ) -> tuple[httpx.URL, list[str]]:
     """Parse and resolve an http(s) URL we will call (a webhook), refusing private addresses.
 
+    ``loc`` is where the URL came from, for a refusal's 422 detail: ``("body", field)`` unless
+    given (``("query", "fal_webhook")`` for the queue's webhook parameter).
     Returns the URL and the checked addresses to connect to (pin one of them, as ``_get_once``
     does, so the check and the connection see the same address).
     """
-    target = _checked_url(url, field)
+    target = _checked_url(url, field, loc=loc)
     policy = FetchPolicy(allow_private=allow_private)
-    return target, await _checked_addresses(target, policy, field, resolver or _getaddrinfo)
+    return target, await _checked_addresses(target, policy, field, resolver or _getaddrinfo, loc=loc)

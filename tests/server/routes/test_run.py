@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from livegen.protocol.schemas import MAX_SEED
 from tests.conftest import LiveServer, data_url, decode_data_url, png_bytes
 
 TURBO = "/fal-ai/fast-turbo-diffusion"
@@ -258,6 +260,7 @@ def test_private_url_refused_by_default(http: httpx.Client, live_server: LiveSer
     response = http.post(f"{TURBO}/image-to-image", json=body)
     assert response.status_code == 422
     assert "--allow-private-urls" in response.json()["detail"][0]["msg"]
+    assert response.json()["detail"][0]["loc"] == ["body", "image_url"]
 
 
 def test_own_file_urls_are_read_locally(http: httpx.Client) -> None:
@@ -309,6 +312,25 @@ def test_health_ready_and_openapi(live_server: LiveServer) -> None:
         assert "post" in spec["paths"][path]
     schema = spec["components"]["schemas"]["TurboTextToImage"]["properties"]
     assert schema["num_inference_steps"]["maximum"] == 50
+
+
+def test_seed_bound_is_exact_in_the_schema_and_enforced(http: httpx.Client, live_server: LiveServer) -> None:
+    """/openapi.json writes bounds as JSON doubles: the seed's maximum must be one a double holds
+    exactly, and the server must accept exactly up to it."""
+    text = httpx.get(live_server.base_url + "/openapi.json").text
+    seed = json.loads(text)["components"]["schemas"]["TurboTextToImage"]["properties"]["seed"]["anyOf"][0]
+    assert seed["type"] == "integer" and seed["minimum"] == 0
+    assert seed["maximum"] == MAX_SEED and float(seed["maximum"]).is_integer() and int(seed["maximum"]) == MAX_SEED
+    assert str(MAX_SEED) in text and "e+18" not in text
+    small = {"prompt": "x", **SD, "image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}
+    for path in (TURBO, f"/queue{TURBO}"):
+        refused = http.post(path, json={**small, "seed": MAX_SEED + 1})
+        assert refused.status_code == 422, refused.text[:300]
+        assert refused.json()["detail"][0]["loc"] == ["body", "seed"]
+        assert http.post(path, json={**small, "seed": MAX_SEED}).status_code == 200
+    # Image i uses seed + i: the largest seed still generates every image, and is echoed.
+    largest = run(http, TURBO, {**small, "seed": MAX_SEED, "num_images": 2})
+    assert largest["seed"] == MAX_SEED and len(largest["images"]) == 2
 
 
 def test_server_log_has_no_secrets(live_server: LiveServer, http: httpx.Client) -> None:

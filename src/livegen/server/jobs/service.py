@@ -138,7 +138,9 @@ class JobService:
         return job
 
     def get(self, app_id: str, request_id: str) -> Job:
-        job = self._store.get(request_id)
+        """A job as the queue routes see it (status, result, cancel): everything but its input,
+        which can be ~20 MB and is read only to run the job (``_dispatch_loop``)."""
+        job = self._store.get(request_id, with_input=False)
         if job.app_id != app_id:
             raise NotFound(f"Request {request_id} not found")
         return job
@@ -260,6 +262,8 @@ class JobService:
     async def _run(self, job: Job, cancel: threading.Event) -> None:
         endpoint = BY_ID[job.endpoint_id]
         try:
+            if job.input is None:  # never: the dispatcher reads queued jobs with their input
+                raise RuntimeError(f"job {job.request_id} was started without its input")
             body = endpoint.input_model.model_validate(job.input)
             output = await self._generation.run(
                 endpoint, body, base_url=job.base_url, priority=Priority.QUEUED, cancel=cancel

@@ -59,6 +59,8 @@ _COLUMNS = (
     "request_id, app_id, endpoint_id, key_id, input_json, state, priority, created_at, base_url, started_at, "
     "completed_at, deadline_at, webhook_url, output_json, error_status, error_json, attempts, logs_json"
 )
+# Polls (status, result, cancel) never need the input, which can be ~20 MB: NULL is read in its place.
+_COLUMNS_WITHOUT_INPUT = _COLUMNS.replace("input_json", "NULL")
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class Job:
     app_id: str
     endpoint_id: str
     key_id: str
-    input: dict[str, Any]
+    input: dict[str, Any] | None  # None: read without it (``SqliteJobStore.get(..., with_input=False)``)
     state: JobState
     priority: int
     created_at: float
@@ -97,9 +99,9 @@ def _row_to_job(row: tuple[Any, ...]) -> Job:
     (rid, app, endpoint, key, inp, state, prio, created, base, started, completed, deadline, hook, out,
      err_status, err, attempts, logs) = row  # fmt: skip
     return Job(
-        rid, app, endpoint, key, json.loads(inp), JobState(state), prio, created, base, started, completed,
-        deadline, hook, json.loads(out) if out else None, err_status, json.loads(err) if err else None,
-        attempts, json.loads(logs),
+        rid, app, endpoint, key, json.loads(inp) if inp is not None else None, JobState(state), prio, created, base,
+        started, completed, deadline, hook, json.loads(out) if out else None, err_status,
+        json.loads(err) if err else None, attempts, json.loads(logs),
     )  # fmt: skip
 
 
@@ -118,8 +120,10 @@ class SqliteJobStore:
             ),
         )  # fmt: skip
 
-    def get(self, request_id: str) -> Job:
-        rows = self._db.query(f"SELECT {_COLUMNS} FROM jobs WHERE request_id = ?", (request_id,))
+    def get(self, request_id: str, *, with_input: bool = True) -> Job:
+        """The stored job; ``with_input=False`` leaves its input unread (``input`` is None), for polls."""
+        columns = _COLUMNS if with_input else _COLUMNS_WITHOUT_INPUT
+        rows = self._db.query(f"SELECT {columns} FROM jobs WHERE request_id = ?", (request_id,))
         if not rows:
             raise NotFound(f"Request {request_id} not found")
         return _row_to_job(rows[0])

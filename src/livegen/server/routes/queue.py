@@ -77,7 +77,8 @@ def _submit_handler(endpoint: Endpoint) -> Any:
     ) -> JSONResponse:
         assert isinstance(body, BaseModel)
         if fal_webhook:
-            await check_target(fal_webhook, allow_private=settings.allow_private_urls, field="fal_webhook")
+            where = ("query", "fal_webhook")  # a query parameter, not a body field
+            await check_target(fal_webhook, allow_private=settings.allow_private_urls, field="fal_webhook", loc=where)
         job = jobs.submit(
             endpoint,
             body,
