@@ -7,7 +7,9 @@ import sqlite3
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
+from livegen.cli import main
 from tests.conftest import LiveServer
 from tests.reliability.test_faults import APP, SMALL, wait_completed
 
@@ -63,3 +65,28 @@ def test_polls_never_read_the_stored_input(http: httpx.Client, live_server: Live
     assert result.status_code == 200 and result.json() == before.json()
     cancel = http.put(f"{root}/cancel")
     assert cancel.status_code == 400 and cancel.json() == {"status": "ALREADY_COMPLETED"}
+
+
+def test_a_job_is_seen_and_cancelled_only_with_the_key_that_submitted_it(
+    http: httpx.Client, live_server: LiveServer
+) -> None:
+    """Request ids are private to their API key, as on fal: another key gets 404 for status,
+    status stream, result and cancel, and its cancel changes nothing."""
+    created = CliRunner().invoke(main, ["keys", "create", "--name", "other", "--data-dir", str(live_server.data_dir)])
+    assert created.exit_code == 0, created.output
+    other = httpx.Client(
+        base_url=live_server.base_url, headers={"Authorization": f"Key {created.stdout.split()[0]}"}, timeout=60
+    )
+    with other:
+        mine = http.post(f"/queue/{APP}", json=SMALL).json()["request_id"]
+        theirs = other.post(f"/queue/{APP}", json=SMALL).json()["request_id"]
+        for client, rid in ((other, mine), (http, theirs)):
+            root = f"/queue/{APP}/requests/{rid}"
+            for method, path in (("GET", "/status"), ("GET", "/status/stream"), ("GET", ""), ("PUT", "/cancel")):
+                r = client.request(method, root + path)
+                assert r.status_code == 404, (method, path, r.status_code, r.text[:200])
+        assert not wait_completed(http, [mine], timeout=120)
+        assert not wait_completed(other, [theirs], timeout=120)
+        for client, rid in ((http, mine), (other, theirs)):
+            done = client.get(f"/queue/{APP}/requests/{rid}")
+            assert done.status_code == 200 and done.json()["images"], done.text[:300]  # not cancelled by the other

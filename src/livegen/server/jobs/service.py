@@ -137,11 +137,13 @@ class JobService:
         self._changed_now()
         return job
 
-    def get(self, app_id: str, request_id: str) -> Job:
+    def get(self, app_id: str, request_id: str, *, key_id: str | None = None) -> Job:
         """A job as the queue routes see it (status, result, cancel): everything but its input,
-        which can be ~20 MB and is read only to run the job (``_dispatch_loop``)."""
+        which can be ~20 MB and is read only to run the job (``_dispatch_loop``). With ``key_id``,
+        only a job submitted with that API key: another key's job is not found, as on fal, where
+        request ids are private to their owner."""
         job = self._store.get(request_id, with_input=False)
-        if job.app_id != app_id:
+        if job.app_id != app_id or (key_id is not None and job.key_id != key_id):
             raise NotFound(f"Request {request_id} not found")
         return job
 

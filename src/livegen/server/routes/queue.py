@@ -42,8 +42,8 @@ def logs_flag(logs: Annotated[str | None, Query()] = None) -> bool:
 LogsFlag = Annotated[bool, Depends(logs_flag)]
 
 
-def job_for_request(owner: str, alias: str, request_id: str, jobs: deps.JobsDep) -> Job:
-    return jobs.get(f"{owner}/{alias}", request_id)
+def job_for_request(owner: str, alias: str, request_id: str, jobs: deps.JobsDep, key_id: deps.KeyDep) -> Job:
+    return jobs.get(f"{owner}/{alias}", request_id, key_id=key_id)
 
 
 JobDep = Annotated[Job, Depends(job_for_request)]
@@ -160,9 +160,9 @@ async def result(job: JobDep, jobs: deps.JobsDep) -> JSONResponse:
     return JSONResponse(body, status_code=code, headers=headers)
 
 
-async def cancel(owner: str, alias: str, request_id: str, jobs: deps.JobsDep) -> JSONResponse:
+async def cancel(owner: str, alias: str, request_id: str, jobs: deps.JobsDep, key_id: deps.KeyDep) -> JSONResponse:
     try:
-        job = jobs.get(f"{owner}/{alias}", request_id)
+        job = jobs.get(f"{owner}/{alias}", request_id, key_id=key_id)
     except NotFound:
         return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
     code, body = jobs.cancel(job)
