@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # Fast path: the diffusers docs' inductor settings for UNets (1x1 convolutions as matmuls,
     # coordinate-descent tuning; compiling takes longer). Only with torch_compile.
     compile_tuning: bool = False
+    # With torch_compile: compile shapes first seen after warm-up too (each stalls its batch for
+    # ~100 s on an H100). Off: those run as uncompiled CUDA graphs, and a warning names them.
+    compile_on_demand: bool = False
     # Fast path: one fused QKV (self-attention) / KV (cross-attention) projection per attention
     # layer instead of three or two matmuls; the weights are shared, no extra memory.
     fuse_qkv: bool = False

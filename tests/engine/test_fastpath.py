@@ -193,6 +193,49 @@ def test_compile_allows_a_shape_per_bucket_size_and_step_count(
 
     monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
     fast = Worker(settings.model_copy(update={"torch_compile": "default"}))._load(SD).fast
-    fast._compile(lambda **kw: None)  # wraps the modules; nothing is compiled until they run
+    fast._compile()  # wraps the UNet and VAE calls; nothing is compiled until they run
     assert dynamo_config.recompile_limit >= 5 * 3 * 2 * 2  # buckets x sizes x tasks x cfg
-    assert hasattr(fast.unet.forward, "_torchdynamo_orig_callable")  # torch.compile's wrapper
+    assert hasattr(fast._compiled_unet, "_torchdynamo_orig_callable")  # torch.compile's wrapper
+    assert not hasattr(fast.unet.forward, "_torchdynamo_orig_callable")  # the module itself stays eager
+
+
+@pytest.mark.parametrize("on_demand", [False, True])
+def test_compiled_shapes_are_the_warm_up_shapes_unless_on_demand(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, on_demand: bool
+) -> None:
+    """With torch.compile on, the shapes rendered at warm-up run compiled; a shape first seen
+    later (here a new size) runs uncompiled, so it cannot stall its batch for a ~100 s compile,
+    unless compile_on_demand. torch.compile is replaced by a counting wrapper: inductor on a CPU
+    would take minutes per shape, and which code runs is what is under test."""
+    import torch
+
+    calls = [0]
+
+    def counting_compile(fn: Any, **_: Any) -> Any:
+        def compiled(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            return fn(*args, **kwargs)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    s = settings.model_copy(
+        update={"models": [SD], "warmup_sizes": ["64x64"], "warmup_buckets": [1], "torch_compile": "default",
+                "compile_on_demand": on_demand}
+    )  # fmt: skip
+    with Worker.start(s) as worker:
+        worker.startup.result(timeout=300)
+        after_warm_up = calls[0]
+        assert after_warm_up > 0
+        # the warm-up's own text-to-image shape (turbo defaults: 2 steps, guidance 1)
+        worker.submit(req(SD, seed=1, num_inference_steps=2, guidance_scale=1.0)).result(timeout=300)
+        assert calls[0] > after_warm_up
+        before_new_shape = calls[0]
+        worker.submit(req(SD, seed=2, width=96, height=96, num_inference_steps=2)).result(timeout=300)
+        stats = worker.status()["fast_path"][SD]
+    if on_demand:
+        assert calls[0] > before_new_shape
+        assert stats["compiled_shapes"] == 3 and stats["uncompiled_shapes"] == 0  # t2i + i2i at warm-up, then 96²
+    else:
+        assert calls[0] == before_new_shape
+        assert stats["compiled_shapes"] == 2 and stats["uncompiled_shapes"] == 1

@@ -122,7 +122,8 @@ class FastStats:
     graphs: int = 0
     capture_s: float = 0.0
     compiled_shapes: int = 0
-    compile_s: float = 0.0
+    compile_s: float = 0.0  # first runs of compiled shapes: compiling (and capturing) them
+    uncompiled_shapes: int = 0  # shapes first seen after warm-up, with compiling closed: graphs only
     padded_rows: int = 0
     gpu_jpeg_images: int = 0
     graph_failures: int = 0
@@ -155,7 +156,17 @@ class FastPath:
         self._graphs: dict[tuple[Any, ...], _Graph | None] = {}  # None: capture failed, run eagerly
         self._plans: dict[tuple[Any, ...], _Plan] = {}
         self._time_ids: dict[tuple[int, int, int], torch.Tensor] = {}
-        self._compiled: Callable[..., torch.Tensor] | None = None
+        # torch.compile'd UNet forward and VAE decodes (None until the first compiled shape). The
+        # modules themselves stay eager: the plain pipelines share them, and shapes first seen
+        # after warm-up run uncompiled (see ``compile_new_shapes``).
+        self._compiled_unet: Callable[..., Any] | None = None
+        self._compiled_decode: dict[int, Callable[..., Any]] = {}
+        self._compiled_keys: set[tuple[Any, ...]] = set()
+        self._uncompiled_keys: set[tuple[Any, ...]] = set()
+        # Compile shapes not seen before? On at first; the worker turns it off after warm-up
+        # (unless LIVEGEN_COMPILE_ON_DEMAND): compiling a new shape costs ~100 s on an H100, a
+        # stall no realtime session should meet because a second client made a batch of 2.
+        self.compile_new_shapes = True
         self._pool: Any = None
         # SDXL's full VAE overflows in fp16; its pipelines decode in fp32 (force_upcast). So do we,
         # with our own fp32 copy, leaving the pipeline's modules as they are.
@@ -280,9 +291,15 @@ class FastPath:
         vae_choice: VaeChoice,
         guidance_scale: float | None,
         inputs: dict[str, torch.Tensor],
+        compiled: bool = False,
     ) -> torch.Tensor:
         """Static-shape inputs -> (batch, H, W, 3) uint8 on the device. No host sync inside."""
         vae, vae_dtype = self.vae_for(vae_choice)
+        unet: Callable[..., Any] = self.unet
+        decode: Callable[..., Any] = vae.decode
+        if compiled:
+            assert self._compiled_unet is not None
+            unet, decode = self._compiled_unet, self._compiled_decode[id(vae)]
         if "image" in inputs:
             latents = self._encode_image(vae, vae_dtype, plan, inputs)
         else:
@@ -298,9 +315,9 @@ class FastPath:
             c_in = plan.c_in[i]
             if c_in is not None:
                 model_in = model_in / c_in
-            eps = self.unet(
-                model_in, t, encoder_hidden_states=inputs["embeds"], added_cond_kwargs=added, return_dict=False
-            )[0]
+            eps = unet(model_in, t, encoder_hidden_states=inputs["embeds"], added_cond_kwargs=added, return_dict=False)[
+                0
+            ]
             if cfg:
                 uncond, text = eps.chunk(2)
                 eps = uncond + guidance_scale * (text - uncond)
@@ -309,7 +326,7 @@ class FastPath:
                 noise = inputs["step_noise"][draw]
                 draw += 1
             latents = self._step(plan.c_in[i] is None, plan.step_consts[i], latents, eps, noise)
-        return self._decode(vae, vae_dtype, latents)
+        return self._decode(decode, vae, vae_dtype, latents)
 
     def _encode_image(
         self, vae: Any, vae_dtype: torch.dtype, plan: _Plan, inputs: dict[str, torch.Tensor]
@@ -354,9 +371,11 @@ class FastPath:
             prev = prev + noise * c["sigma_up"]
         return prev.to(eps.dtype)
 
-    def _decode(self, vae: Any, vae_dtype: torch.dtype, latents: torch.Tensor) -> torch.Tensor:
+    def _decode(
+        self, decode: Callable[..., Any], vae: Any, vae_dtype: torch.dtype, latents: torch.Tensor
+    ) -> torch.Tensor:
         x = latents.to(vae_dtype) / vae.config.scaling_factor
-        image = vae.decode(x, return_dict=False)[0]
+        image = decode(x, return_dict=False)[0]
         image = (image * 0.5 + 0.5).clamp(0, 1)  # VaeImageProcessor.denormalize, in the VAE's dtype
         return (image.permute(0, 2, 3, 1).to(torch.float32) * 255).round().to(torch.uint8)
 
@@ -440,15 +459,29 @@ class FastPath:
         guidance: float | None,
         inputs: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        def fn(**kw: torch.Tensor) -> torch.Tensor:
-            return self._forward(plan, vae, guidance, kw)
+        compiled = self._compiles(key)
 
-        if self.options.compile != "off":
-            fn = self._compile(fn)
-        if self.device.type != "cuda" or not self.options.cuda_graphs or self.options.compile == "reduce-overhead":
-            return fn(**inputs)
+        def fn(**kw: torch.Tensor) -> torch.Tensor:
+            return self._forward(plan, vae, guidance, kw, compiled)
+
+        first = compiled and key not in self._compiled_keys
+        started = time.perf_counter()
+        if first:
+            self._compiled_keys.add(key)
+            self.stats.compiled_shapes += 1
+        if (
+            self.device.type != "cuda"
+            or not self.options.cuda_graphs
+            or (
+                compiled and self.options.compile == "reduce-overhead"  # its own CUDA graphs
+            )
+        ):
+            out = fn(**inputs)
+            if first:
+                self.stats.compile_s += time.perf_counter() - started
+                logger.info("compiled %s in %.1f s", key, time.perf_counter() - started)
+            return out
         if key not in self._graphs:
-            started = time.perf_counter()
             try:
                 self._graphs[key] = _Graph(fn, inputs, self._pool, self.options.graph_warmup_iters)
             except RuntimeError as exc:  # a capture-unsafe op: serve this shape eagerly, and say so
@@ -458,19 +491,42 @@ class FastPath:
                 self.stats.graph_error = f"{type(exc).__name__}: {exc}"[:300]
             else:
                 self.stats.graphs += 1
-                self.stats.capture_s += time.perf_counter() - started
-                logger.info("captured a CUDA graph for %s in %.2f s", key, time.perf_counter() - started)
+                took = time.perf_counter() - started
+                if first:  # compiling happens in the capture's warm-up runs
+                    self.stats.compile_s += took
+                else:
+                    self.stats.capture_s += took
+                logger.info("captured a CUDA graph for %s in %.2f s (compiled: %s)", key, took, compiled)
             # Hand back what the warm-up runs left cached (the graph's own pool is kept): without
             # this, every capture's warm-up peak stays reserved for the life of the process.
             torch.cuda.empty_cache()
         graph = self._graphs[key]
         return fn(**inputs) if graph is None else graph.replay(inputs)
 
-    def _compile(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        """``torch.compile`` over the UNet and VAE modules (compiled once, reused by every shape)."""
-        if self._compiled is None:
+    def _compiles(self, key: tuple[Any, ...]) -> bool:
+        """Whether the shape ``key`` runs torch.compile'd code (compiling it on its first run)."""
+        if self.options.compile == "off":
+            return False
+        if key in self._compiled_keys:
+            return True
+        if not self.compile_new_shapes:
+            if key not in self._uncompiled_keys:
+                self._uncompiled_keys.add(key)
+                self.stats.uncompiled_shapes += 1
+                logger.warning(
+                    "%s was not compiled at warm-up; it runs uncompiled (add its size and batch bucket to "
+                    "LIVEGEN_WARMUP_SIZES / LIVEGEN_WARMUP_BUCKETS, or set LIVEGEN_COMPILE_ON_DEMAND=true)",
+                    key,
+                )
+            return False
+        self._compile()
+        return True
+
+    def _compile(self) -> None:
+        """``torch.compile`` the UNet's forward and the VAE decodes, once (each new shape then compiles
+        on its first run: dynamic=False specializes per shape)."""
+        if self._compiled_unet is None:
             mode = self.options.compile
-            started = time.perf_counter()
             if self.options.compile_tuning:
                 _tune_inductor()
             # Every bucket, size, step count and CFG doubling is a shape of its own (dynamic=False),
@@ -478,14 +534,11 @@ class FastPath:
             import torch._dynamo.config as dynamo_config
 
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-            self.unet.forward = torch.compile(self.unet.forward, mode=mode, dynamic=False)  # type: ignore[method-assign]
+            self._compiled_unet = torch.compile(self.unet.forward, mode=mode, dynamic=False)
             vaes: list[Any] = [self.tiny_vae, self.full_vae, self._full_vae_fp32]
             for vae in vaes:
                 if vae is not None:
-                    vae.decode = torch.compile(vae.decode, mode=mode, dynamic=False)
-            self.stats.compile_s += time.perf_counter() - started
-            self._compiled = fn
-        return fn
+                    self._compiled_decode[id(vae)] = torch.compile(vae.decode, mode=mode, dynamic=False)
 
     def _collect(self, job: Job, pixels: torch.Tensor) -> Deferred[list[Output]]:
         """Start moving the pixels to the host (pinned, async) or encoding them on the GPU."""

@@ -245,6 +245,9 @@ class Worker:
                 out = adapter(batch)
                 if isinstance(out, Deferred):
                     out.result()
+        for adapter in self._adapters.values():
+            if (fast := _fast_of(adapter)) is not None:
+                fast.compile_new_shapes = self.settings.compile_on_demand  # the warm-up shapes are compiled
         if self.fast:
             self.timings["warmup_s"] = time.perf_counter() - started
 
@@ -473,6 +476,8 @@ class Worker:
         fast = FastPath(
             adapter.t2i, sdxl=spec.sdxl, tiny_vae=tiny, device=self.device, dtype=self.dtype, options=options
         )
+        if self.startup.done():  # loaded on demand after start: no warm-up of its own
+            fast.compile_new_shapes = settings.compile_on_demand
         adapter.enable_fast(fast, "full" if settings.tiny_vae is False or tiny is None else "tiny")
 
 
