@@ -24,6 +24,7 @@ import httpx
 import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from fal_client.client import _should_retry_response as fal_client_retries
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -278,9 +279,14 @@ def test_sigterm_drains_then_a_cut_request_gets_503(tmp_path: Path, shared_data_
             slow.join(60)
         cut = outcome["sync"]
         assert cut.status_code == 503, cut.text[:300]
-        assert cut.json() == {"detail": "The server is shutting down; retry the request", "error_type": "shutting_down"}
+        assert cut.json() == {
+            "detail": "The server is shutting down; retry the request",
+            "error_type": "shutting_down",
+            "ingress": "nginx",
+        }
         assert cut.headers["x-fal-error-type"] == "shutting_down" and cut.headers["retry-after"] == "5"
-        assert cut.headers.get("x-fal-request-id")
+        # fal's ingress shape (no request id), so fal-client retries it as the JS client does
+        assert "x-fal-request-id" not in cut.headers and fal_client_retries(cut)
         assert server.process.wait(30) == 0
         figure("drain_cut", status=cut.status_code, answer_s=round(time.monotonic() - sent, 2), drain_timeout_s=1)
         assert "Exception in ASGI application" not in server.log()

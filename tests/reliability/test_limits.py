@@ -10,6 +10,9 @@
 * The request body cap answers 413 before the body has arrived; the realtime message cap
   answers with an error frame (and, past twice the cap, the WebSocket layer closes with 1009).
 * The queue length cap answers 429 with ``Retry-After``.
+* The sync cap (``LIVEGEN_MAX_PENDING_SYNC``) answers 503 ``server_overloaded`` like fal's
+  ingress (no ``x-fal-request-id``, ``nginx`` in the body), so the real fal_client retries it,
+  as it retries the queue's 429, and succeeds once there is room again.
 """
 
 from __future__ import annotations
@@ -18,17 +21,21 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import fal_client
+import fal_client.client as fcc
 import httpx
 import msgpack
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from livegen.client import point_fal_client
 from livegen.protocol import schemas
 from livegen.settings import Settings
 from tests.conftest import LiveServer, data_url, png_bytes, start_server, stop_server
@@ -58,6 +65,7 @@ def capped(live_server: LiveServer, tmp_path_factory: pytest.TempPathFactory) ->
         "LIVEGEN_MAX_WS_MESSAGE_BYTES": str(WS_CAP),
         "LIVEGEN_MAX_QUEUED": "1",
         "LIVEGEN_MAX_RUNNING_JOBS": "1",
+        "LIVEGEN_MAX_PENDING_SYNC": "1",
         "LIVEGEN_MAX_NUM_IMAGES": "2",
         "LIVEGEN_MAX_INFERENCE_STEPS": "4",
         "LIVEGEN_MAX_IMAGE_SIDE": "256",
@@ -331,12 +339,15 @@ def test_realtime_message_cap(capped: LiveServer) -> None:
 
 
 class SlowImage(BaseHTTPRequestHandler):
-    """Serves a PNG once ``release`` is set: a queued job that fetches it stays running."""
+    """Serves a PNG once ``release`` is set: a queued job (or a sync run) that fetches it stays
+    running. ``arrived`` is set once a fetch has come in."""
 
     release = threading.Event()
+    arrived = threading.Event()
     png = png_bytes(64, 64)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.arrived.set()
         self.release.wait(30)
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
@@ -354,6 +365,7 @@ def slow_image() -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     SlowImage.release.clear()
+    SlowImage.arrived.clear()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/slow.png"
     finally:
@@ -388,3 +400,96 @@ def test_queue_full_is_429_with_retry_after(capped: LiveServer, slow_image: str,
         # Room again once the queue drained.
         again = http.post(f"/queue/{TURBO}/image-to-image", json=I2I)
         assert again.status_code == 200
+
+
+# -- refusals the official Python client retries --------------------------------------------------------------
+
+
+class Fal:
+    """The real fal_client pointed at a server, and the status of every response it got."""
+
+    def __init__(self, server: LiveServer) -> None:
+        self.client = fal_client.SyncClient(key=server.key, default_timeout=60)
+        self.statuses: list[int] = []
+        self.client._client.event_hooks = {"response": [lambda r: self.statuses.append(r.status_code)]}
+
+
+@pytest.fixture
+def fal(capped: LiveServer, monkeypatch: pytest.MonkeyPatch) -> Fal:
+    for name in ("RUN_URL_FORMAT", "QUEUE_URL_FORMAT", "REALTIME_URL_FORMAT", "REST_URL", "CDN_URL"):
+        monkeypatch.setattr(fcc, name, getattr(fcc, name))  # put back after the test
+    point_fal_client(capped.base_url)
+    return Fal(capped)
+
+
+def retried_until_room(fal: Fal, status: int, call: Callable[[], Any], pool: ThreadPoolExecutor) -> Any:
+    """Start ``call`` (a fal_client call) while the server is full, wait until fal_client has
+    been refused with ``status``, then make room (``SlowImage.release``): the call must still
+    succeed, i.e. fal_client retried. Returns its result.
+
+    Not timing-sensitive: room is made only once a refusal has been seen, and fal_client keeps
+    retrying for 25 s or more after its first one (10 attempts, 0.1 s doubling, ±50 % jitter)."""
+    future = pool.submit(call)
+    deadline = time.monotonic() + 60
+    while status not in fal.statuses:
+        if future.done():  # returned or raised without being refused: not what was set up
+            pytest.fail(f"fal_client ended before any {status} ({fal.statuses}): {future.exception()!r}")
+        assert time.monotonic() < deadline, f"no {status} within 60 s: {fal.statuses}"
+        time.sleep(0.02)
+    SlowImage.release.set()
+    result = future.result(timeout=180)  # raises fal_client's error if it gave up
+    assert fal.statuses[-1] == 200 and fal.statuses.count(status) >= 1, fal.statuses
+    return result
+
+
+def test_overload_503_is_retried_by_fal_client_run(capped: LiveServer, slow_image: str, fal: Fal) -> None:
+    """LIVEGEN_MAX_PENDING_SYNC=1 and one sync run held while it fetches its input: a second run
+    is refused at once with 503 ``server_overloaded`` in fal's ingress shape, which fal_client
+    retries (until this change it carried ``x-fal-request-id`` and fal_client raised at once:
+    it retries a 503 only when fal's ingress, not the app, sent it). Once the held run finishes,
+    a retry is admitted and fal_client.run returns the images."""
+    held_body = {**FAST, "image_url": slow_image, "strength": 1.0}
+    with capped.client() as http, ThreadPoolExecutor(2) as pool:
+        try:
+            held = pool.submit(http.post, f"/{TURBO}/image-to-image", json=held_body)
+            assert SlowImage.arrived.wait(60), "the held run never fetched its image"  # admitted: no room left
+
+            refused = http.post(f"/{TURBO}/image-to-image", json=I2I)
+            assert refused.status_code == 503, refused.text[:300]
+            assert "x-fal-request-id" not in refused.headers
+            assert refused.headers["x-fal-error-type"] == "server_overloaded"
+            assert int(refused.headers["retry-after"]) >= 1
+            body = refused.json()
+            assert body == {"detail": body["detail"], "error_type": "server_overloaded", "ingress": "nginx"}
+            assert "in flight" in body["detail"]
+            assert fcc._should_retry_response(refused)  # fal_client's own test for "retry this"
+
+            result = retried_until_room(
+                fal, 503, lambda: fal.client.run(f"{TURBO}/image-to-image", I2I, timeout=60), pool
+            )
+            assert held.result(timeout=120).status_code == 200
+        finally:
+            SlowImage.release.set()  # never leave the pool waiting on the held run
+    assert len(result["images"]) == 1 and result["images"][0]["url"].startswith("data:image/")
+
+
+def test_queue_full_429_is_retried_by_fal_client_subscribe(capped: LiveServer, slow_image: str, fal: Fal) -> None:
+    """The queue cap's 429 keeps ``x-fal-request-id`` (both clients retry 429 regardless):
+    with the queue full, fal_client.subscribe is refused, retries its submit, and gets its
+    result once the queue has room."""
+    body = {**FAST, "image_url": slow_image, "strength": 1.0}
+    with capped.client() as http, ThreadPoolExecutor(1) as pool:
+        try:
+            running = http.post(f"/queue/{TURBO}/image-to-image", json=body).json()
+            assert SlowImage.arrived.wait(60), "the running job never fetched its image"
+            assert http.post(f"/queue/{TURBO}/image-to-image", json=body).status_code == 200  # the queue's one place
+            refused = http.post(f"/queue/{TURBO}/image-to-image", json=I2I)
+            assert refused.status_code == 429 and refused.headers["x-fal-request-id"], refused.text[:300]
+            assert fcc._should_retry_response(refused)
+
+            subscribe = lambda: fal.client.subscribe(f"{TURBO}/image-to-image", I2I, client_timeout=120)  # noqa: E731
+            result = retried_until_room(fal, 429, subscribe, pool)
+            assert http.get(running["response_url"]).status_code == 200
+        finally:
+            SlowImage.release.set()
+    assert len(result["images"]) == 1

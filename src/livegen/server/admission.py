@@ -5,6 +5,10 @@ has no bound of its own: under overload every caller would wait longer and longe
 client timed out. So at most ``limit`` sync requests are admitted and unfinished at once
 (input fetching and decoding included); beyond that a request is refused at once with
 ``Overloaded`` (503 ``server_overloaded``, ``Retry-After``), before any work is done for it.
+That refusal is answered like fal's ingress (no ``x-fal-request-id``; see ``middleware.py``),
+so both official clients retry it on their own: fal-client up to 10 attempts over about 50 s
+(0.1 s doubling, ±50 % jitter), the JS client 3 retries (``run``: 0.5, 1, 2 s ±25 %). Neither
+reads ``Retry-After``.
 Queue jobs have their own cap (``max_queued``, ``max_running_jobs``) and realtime sessions
 theirs (``max_sessions``, latest frame wins).
 

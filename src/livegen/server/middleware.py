@@ -1,6 +1,15 @@
-"""ASGI middleware: request ids (every HTTP response carries ``x-fal-request-id``; fal-client
-uses its presence to tell an app's error from a gateway's, which it would retry) and the
-request body cap."""
+"""ASGI middleware: request ids and ingress-style refusals (below), the request body cap and
+the drain cut.
+
+Every response the app produces carries ``x-fal-request-id``: fal-client (Python) takes its
+presence to mean "the app answered", and never retries such a 502/503/504. A request refused
+before livegen accepted it (``server_overloaded``, ``shutting_down``) is what fal's ingress
+would refuse, so it is answered the way fal's ingress (nginx) answers: no ``x-fal-request-id``,
+and the body, still fal's ``{"detail", "error_type"}``, gains ``"ingress": "nginx"``. fal-client
+1.0.3 retries a 502/503/504 only without the header *and* with ``nginx`` in the body
+(``_is_ingress_error``; up to 10 attempts, 0.1 s doubling); the JS client retries 503 either
+way. 429s (``queue_full``, rate limits) keep the header: both clients retry them regardless.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +21,37 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from livegen.protocol.errors import LivegenError, PayloadTooLarge, ShuttingDown, error_body
+from livegen.protocol.errors import LivegenError, Overloaded, PayloadTooLarge, ShuttingDown, error_body
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+# Refusals of requests livegen has not accepted (no work done, nothing stored), or abandoned
+# unanswered (the drain cut): answered like fal's ingress so that both official clients retry
+# them. Only 502/503/504 need it; errors of accepted requests (e.g. ``gpu_out_of_memory``,
+# ``model_unavailable``) keep the header and are not replayed by fal-client.
+INGRESS_REFUSALS = frozenset({Overloaded.error_type, ShuttingDown.error_type})
+INGRESS_STATUSES = frozenset({502, 503, 504})
+INGRESS_MARK = ("ingress", "nginx")  # fal-client looks for "nginx" in the body text
+
+
+def is_ingress_refusal(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+    if status not in INGRESS_STATUSES:
+        return False
+    error_type = next((v for k, v in headers if k.lower() == b"x-fal-error-type"), b"")
+    return error_type.decode("latin-1") in INGRESS_REFUSALS
+
+
+def mark_ingress_body(body: bytes) -> bytes:
+    """``body`` (fal's JSON error) with ``"ingress": "nginx"`` added; other bodies unchanged."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(parsed, dict):
+        return body
+    key, value = INGRESS_MARK
+    parsed.setdefault(key, value)
+    return json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class RequestIdMiddleware:
@@ -28,13 +65,29 @@ class RequestIdMiddleware:
         request_id = str(uuid.uuid4())
         scope.setdefault("state", {})["request_id"] = request_id
         token = request_id_var.set(request_id)
+        held: Message | None = None  # an ingress refusal's start, sent with its rewritten body
+        chunks: list[bytes] = []
 
         async def send_with_id(message: Message) -> None:
+            nonlocal held
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
+                if is_ingress_refusal(message["status"], headers):
+                    keep = [(k, v) for k, v in headers if k.lower() not in (b"x-fal-request-id", b"content-length")]
+                    held = {**message, "headers": keep}
+                    return
                 if not any(name.lower() == b"x-fal-request-id" for name, _ in headers):
                     headers.append((b"x-fal-request-id", request_id.encode()))
                     message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and held is not None:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                body = mark_ingress_body(b"".join(chunks))
+                start, held = held, None
+                start["headers"].append((b"content-length", str(len(body)).encode()))
+                await send(start)
+                message = {"type": "http.response.body", "body": body}
             await send(message)
 
         try:
@@ -100,8 +153,11 @@ class BodyLimitMiddleware:
 class DrainCutMiddleware:
     """A request still running when SIGTERM's drain timeout ends is cancelled by uvicorn, which
     would answer a bare text 500: answer fal's 503 ``ShuttingDown`` (with ``Retry-After``)
-    instead, so clients see a retryable error and not an app failure. ``state.draining`` is set
-    by ``livegen serve`` on SIGTERM; a cancellation at any other time propagates as before."""
+    instead, so clients see a retryable error and not an app failure. New work after SIGTERM is
+    refused the same way before it reaches the app. Both pass ``RequestIdMiddleware`` as ingress
+    refusals, so both official clients retry them (against another server behind a balancer, or
+    this one once restarted). ``state.draining`` is set by ``livegen serve`` on SIGTERM; a
+    cancellation at any other time propagates as before."""
 
     def __init__(self, app: ASGIApp, state: Any) -> None:
         self.app = app
