@@ -184,19 +184,19 @@ def test_fused_qkv_renders_the_same_images_in_the_same_memory(
     assert_close(out, reference)
 
 
-def test_compile_allows_a_shape_per_bucket_size_and_step_count(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_compile_allows_a_shape_per_bucket_size_and_step_count(settings: Settings) -> None:
     """torch.compile specializes per shape (dynamic=False); dynamo's default limit of 8 recompiles
     per function would quietly send the 9th shape (e.g. 5 buckets x 2 sizes) back to eager."""
     import torch._dynamo.config as dynamo_config
 
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
-    fast = Worker(settings.model_copy(update={"torch_compile": "default"}))._load(SD).fast
-    fast._compile()  # wraps the UNet and VAE calls; nothing is compiled until they run
-    assert dynamo_config.recompile_limit >= 5 * 3 * 2 * 2  # buckets x sizes x tasks x cfg
-    assert hasattr(fast._compiled_unet, "_torchdynamo_orig_callable")  # torch.compile's wrapper
-    assert not hasattr(fast.unet.forward, "_torchdynamo_orig_callable")  # the module itself stays eager
+    # dynamo's own patch(), not monkeypatch: pytest 9.2 undoes a module attribute with delattr,
+    # which hides the config entry for the rest of the session.
+    with dynamo_config.patch(recompile_limit=8):
+        fast = Worker(settings.model_copy(update={"torch_compile": "default"}))._load(SD).fast
+        fast._compile()  # wraps the UNet and VAE calls; nothing is compiled until they run
+        assert dynamo_config.recompile_limit >= 5 * 3 * 2 * 2  # buckets x sizes x tasks x cfg
+        assert hasattr(fast._compiled_unet, "_torchdynamo_orig_callable")  # torch.compile's wrapper
+        assert not hasattr(fast.unet.forward, "_torchdynamo_orig_callable")  # the module itself stays eager
 
 
 @pytest.mark.parametrize("on_demand", [False, True])

@@ -495,6 +495,54 @@ def test_token_expiry_closes_the_session_with_1000_and_a_reason(server: LiveServ
     assert "realtime session closed" in server.log()
 
 
+def _answer(ws: ClientConnection, timeout: float = 60) -> dict[str, Any]:
+    """The next result, skipping timings (an x-fal-error fails the test)."""
+    while True:
+        message = ws.recv(timeout=timeout)
+        if isinstance(message, bytes):
+            result: dict[str, Any] = msgpack.unpackb(message, raw=False)
+            return result
+        assert json.loads(message).get("type") != "x-fal-error", message
+
+
+def test_the_frame_in_flight_at_token_expiry_still_gets_its_result(server: LiveServer) -> None:
+    """A frame being rendered when the token expires is answered before the close (1000, the
+    expiry reason); frames sent after the expiry are not. A frame slow enough to straddle the
+    expiry is found first on a key-header session (which does not expire)."""
+    headers = {"Authorization": f"Key {server.key}"}
+    frame: dict[str, Any] = {
+        **SMALL,
+        "prompt": "slow",
+        "image_size": {"width": 512, "height": 512},
+        "num_inference_steps": 2,
+    }
+    with connect(ws_url(server), additional_headers=headers, max_size=None) as ws:
+        while True:
+            started = time.monotonic()
+            send(ws, {**frame, "request_id": "calibrate"})
+            assert _answer(ws)["request_id"] == "calibrate"
+            took = time.monotonic() - started
+            if took >= 2.5 or frame["num_inference_steps"] >= 32:
+                break
+            frame["num_inference_steps"] *= 2
+    assert 2.5 <= took < 9, f"no frame between 2.5 and 9 s to straddle the expiry: {took:.1f} s"
+
+    token = realtime_token(server, server.key)
+    expires_at = float(jwt.decode(token, options={"verify_signature": False})["exp"])
+    with connect(ws_url(server, fal_jwt_token=token), max_size=None) as ws:
+        time.sleep(max(0.0, expires_at - 0.3 * took - time.time()))  # mid-render at the expiry
+        send(ws, {**frame, "request_id": "straddling"})
+        time.sleep(max(0.0, expires_at + 0.2 - time.time()))
+        send(ws, {**frame, "request_id": "after expiry"})  # refused: the session is closing
+        answer = _answer(ws, timeout=30)
+        answered_at = time.time()
+        assert answer["request_id"] == "straddling"
+        with pytest.raises(ConnectionClosed):
+            _answer(ws, timeout=30)
+    assert answered_at > expires_at, "the frame did not straddle the expiry"
+    assert ws.close_code == 1000 and ws.close_reason == "token expired; reconnect with a new token"
+
+
 def test_a_session_opened_with_the_key_header_does_not_expire(server: LiveServer) -> None:
     headers = {"Authorization": f"Key {server.key}"}
     with connect(ws_url(server), additional_headers=headers, max_size=None) as ws:

@@ -57,7 +57,7 @@ class Frame:
 
 @dataclass(frozen=True)
 class Outgoing:
-    data: bytes | str | None  # None: close the connection (1000) after what came before
+    data: bytes | str | None  # None: close the connection after what came before (1000, or stop()'s code)
 
 
 def error_code(exc: LivegenError) -> str:
@@ -112,11 +112,29 @@ class Session:
         self._last_activity = time.monotonic()
         self._close_code, self._close_reason = 1000, ""
         self._stopped = asyncio.Event()
+        self._finishing: asyncio.Task[None] | None = None
 
-    def stop(self, code: int, reason: str) -> None:
-        """Close from outside (server shutdown: 1012 and why): the frame in flight is dropped."""
+    def stop(self, code: int, reason: str, *, finish_frame_s: float = 0.0) -> None:
+        """Close from outside with ``code`` and why. At once (shutdown, revocation: the frame in
+        flight is dropped), or with ``finish_frame_s`` (token expiry): frames still waiting are
+        dropped and new ones refused, but the frame being rendered gets its result (and timings)
+        sent first, if it is done within that many seconds."""
         self._close_code, self._close_reason = code, reason
-        self._stopped.set()
+        if finish_frame_s <= 0 or not self._busy:
+            self._stopped.set()
+        elif self._finishing is None:
+            self._finishing = asyncio.create_task(self._finish_then_close(finish_frame_s))
+
+    async def _finish_then_close(self, grace_s: float) -> None:
+        self.dropped += len(self._inbox)
+        self._inbox.clear()
+        deadline = time.monotonic() + grace_s
+        while self._busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._busy:
+            self._stopped.set()  # out of time: as an immediate stop
+            return
+        await self._outbox.put(Outgoing(None))  # the writer sends what came before, then closes
 
     async def run(self) -> None:
         await self._ws.accept()
@@ -133,6 +151,8 @@ class Session:
                 if not task.cancelled() and task.exception() is not None:
                     logger.error("realtime session task failed", exc_info=task.exception())
         finally:
+            if self._finishing is not None:
+                tasks.append(self._finishing)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -190,6 +210,10 @@ class Session:
         self._last_activity = time.monotonic()
         self.received += 1
         self._metrics.realtime_frames.labels("received").inc()
+        if self._finishing is not None:  # closing: only the frame in flight is still answered
+            self.dropped += 1
+            self._metrics.realtime_frames.labels("dropped").inc()
+            return
         if len(self._inbox) == self._inbox.maxlen:
             self.dropped += 1  # the oldest waiting frame is superseded
             self._metrics.realtime_frames.labels("dropped").inc()
@@ -257,7 +281,7 @@ class Session:
         while True:
             item = await self._outbox.get()
             if item.data is None:
-                await self._ws.close(1000)
+                await self._ws.close(self._close_code, self._close_reason or None)
                 return
             try:
                 if isinstance(item.data, bytes):

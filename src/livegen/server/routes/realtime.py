@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -48,6 +49,7 @@ REALTIME_MODELS: dict[str, type[BaseModel]] = {
 
 SHUTDOWN_CLOSE = (1012, "server shutting down; reconnect")  # 1012: service restart
 TOKEN_EXPIRED_CLOSE = (1000, "token expired; reconnect with a new token")
+TOKEN_EXPIRY_FINISH_S = 10.0  # at token expiry, the frame being rendered still gets its result within this
 KEY_REVOKED_CLOSE = (1008, "the API key this session was opened with has been revoked")  # 1008: policy
 
 
@@ -162,10 +164,12 @@ def _handler(endpoint: Endpoint) -> Any:
             state.realtime_slots.sessions.add(session)
             # A session lives no longer than its token. 1000 with a reason: fal's JS client then
             # fetches a new token and reconnects on its next send without calling onError, and
-            # fal-client's recv() returns None (PROTOCOL.md §8.4).
+            # fal-client's recv() returns None (PROTOCOL.md §8.4). A frame being rendered then is
+            # still answered before the close (frames still waiting are dropped).
             expiry = None
             if valid_for is not None:
-                expiry = asyncio.get_running_loop().call_later(max(0.0, valid_for), session.stop, *TOKEN_EXPIRED_CLOSE)
+                stop = functools.partial(session.stop, *TOKEN_EXPIRED_CLOSE, finish_frame_s=TOKEN_EXPIRY_FINISH_S)
+                expiry = asyncio.get_running_loop().call_later(max(0.0, valid_for), stop)
             # Nor longer than its key: `livegen keys revoke` (another process) only changes the database.
             watch = asyncio.create_task(watch_key(session, state.keys, key_id, settings.key_check_s))
             try:
