@@ -45,6 +45,7 @@ from livegen.server.auth import KeyStore
 from livegen.server.db import Database
 from livegen.server.tokens import CDN, REALTIME
 from tests.conftest import LiveServer, start_server, stop_server
+from tests.server.routes.test_realtime import recv_result
 
 TURBO = "fal-ai/fast-turbo-diffusion"
 LCM = "fal-ai/fast-lcm-diffusion"
@@ -495,16 +496,6 @@ def test_token_expiry_closes_the_session_with_1000_and_a_reason(server: LiveServ
     assert "realtime session closed" in server.log()
 
 
-def _answer(ws: ClientConnection, timeout: float = 60) -> dict[str, Any]:
-    """The next result, skipping timings (an x-fal-error fails the test)."""
-    while True:
-        message = ws.recv(timeout=timeout)
-        if isinstance(message, bytes):
-            result: dict[str, Any] = msgpack.unpackb(message, raw=False)
-            return result
-        assert json.loads(message).get("type") != "x-fal-error", message
-
-
 def test_the_frame_in_flight_at_token_expiry_still_gets_its_result(server: LiveServer) -> None:
     """A frame being rendered when the token expires is answered before the close (1000, the
     expiry reason); frames sent after the expiry are not. A frame slow enough to straddle the
@@ -520,7 +511,7 @@ def test_the_frame_in_flight_at_token_expiry_still_gets_its_result(server: LiveS
         while True:
             started = time.monotonic()
             send(ws, {**frame, "request_id": "calibrate"})
-            assert _answer(ws)["request_id"] == "calibrate"
+            assert recv_result(ws)["request_id"] == "calibrate"
             took = time.monotonic() - started
             if took >= 2.5 or frame["num_inference_steps"] >= 32:
                 break
@@ -534,11 +525,11 @@ def test_the_frame_in_flight_at_token_expiry_still_gets_its_result(server: LiveS
         send(ws, {**frame, "request_id": "straddling"})
         time.sleep(max(0.0, expires_at + 0.2 - time.time()))
         send(ws, {**frame, "request_id": "after expiry"})  # refused: the session is closing
-        answer = _answer(ws, timeout=30)
+        answer = recv_result(ws, timeout=30)
         answered_at = time.time()
         assert answer["request_id"] == "straddling"
         with pytest.raises(ConnectionClosed):
-            _answer(ws, timeout=30)
+            recv_result(ws, timeout=30)
     assert answered_at > expires_at, "the frame did not straddle the expiry"
     assert ws.close_code == 1000 and ws.close_reason == "token expired; reconnect with a new token"
 

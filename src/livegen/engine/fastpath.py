@@ -27,7 +27,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
@@ -586,17 +586,6 @@ class FastPath:
 
         return Deferred(finish)
 
-    # -- warm-up ------------------------------------------------------------------------------
-
-    def warm_up(self, jobs: Sequence[Job]) -> float:
-        """Render each job once (capturing or compiling its shape); seconds spent."""
-        started = time.perf_counter()
-        for job in jobs:
-            self.render(job).result()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - started
-
 
 class _Graph:
     """One captured replay of ``fn`` over static input buffers (copied into before each replay)."""
@@ -712,23 +701,8 @@ def _slice_job(job: Job, start: int, stop: int) -> Job:
     def cut(x: Any) -> Any:
         return None if x is None else x[start:stop]
 
-    return Job(
-        task=job.task,
-        width=job.width,
-        height=job.height,
-        steps=job.steps,
-        strength=job.strength,
-        guidance_scale=job.guidance_scale,
-        vae=job.vae,
-        embeds=job.embeds[start:stop],
-        generators=job.generators[start:stop],
-        negative_embeds=cut(job.negative_embeds),
-        pooled=cut(job.pooled),
-        negative_pooled=cut(job.negative_pooled),
-        images=cut(job.images),
-        crops=list(job.crops)[start:stop],
-        formats=list(job.formats)[start:stop],
-    )
+    per_row = ("embeds", "generators", "negative_embeds", "pooled", "negative_pooled", "images", "crops", "formats")
+    return replace(job, **{name: cut(getattr(job, name)) for name in per_row})
 
 
 def _load_gpu_jpeg() -> Callable[..., list[torch.Tensor]] | None:
