@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from livegen.bench.engine import variant_settings
+from livegen.bench.realtime import format_report
 from livegen.settings import Settings
 from tests.conftest import LiveServer
 
@@ -27,6 +28,10 @@ def test_bench_realtime_8_sessions(live_server: LiveServer) -> None:
     assert report["warmup_s"] == 2
     assert report["results"] > 0 and report["results"] + report["dropped"] == report["frames_sent"]
     assert report["latency_ms"]["p50"] > 0
+    # the breakdown: the engine's batch inside the server's span inside the client's latency
+    assert len(report["server_ms"]) == 4 and len(report["inference_ms"]) == 4
+    assert 0 < report["inference_ms"]["p50"] <= report["server_ms"]["p50"] <= report["latency_ms"]["p50"]
+    assert "in the server ms: p50" in format_report(report)
     print(json.dumps(report, indent=2))  # shown with -s; the CPU figures go nowhere else
 
 
@@ -96,3 +101,71 @@ def test_bench_refuses_an_unknown_variant() -> None:
 def test_variant_settings(variant: str, expected: dict[str, object]) -> None:
     settings = variant_settings(Settings(), variant)
     assert {k: getattr(settings, k) for k in expected} == expected
+
+
+def test_bench_profile_on_cpu(shared_data_dir: object) -> None:
+    """``--profile``: each row gets a breakdown; the fast path's eager rows also get its regions
+    (the plain pipelines have none). On a CPU the breakdown is of ops' self time."""
+    from livegen.bench.engine import EngineBenchConfig, format_table, run_engine_bench
+
+    settings = Settings(weights="tiny-random", device="cpu", data_dir=shared_data_dir)
+    config = EngineBenchConfig("stabilityai/sd-turbo", "i2i", 64, 2, (1,), iters=2, baseline=False,
+                               variants=("plain", "eager"), profile=True)  # fmt: skip
+    report = run_engine_bench(settings, config)
+    profiles = {r["variant"]: r["profile"] for r in report["rows"]}
+    for variant, p in profiles.items():
+        assert p["where"] == "cpu ops" and p["batches"] == 2, variant
+        assert p["total_ms"] > 0 and p["ops_per_batch"] > 100
+        assert {"convolution", "gemm", "normalization"} <= set(p["by_category_ms"]), p["by_category_ms"]
+        assert abs(sum(p["by_category_ms"].values()) - p["total_ms"]) < 1e-6
+        assert p["top_ms"] and all(ms > 0 for _, ms in p["top_ms"])
+    assert profiles["plain"]["by_region_ms"] == {}
+    regions = profiles["eager"]["by_region_ms"]
+    assert list(regions) == ["inputs", "vae_encode", "unet", "vae_decode"]  # in the order a batch runs them
+    assert all(ms > 0 for ms in regions.values())
+    table = format_table(report)
+    assert "profile eager 64 batch 1: cpu ops" in table and "by region: inputs" in table
+
+
+@pytest.mark.parametrize(
+    ("name", "category"),
+    [
+        ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1",
+         "convolution"),
+        ("void cutlass__5x_cudnn::Kernel<cutlass_tensorop_f16_s16816fprop_optimized_f16_64x64_64x5_nhwc_align8>",
+         "convolution"),
+        ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopB_NNT", "gemm"),
+        ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off",
+         "gemm"),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false>>", "attention"),
+        ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half, float>", "normalization"),
+        ("void at::native::elementwise_kernel<128, 4, at::native::normal_kernel<...>>", "random"),
+        ("triton_per_fused_native_group_norm_silu_0", "compiled (triton)"),
+        ("void cudnn::ops::nchwToNhwcKernel<__half, __half, float, false, true>", "layout (nchw<->nhwc)"),
+        ("Memcpy HtoD (Pinned -> Device)", "memcpy / memset"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel>", "elementwise / other"),
+    ],
+)  # fmt: skip
+def test_kernel_category(name: str, category: str) -> None:
+    from livegen.bench.profile import kernel_category
+
+    assert kernel_category(name) == category
+
+
+def test_profile_summary_of_gpu_events() -> None:
+    """Device events: kernels by category, annotations as regions (not counted as kernels), CPU
+    events ignored; per batch."""
+    from livegen.bench.profile import Event, summarize
+
+    events = [
+        Event("sm90_xmma_fprop_implicit_gemm_f16", True, 3000.0, 3000.0),
+        Event("nvjet_hsh_128x256", True, 1000.0, 1000.0),
+        Event("livegen.unet", True, 4200.0, 4200.0),  # the annotation spanning the kernels above
+        Event("aten::conv2d", False, 50.0, 900.0),
+        Event("cudaLaunchKernel", False, 10.0, 10.0),
+    ]
+    p = summarize(events, batches=2, device=True)
+    assert p.where == "gpu kernels" and p.ops == 1.0
+    assert p.by_category == {"convolution": 1.5, "gemm": 0.5}
+    assert p.total_ms == 2.0 and p.by_region == {"unet": 2.1}
+    assert p.top[0] == ("sm90_xmma_fprop_implicit_gemm_f16", 1.5)

@@ -314,6 +314,12 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
 )
 @click.option("--baseline/--no-baseline", default=True, help="Also time stock diffusers.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Where synthesized checkpoints are cached.")
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="Also profile each livegen row (torch.profiler, --iters more batches): GPU kernel time by category "
+    "(convolution, GEMM, attention, ...), kernels per batch, the engine's regions on eager rows.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def bench(
@@ -332,6 +338,7 @@ def bench(
     tiny_vae: bool | None,
     baseline: bool,
     data_dir: Path | None,
+    profile: bool,
     as_json: bool,
 ) -> None:
     """Engine benchmark: livegen's engine and stock diffusers side by side (see also `bench realtime`)."""
@@ -352,7 +359,7 @@ def bench(
             raise click.UsageError(str(exc)) from None
     config = EngineBenchConfig(
         model, task, sizes[0], steps, batches, iters, strength, baseline, sizes=sizes, variants=variants,
-        guidance_scale=guidance,
+        guidance_scale=guidance, profile=profile,
     )  # fmt: skip
     report = run_engine_bench(settings, config)
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from livegen.bench.profile import format_profile, profile_batches
 from livegen.engine import GenerationRequest, Priority, Task
 from livegen.engine.registry import resolve_source, spec_for
 from livegen.engine.worker import Worker
@@ -46,6 +47,7 @@ class EngineBenchConfig:
     sizes: tuple[int, ...] = ()  # several sizes in one run (default: just ``size``)
     variants: tuple[str, ...] = ("default",)
     guidance_scale: float = 0.0
+    profile: bool = False  # also profile each row (torch.profiler; see livegen.bench.profile)
 
     def all_sizes(self) -> tuple[int, ...]:
         return self.sizes or (self.size,)
@@ -94,6 +96,7 @@ class Row:
     diffusers_ms_per_img: float | None
     variant: str = "default"
     first_call_ms: float | None = None  # the first batch at this shape: capture / compile included
+    profile: dict[str, Any] | None = None  # with --profile: where a batch's time goes
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -132,6 +135,7 @@ class Measured:
     warmup: dict[str, Any]
     per_batch: dict[tuple[int, int], float]
     first_call: dict[tuple[int, int], float] = dataclasses.field(default_factory=dict)
+    profiles: dict[tuple[int, int], dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 def _requests(config: EngineBenchConfig, size: int, batch: int, image: Image.Image | None) -> list[GenerationRequest]:
@@ -183,6 +187,11 @@ def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = 
                 run(requests)  # warm-up at this shape
                 measured.first_call[size, batch] = time.perf_counter() - t0
                 measured.per_batch[size, batch] = _timed(functools.partial(run, requests), worker.device, config.iters)
+                if config.profile:
+                    summary = profile_batches(
+                        functools.partial(worker.run_here, requests), config.iters, worker.device.type == "cuda"
+                    )
+                    measured.profiles[size, batch] = summary.as_dict()
         status = worker.status()
         measured.warmup = {
             "load_s": loaded - started,
@@ -266,6 +275,7 @@ def run_engine_bench(settings: Settings, config: EngineBenchConfig) -> dict[str,
             theirs.per_batch[size, b] / b * 1e3 if theirs else None,
             variant=v,
             first_call_ms=m.first_call[size, b] * 1e3,
+            profile=m.profiles.get((size, b)),
         )
         for size in config.all_sizes()
         for b in config.batches
@@ -319,6 +329,10 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['livegen_ms_per_img']:>15.2f} {r['livegen_img_per_s']:>6.1f} {r.get('first_call_ms') or 0:>14.1f}"
             + (f"{theirs:>18.2f} {r['diffusers_img_per_s']:>6.1f} {r['speedup']:>7.2f}x" if theirs else "")
         )
+    for r in report["rows"]:
+        if r.get("profile"):
+            label = f"{r.get('variant', 'default')} {r['size']} batch {r['batch']}"
+            lines += format_profile(label, r["profile"], wall_ms=r["livegen_ms_per_img"] * r["batch"])
     for v, w in report.get("variants", {}).items():
         fast = w.get("fast_path") or {}
         extra = (

@@ -6,6 +6,11 @@ times each result against the send time of the frame it answers. At the end it w
 for stragglers and reports latency percentiles, delivered frames/s, frames the server dropped
 (superseded by newer ones: latest wins), error frames and misordered results (a result whose
 ``request_id`` is lower than one already seen in that session; must be 0).
+
+Where a frame's time goes, from what the server sends with each result: ``timings.inference``
+(the engine's batch, device work and encoding) and the ``x-fal-message`` timing that follows it
+(the server's own span, frame received to result queued). The rest of the client's latency is
+the transport, the server's send and the client itself.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ class SessionStats:
     errors: int = 0
     misordered: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    inference_ms: list[float] = field(default_factory=list)  # the result's timings.inference
+    server_ms: list[float] = field(default_factory=list)  # the x-fal-message timing after it
     error_reasons: list[str] = field(default_factory=list)
 
 
@@ -97,6 +104,7 @@ async def _session(config: BenchConfig, token: str, index: int, stats: SessionSt
 
         async def reader() -> None:
             last = -1
+            timing_for_counted = False  # the next x-fal-message timing follows a counted result
             while True:
                 try:
                     message = await asyncio.wait_for(
@@ -110,15 +118,22 @@ async def _session(config: BenchConfig, token: str, index: int, stats: SessionSt
                     if control.get("type") == "x-fal-error":
                         stats.errors += 1
                         stats.error_reasons.append(f"{control.get('error')}: {control.get('reason')}")
+                    elif control.get("action") == "timings" and timing_for_counted:
+                        stats.server_ms.append(float(control.get("timing", 0.0)) * 1e3)
+                    timing_for_counted = False
                     continue
                 result = msgpack.unpackb(message, raw=False)
                 seq = int(result.get("request_id", -1))
                 if seq < last:
                     stats.misordered += 1
                 last = max(last, seq)
+                timing_for_counted = seq >= first_counted
                 if seq < first_counted:
                     continue  # a warm-up frame's result
                 stats.results += 1
+                inference = (result.get("timings") or {}).get("inference")
+                if isinstance(inference, int | float):
+                    stats.inference_ms.append(float(inference) * 1e3)
                 if seq in sent_at:
                     stats.latencies_ms.append((now - sent_at[seq]) * 1e3)
                 if done_sending.is_set() and seq == seq_end - 1:
@@ -173,12 +188,9 @@ def summarize(config: BenchConfig, stats: list[SessionStats], wall_s: float) -> 
         "dropped": sent - results - errors,
         "errors": errors,
         "misordered": sum(s.misordered for s in stats),
-        "latency_ms": {
-            "p50": percentile(latencies, 50),
-            "p95": percentile(latencies, 95),
-            "p99": percentile(latencies, 99),
-            "mean": statistics.fmean(latencies) if latencies else float("nan"),
-        },
+        "latency_ms": _percentiles(latencies),
+        "server_ms": _percentiles([v for s in stats for v in s.server_ms]),
+        "inference_ms": _percentiles([v for s in stats for v in s.inference_ms]),
         "delivered_fps_total": results / config.duration_s,
         "delivered_fps_per_session": results / config.duration_s / config.sessions,
         "wall_s": wall_s,
@@ -186,13 +198,29 @@ def summarize(config: BenchConfig, stats: list[SessionStats], wall_s: float) -> 
     }
 
 
+def _percentiles(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "mean": statistics.fmean(values) if values else float("nan"),
+    }
+
+
 def format_report(report: dict[str, Any]) -> str:
-    lat = report["latency_ms"]
+    def quantiles(q: dict[str, float]) -> str:
+        return f"p50 {q['p50']:.1f}  p95 {q['p95']:.1f}  p99 {q['p99']:.1f}  mean {q['mean']:.1f}"
+
     lines = [
         f"sessions {report['sessions']} x {report['fps_requested']:g} frames/s for {report['duration_s']:g} s",
         f"frames sent {report['frames_sent']}, results {report['results']}, dropped (superseded) "
         f"{report['dropped']}, errors {report['errors']}, misordered {report['misordered']}",
-        f"latency ms: p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  p99 {lat['p99']:.1f}  mean {lat['mean']:.1f}",
+        f"latency ms: {quantiles(report['latency_ms'])}",
+    ]
+    for label, key in (("in the server", "server_ms"), ("of which the engine", "inference_ms")):
+        if key in report:
+            lines.append(f"  {label} ms: {quantiles(report[key])}")
+    lines += [
         f"delivered frames/s: total {report['delivered_fps_total']:.1f}, "
         f"per session {report['delivered_fps_per_session']:.2f}",
     ]

@@ -23,6 +23,7 @@ schedulers other than Euler, Euler-ancestral and LCM.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -47,6 +48,16 @@ VaeChoice = Literal["tiny", "full"]
 CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 T = TypeVar("T")
 _SCHEDULERS = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, LCMScheduler)
+# Named ranges of a batch, for ``livegen bench --profile`` (see ``region``), in the order they run.
+REGIONS = ("livegen.inputs", "livegen.vae_encode", "livegen.unet", "livegen.vae_decode")
+
+
+def region(name: str) -> contextlib.AbstractContextManager[Any]:
+    """A named range for torch's profiler; a null context (no dispatcher call) when none runs.
+    A CUDA graph replays without running this code, so only eager batches show regions."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -301,7 +312,8 @@ class FastPath:
             assert self._compiled_unet is not None
             unet, decode = self._compiled_unet, self._compiled_decode[id(vae)]
         if "image" in inputs:
-            latents = self._encode_image(vae, vae_dtype, plan, inputs)
+            with region("livegen.vae_encode"):
+                latents = self._encode_image(vae, vae_dtype, plan, inputs)
         else:
             assert plan.init_sigma is not None
             latents = inputs["noise"] * plan.init_sigma
@@ -315,9 +327,11 @@ class FastPath:
             c_in = plan.c_in[i]
             if c_in is not None:
                 model_in = model_in / c_in
-            eps = unet(model_in, t, encoder_hidden_states=inputs["embeds"], added_cond_kwargs=added, return_dict=False)[
-                0
-            ]
+            with region("livegen.unet"):
+                eps = unet(
+                    model_in, t, encoder_hidden_states=inputs["embeds"], added_cond_kwargs=added, return_dict=False
+                )
+            eps = eps[0]
             if cfg:
                 uncond, text = eps.chunk(2)
                 eps = uncond + guidance_scale * (text - uncond)
@@ -326,7 +340,8 @@ class FastPath:
                 noise = inputs["step_noise"][draw]
                 draw += 1
             latents = self._step(plan.c_in[i] is None, plan.step_consts[i], latents, eps, noise)
-        return self._decode(decode, vae, vae_dtype, latents)
+        with region("livegen.vae_decode"):
+            return self._decode(decode, vae, vae_dtype, latents)
 
     def _encode_image(
         self, vae: Any, vae_dtype: torch.dtype, plan: _Plan, inputs: dict[str, torch.Tensor]
@@ -388,7 +403,8 @@ class FastPath:
             return self._render_chunks(job)
         plan = self._plan(job.task, job.steps, job.strength)
         guidance = job.guidance_scale if job.cfg else None
-        inputs = self._inputs(job, plan, bucket)
+        with region("livegen.inputs"):
+            inputs = self._inputs(job, plan, bucket)
         key = (job.task, job.width, job.height, job.steps, len(plan.timesteps), guidance, job.vae, bucket)
         with torch.inference_mode():
             pixels = self._run(key, plan, job.vae, guidance, inputs)[:rows]

@@ -177,6 +177,16 @@ class Worker:
             self._cond.notify()
         return future
 
+    def run_here(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Render ``requests`` as one batch on the calling thread, past the queue, and wait for
+        the results: the same code as the device thread runs. For ``livegen bench --profile``
+        (torch's profiler records CPU ops only on its own thread); submit nothing meanwhile."""
+        batch = [_Pending((int(r.priority), next(self._seq)), r, Future()) for r in requests]
+        for p in batch:
+            p.future.set_running_or_notify_cancel()
+        self._run_batch(batch)
+        return [p.future.result() for p in batch]
+
     def status(self) -> dict[str, Any]:
         return {
             "device": str(self.device),
