@@ -286,6 +286,14 @@ def test_check_target_reports_where_the_url_came_from(url: str, resolver: Resolv
     assert refused(url, resolver=resolver).loc == ("body", "image_url")
 
 
+def test_refusals_name_the_schemes_the_field_takes() -> None:
+    """An input image may be a data URL; a webhook (a URL we call) may not, so it is not offered."""
+    assert "only http(s) and data URLs are accepted" in refused("ftp://example.com/x.png").message
+    with pytest.raises(FetchRefused) as info:
+        asyncio.run(check_target("ftp://example.com/hook", allow_private=False, field="fal_webhook"))
+    assert info.value.message == "fal_webhook is a ftp: URL; only http(s) URLs are accepted"
+
+
 def test_data_urls_are_decoded_without_network() -> None:
     transport = mock(lambda r: pytest.fail("must not send a request"))
     assert fetch("data:image/png;base64,aGk=", transport=transport) == b"hi"

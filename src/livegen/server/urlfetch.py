@@ -73,7 +73,7 @@ async def fetch_bytes(
         return parse_data_url(url, max_bytes=policy.max_bytes, field=field)[1]
 
     loc = ("body", field)
-    target = _checked_url(url, field)
+    target = _checked_url(url, field, data_ok=True)
     try:
         async with asyncio.timeout(policy.timeout_s):
             async with httpx.AsyncClient(
@@ -104,8 +104,11 @@ async def _fetch(
     raise FetchRefused(f"{field} was redirected more than {policy.max_redirects} times", loc=("body", field))
 
 
-def _checked_url(url: str | httpx.URL, field: str, *, redirected: bool = False, loc: Loc | None = None) -> httpx.URL:
-    """Parse ``url`` as httpx will, and refuse anything but an http(s) URL with a host."""
+def _checked_url(
+    url: str | httpx.URL, field: str, *, redirected: bool = False, loc: Loc | None = None, data_ok: bool = False
+) -> httpx.URL:
+    """Parse ``url`` as httpx will, and refuse anything but an http(s) URL with a host.
+    ``data_ok``: the field also takes data URLs (handled before this), which the refusal says."""
     loc = loc or ("body", field)
     what = f"{field} redirected to" if redirected else f"{field} is"
     try:
@@ -114,7 +117,8 @@ def _checked_url(url: str | httpx.URL, field: str, *, redirected: bool = False, 
         raise FetchRefused(f"{what} an invalid URL", loc=loc) from exc
     if parsed.scheme not in _SCHEMES:
         kind = f"a {parsed.scheme}: URL" if parsed.scheme else "a URL without a scheme"
-        raise FetchRefused(f"{what} {kind}; only http(s) and data URLs are accepted", loc=loc)
+        accepted = "http(s) and data URLs are" if data_ok else "http(s) URLs are"
+        raise FetchRefused(f"{what} {kind}; only {accepted} accepted", loc=loc)
     if not parsed.raw_host:
         raise FetchRefused(f"{what} a URL without a host", loc=loc)
     return parsed
