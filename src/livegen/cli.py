@@ -305,7 +305,8 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
     help="Comma-separated livegen engine variants, each BASE[+MOD...]: BASE default (what serve does here) | "
     "plain (stock pipelines) | eager (fast path, no graphs) | graph (fast path + CUDA graphs) | compile "
     "(torch.compile in CUDA graphs) | compile-ro (torch.compile reduce-overhead); MOD bf16 | fp16 | fp32 | "
-    "tiny-vae | full-vae | no-cl (without channels_last).",
+    "tiny-vae | full-vae | no-cl (without channels_last) | fuse-qkv (fused attention projections) | tuned "
+    "(inductor flags, with compile) | cudnn-bench (cuDNN times its convolution algorithms).",
 )
 @click.option(
     "--tiny-vae/--full-vae",

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # Fast path: one fused QKV (self-attention) / KV (cross-attention) projection per attention
     # layer instead of three or two matmuls; the weights are shared, no extra memory.
     fuse_qkv: bool = False
+    # Fast path: cuDNN times its convolution algorithms for each new shape (during the warm-up
+    # runs before a graph capture) instead of picking one by heuristics.
+    cudnn_benchmark: bool = False
     # Weights' dtype on CUDA (a CPU always runs float32).
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     # Fast path: batches are padded up to the next bucket, so batching never recaptures.

@@ -16,6 +16,7 @@ in fp16 the same comparison is looser (see tests/gpu/test_fastpath_gpu.py).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -239,3 +240,22 @@ def test_compiled_shapes_are_the_warm_up_shapes_unless_on_demand(
     else:
         assert calls[0] == before_new_shape
         assert stats["compiled_shapes"] == 2 and stats["uncompiled_shapes"] == 1
+
+
+def test_cudnn_benchmark_is_on_only_around_the_fast_paths_own_calls(adapters: dict[str, Any]) -> None:
+    """The flag is process-wide: the fast path sets it for its UNet/VAE calls and puts it back, so
+    the plain pipelines (and stock diffusers in ``livegen bench``) keep cuDNN's default."""
+    import torch
+
+    fast = adapters[SD].fast
+    seen: list[bool] = []
+    hook = fast.unet.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cudnn.benchmark))
+    try:
+        for on in (True, False):
+            fast.options = dataclasses.replace(fast.options, cudnn_benchmark=on)
+            pixels(adapters[SD]([req(SD, seed=1)]))
+            assert seen[-1] is on
+            assert torch.backends.cudnn.benchmark is False
+    finally:
+        hook.remove()
+        fast.options = dataclasses.replace(fast.options, cudnn_benchmark=False)

@@ -27,7 +27,7 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Literal, TypeVar
 
@@ -66,6 +66,7 @@ class FastOptions:
     compile: CompileMode = "off"
     compile_tuning: bool = False
     fuse_qkv: bool = False
+    cudnn_benchmark: bool = False
     buckets: tuple[int, ...] = BUCKETS
     channels_last: bool = True
     gpu_jpeg: bool = True
@@ -480,6 +481,12 @@ class FastPath:
         def fn(**kw: torch.Tensor) -> torch.Tensor:
             return self._forward(plan, vae, guidance, kw, compiled)
 
+        with _cudnn_benchmark(self.options.cudnn_benchmark):
+            return self._run_with(key, compiled, fn, inputs)
+
+    def _run_with(
+        self, key: tuple[Any, ...], compiled: bool, fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         first = compiled and key not in self._compiled_keys
         started = time.perf_counter()
         if first:
@@ -664,6 +671,20 @@ def _tune_inductor() -> None:
 
 
 _WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool) -> Iterator[None]:
+    """cuDNN's algorithm timing for this batch's convolutions (set only around the fast path's
+    own calls: the flag is process-wide, and the plain pipelines keep the default)."""
+    if not on or torch.backends.cudnn.benchmark:
+        yield
+        return
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = False
 
 
 def _warmup_stream(device: torch.device) -> torch.cuda.Stream:

@@ -480,6 +480,7 @@ class Worker:
             compile=settings.torch_compile,
             compile_tuning=settings.compile_tuning,
             fuse_qkv=settings.fuse_qkv,
+            cudnn_benchmark=settings.cudnn_benchmark,
             buckets=tuple(sorted(settings.batch_buckets)),
             jpeg_quality=settings.jpeg_quality,
         )
