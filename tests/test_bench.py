@@ -35,6 +35,25 @@ def test_bench_realtime_8_sessions(live_server: LiveServer) -> None:
     print(json.dumps(report, indent=2))  # shown with -s; the CPU figures go nowhere else
 
 
+@pytest.mark.parametrize("task", ["t2i", "i2i"])
+def test_bench_realtime_null_engine_measures_the_server_alone(task: str) -> None:
+    """--null-engine: the real server with an engine that answers at once. Every frame is answered
+    (none superseded, no errors), the engine's share is ~0, and the bench ends as soon as the last
+    frame's result is in. (It used to wait for the server's idle TIMEOUT when the last result came
+    before sending ended, and count that as an error.)"""
+    cmd = [sys.executable, "-m", "livegen", "bench", "realtime", "--null-engine", "--sessions", "2", "--fps", "20",
+           "--duration", "2", "--warmup", "0.5", "--size", "256", "--json"]  # fmt: skip
+    if task == "i2i":
+        cmd.append("--image")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["errors"] == 0, report["error_samples"]
+    assert report["misordered"] == 0 and report["dropped"] == 0
+    assert report["results"] == report["frames_sent"] >= 2 * 20 * 2 - 2
+    assert report["inference_ms"]["p99"] < report["server_ms"]["p50"] <= report["latency_ms"]["p50"]
+
+
 def test_bench_engine_smoke_on_cpu(shared_data_dir: object) -> None:
     """CI's check of the engine bench: plain pipelines and the fast path (eager on a CPU) beside
     stock diffusers, every row printed. No speed assertion: CPU numbers are a smoke check."""

@@ -201,6 +201,7 @@ def serve(log_level: str, **flags: Any) -> None:
         log_config=None,
         ws="websockets-sansio",
         ws_max_size=2 * settings.max_ws_message_bytes,
+        ws_per_message_deflate=settings.ws_compression,
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
     server = DrainingServer(config)
@@ -388,6 +389,12 @@ def bench(
     type=click.Path(file_okay=False, path_type=Path),
     help="Data dir for the server this command starts (reuses its synthesized checkpoints). [default: a new one]",
 )
+@click.option(
+    "--null-engine",
+    is_flag=True,
+    help="Start the server in this process with an engine that answers at once (a flat JPEG): the server's own "
+    "cost per frame (parsing, validation, input decode, packing, WebSocket), without generation.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench_realtime(
     url: str | None,
@@ -407,6 +414,7 @@ def bench_realtime(
     max_buffering: int | None,
     warmup: float,
     data_dir: Path | None,
+    null_engine: bool,
     as_json: bool,
 ) -> None:
     """Drive realtime sessions like the clients do and report latency and throughput."""
@@ -421,12 +429,27 @@ def bench_realtime(
         frame.update(image_url=input_image_data_url(size, image_format), strength=strength)
     else:
         frame["image_size"] = {"width": size, "height": size}
-    with _bench_server(url, key, weights, device, model, data_dir) as (base_url, api_key):
+    if null_engine and url:
+        raise click.UsageError("--null-engine starts its own server; it does not go with --url")
+    server = _null_bench_server(data_dir) if null_engine else _bench_server(url, key, weights, device, model, data_dir)
+    with server as (base_url, api_key):
         config = BenchConfig(base_url, api_key, app, sessions, fps, duration, frame, max_buffering, warmup_s=warmup)
         report = asyncio.run(run_bench(config))
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if report["misordered"]:
         sys.exit(1)
+
+
+@contextlib.contextmanager
+def _null_bench_server(data_dir: Path | None) -> Iterator[tuple[str, str]]:
+    import secrets
+    import tempfile
+
+    from livegen.bench.null_engine import null_server
+
+    api_key = secrets.token_urlsafe(16)
+    with null_server(data_dir or Path(tempfile.mkdtemp(prefix="livegen-bench-")), api_key) as base_url:
+        yield base_url, api_key
 
 
 @contextlib.contextmanager

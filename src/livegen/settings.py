@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     default_max_buffering: int = Field(default=2, ge=1, le=60, description="Realtime inbox size without ?max_buffering")
     max_session_fps: float = Field(default=60.0, gt=0, description="Frames a realtime session may start per second")
     max_ws_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # permessage-deflate on realtime WebSockets. Off: frames and results are mostly JPEG/PNG bytes,
+    # which do not compress, and deflating them costs ~1 ms of the event loop per message pair.
+    ws_compression: bool = False
     # Browser origins allowed on the realtime WebSocket besides the server's own ("*": any).
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_token_ttl_s: int = Field(default=3600, ge=1, description="Cap on realtime/CDN token lifetimes")

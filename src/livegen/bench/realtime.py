@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import statistics
@@ -97,20 +98,18 @@ async def _session(config: BenchConfig, token: str, index: int, stats: SessionSt
     if config.max_buffering:
         url += f"&max_buffering={config.max_buffering}"
     sent_at: dict[int, float] = {}
-    done_sending = asyncio.Event()
     first_counted = 1 << 62  # the first frame sent after the warm-up; until then nothing counts
-    seq_end = 0
+    last = -1  # the newest request_id answered
+    answered = asyncio.Event()  # set on each result: the sender's drain waits on it
     async with websockets.connect(url, max_size=None) as ws:
 
         async def reader() -> None:
-            last = -1
+            nonlocal last
             timing_for_counted = False  # the next x-fal-message timing follows a counted result
             while True:
                 try:
-                    message = await asyncio.wait_for(
-                        ws.recv(), timeout=config.drain_s if done_sending.is_set() else None
-                    )
-                except (TimeoutError, websockets.ConnectionClosed):
+                    message = await ws.recv()
+                except websockets.ConnectionClosed:
                     return
                 now = time.perf_counter()
                 if isinstance(message, str):
@@ -127,6 +126,7 @@ async def _session(config: BenchConfig, token: str, index: int, stats: SessionSt
                 if seq < last:
                     stats.misordered += 1
                 last = max(last, seq)
+                answered.set()
                 timing_for_counted = seq >= first_counted
                 if seq < first_counted:
                     continue  # a warm-up frame's result
@@ -136,8 +136,6 @@ async def _session(config: BenchConfig, token: str, index: int, stats: SessionSt
                     stats.inference_ms.append(float(inference) * 1e3)
                 if seq in sent_at:
                     stats.latencies_ms.append((now - sent_at[seq]) * 1e3)
-                if done_sending.is_set() and seq == seq_end - 1:
-                    return  # the last frame's result: nothing newer can come
 
         read_task = asyncio.create_task(reader())
         await asyncio.sleep(max(0.0, start_at - time.perf_counter()) + index * (1 / config.fps) / config.sessions)
@@ -155,11 +153,20 @@ async def _session(config: BenchConfig, token: str, index: int, stats: SessionSt
             if seq >= first_counted:
                 stats.sent += 1
             seq += 1
-            seq_end = seq
             next_send += interval
             await asyncio.sleep(max(0.0, next_send - time.perf_counter()))
-        done_sending.set()
-        await read_task
+        # Drain: the newest frame is always answered (older ones may be superseded), so wait for
+        # its result, or drain_s without any result; then the timing message that follows it.
+        while last < seq - 1 and not read_task.done():
+            answered.clear()
+            try:
+                await asyncio.wait_for(answered.wait(), config.drain_s)
+            except TimeoutError:
+                break
+        await asyncio.sleep(0.05)
+        read_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await read_task
 
 
 async def run_bench(config: BenchConfig) -> dict[str, Any]:

@@ -197,7 +197,9 @@ class GenerationService:
                 raise PayloadTooLarge(f"image_bytes is larger than {self._settings.max_input_image_bytes} bytes")
         else:
             assert url is not None
-            data = await anyio.to_thread.run_sync(self._local_file, url, base_url, field)
+            data = None
+            if (file_id := self._local_file_id(url, base_url)) is not None:  # string checks only: no thread
+                data = await anyio.to_thread.run_sync(self._local_file, file_id, field)
         if data is None:
             assert url is not None
             data = await fetch_bytes(url, self._fetch_policy, field=field)
@@ -205,9 +207,11 @@ class GenerationService:
             lambda: decode_image(data, max_pixels=self._settings.max_input_image_pixels, field=field)
         )
 
-    def _local_file(self, url: str, base_url: str, field: str) -> bytes | None:
-        """Bytes of a file this server serves, read from disk instead of over the network
-        (under the same size cap as a download)."""
+    @staticmethod
+    def _local_file_id(url: str, base_url: str) -> str | None:
+        """The file id when ``url`` is one of this server's own files (``…/cdn/files/ID/…``)."""
+        if url[:5].lower() == "data:":  # the common realtime case: no parsing of a long string
+            return None
         base = urlsplit(base_url)
         target = urlsplit(url)
         prefix = base.path.rstrip("/") + "/cdn/files/"
@@ -215,7 +219,11 @@ class GenerationService:
             return None
         if not target.path.startswith(prefix):
             return None
-        file_id = target.path[len(prefix) :].split("/", 1)[0]
+        return target.path[len(prefix) :].split("/", 1)[0]
+
+    def _local_file(self, file_id: str, field: str) -> bytes | None:
+        """Bytes of a file this server serves, read from disk instead of over the network
+        (under the same size cap as a download)."""
         try:
             stored = self._files.get(file_id)
         except NotFound:

@@ -179,7 +179,8 @@ def test_tokens_never_reach_the_log(live_server: LiveServer) -> None:
 
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory: pytest.TempPathFactory, shared_data_dir: Path) -> Iterator[LiveServer]:
-    env = {"LIVEGEN_MAX_SESSIONS": "1", "LIVEGEN_SESSION_TIMEOUT_S": "1.5", "LIVEGEN_MAX_SESSION_FPS": "4"}
+    env = {"LIVEGEN_MAX_SESSIONS": "1", "LIVEGEN_SESSION_TIMEOUT_S": "1.5", "LIVEGEN_MAX_SESSION_FPS": "4",
+           "LIVEGEN_WS_COMPRESSION": "true"}  # fmt: skip
     server = start_server(
         tmp_path_factory.mktemp("small-server"),
         "--weights", "tiny-random", "--device", "cpu", "--models", "stabilityai/sd-turbo",
@@ -215,3 +216,16 @@ def test_frame_rate_cap(small_server: LiveServer) -> None:
             arrivals.append(time.monotonic())
     # 4 frames/s: eight frames need at least 7 intervals of 0.25 s, however fast the engine is.
     assert arrivals[-1] - arrivals[0] >= 7 * 0.25 * 0.9
+
+
+def test_permessage_deflate_is_declined_unless_enabled(live_server: LiveServer, small_server: LiveServer) -> None:
+    """Clients offer permessage-deflate (websockets, as fal-client uses it, and every browser).
+    By default the server declines: results are image bytes, which do not compress. The session
+    works the same either way; LIVEGEN_WS_COMPRESSION=true (small_server) accepts it."""
+    for server, compressed in ((live_server, False), (small_server, True)):
+        with open_session(server) as ws:
+            assert "permessage-deflate" in ws.request.headers["Sec-WebSocket-Extensions"]  # offered
+            accepted = ws.response.headers.get("Sec-WebSocket-Extensions")
+            assert ("permessage-deflate" in (accepted or "")) is compressed, accepted
+            send(ws, {**SMALL, "prompt": "a fox", "request_id": "1"})
+            assert recv_result(ws)["request_id"] == "1"

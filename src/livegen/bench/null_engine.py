@@ -1,0 +1,108 @@
+"""``livegen bench realtime --null-engine``: the server's own cost per frame, without generation.
+
+The server runs in this process (a uvicorn thread, loopback) with an engine that answers every
+request at once with a ready-made JPEG of the requested size. Everything else is the real
+server: token check, msgpack, the frame's validation, the input image's decode (image-to-image),
+the result's packing and the WebSocket. What the bench then measures is the floor that
+generation adds to: on a GPU, frame latency ≈ this + the engine's time.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from livegen.engine import EncodedImage, GenerationRequest, GenerationResult
+
+
+class NullEngine:
+    """An engine that renders nothing: a flat JPEG per (width, height), made once."""
+
+    ready = True
+
+    def __init__(self) -> None:
+        self._jpegs: dict[tuple[int, int], bytes] = {}
+        self._lock = threading.Lock()
+        self.requests = 0
+
+    def check(self, request: GenerationRequest) -> None:
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {"device": "none (null engine)", "models": {}, "requests": self.requests}
+
+    def _jpeg(self, width: int, height: int) -> bytes:
+        with self._lock:
+            if (width, height) not in self._jpegs:
+                buf = io.BytesIO()
+                Image.new("RGB", (width, height), (96, 128, 160)).save(buf, "JPEG", quality=90)
+                self._jpegs[width, height] = buf.getvalue()
+            return self._jpegs[width, height]
+
+    def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
+        started = time.perf_counter()
+        self.requests += 1
+        image = EncodedImage(
+            data=self._jpeg(request.width, request.height),
+            width=request.width,
+            height=request.height,
+            content_type="image/jpeg",
+        )
+        future: Future[GenerationResult] = Future()
+        future.set_result(
+            GenerationResult(
+                images=[image] * request.num_images,
+                seed=request.seed,
+                has_nsfw_concepts=[False] * request.num_images,
+                timings={"inference": time.perf_counter() - started},
+                batch_size=1,
+            )
+        )
+        return future
+
+
+@contextmanager
+def null_server(data_dir: Path, key: str) -> Iterator[str]:
+    """The real app with a ``NullEngine``, on a free loopback port in a thread; yields its URL."""
+    import socket
+
+    import uvicorn
+
+    from livegen.server.app import create_app
+    from livegen.settings import Settings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(data_dir=data_dir, api_keys=key, port=port, models=[])  # type: ignore[arg-type]
+    app = create_app(settings, engine=NullEngine())
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        ws="websockets-sansio",
+        ws_per_message_deflate=settings.ws_compression,  # as `livegen serve` does
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="livegen-null-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the null-engine server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
