@@ -129,10 +129,13 @@ class GenerationService:
                 field="image_bytes" if fields.get("image_bytes") is not None else "image_url",
                 max_side=min(MAX_SIDE, self._settings.max_image_side),
             )
-            image = image.resize((width, height), Image.Resampling.LANCZOS) if image.size != (width, height) else image
+            if image.size != (width, height):  # off the event loop: a LANCZOS resize takes milliseconds
+                image = await anyio.to_thread.run_sync(image.resize, (width, height), Image.Resampling.LANCZOS)
             if task is Task.INPAINTING:
                 raw_mask = await self._load_image(fields["mask_url"], "mask_url", base_url)
-                mask = raw_mask.convert("L").resize((width, height), Image.Resampling.NEAREST)
+                mask = await anyio.to_thread.run_sync(
+                    lambda: raw_mask.convert("L").resize((width, height), Image.Resampling.NEAREST)
+                )
         seed = fields["seed"] if fields["seed"] is not None else secrets.randbelow(2**32)
         return GenerationRequest(
             model_id=fields["model_name"],
