@@ -189,3 +189,24 @@ def test_profile_summary_of_gpu_events() -> None:
     assert p.by_category == {"convolution": 1.5, "gemm": 0.5}
     assert p.total_ms == 2.0 and p.by_region == {"unet": 2.1}
     assert p.top[0] == ("sm90_xmma_fprop_implicit_gemm_f16", 1.5)
+
+
+def test_a_failing_profiler_keeps_the_timings(shared_data_dir: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUPTI may be missing or refused on a GPU machine: the row keeps its timing and says why
+    it has no profile."""
+    from livegen.bench import engine
+    from livegen.bench.engine import EngineBenchConfig, format_table, run_engine_bench
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUPTI_ERROR_INSUFFICIENT_PRIVILEGES")
+
+    monkeypatch.setattr(engine, "profile_batches", refuse)
+    settings = Settings(weights="tiny-random", device="cpu", data_dir=shared_data_dir)
+    config = EngineBenchConfig("stabilityai/sd-turbo", "t2i", 64, 1, (1,), iters=1, baseline=False,
+                               variants=("eager",), profile=True)  # fmt: skip
+    report = run_engine_bench(settings, config)
+    (row,) = report["rows"]
+    assert row["livegen_ms_per_img"] > 0
+    assert row["profile"] == {"error": "RuntimeError: CUPTI_ERROR_INSUFFICIENT_PRIVILEGES"}
+    table = format_table(report)
+    assert "profile eager 64 batch 1: failed (RuntimeError: CUPTI_ERROR_INSUFFICIENT_PRIVILEGES)" in table

@@ -146,6 +146,8 @@ def profile_batches(run: Callable[[], Any], batches: int, cuda: bool) -> Profile
 
 def format_profile(label: str, p: dict[str, Any], wall_ms: float | None = None) -> list[str]:
     """Lines for the bench table: one profile as a small breakdown."""
+    if "error" in p:
+        return [f"profile {label}: failed ({p['error']})"]
     total = p["total_ms"]
     unit = "kernels" if p["where"] == "gpu kernels" else "ops"
     head = f"profile {label}: {p['where']} {total:.2f} ms/batch, {p['ops_per_batch']:.0f} {unit} per batch"

@@ -24,7 +24,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from livegen.engine import Engine, GenerationRequest, GenerationResult, Priority
-from livegen.engine.imaging import check_data_url_size, decode_image, fit_size, to_data_url
+from livegen.engine.imaging import check_data_url_size, decode_image, fit_size, parse_data_url, to_data_url
 from livegen.protocol.apps import BY_ID, Endpoint, Task
 from livegen.protocol.errors import InvalidInput, NotFound, PayloadTooLarge
 from livegen.protocol.schemas import MAX_SIDE, MIN_SIDE, resolve_image_size
@@ -201,6 +201,8 @@ class GenerationService:
         else:
             assert url is not None
             data = None
+            if url[:5].lower() == "data:":  # base64 and the decode together, off the event loop
+                return await anyio.to_thread.run_sync(self._decode_data_url, url, field)
             if (file_id := self._local_file_id(url, base_url)) is not None:  # string checks only: no thread
                 data = await anyio.to_thread.run_sync(self._local_file, file_id, field)
         if data is None:
@@ -210,11 +212,13 @@ class GenerationService:
             lambda: decode_image(data, max_pixels=self._settings.max_input_image_pixels, field=field)
         )
 
+    def _decode_data_url(self, url: str, field: str) -> Image.Image:
+        data = parse_data_url(url, max_bytes=self._settings.max_input_image_bytes, field=field)[1]
+        return decode_image(data, max_pixels=self._settings.max_input_image_pixels, field=field)
+
     @staticmethod
     def _local_file_id(url: str, base_url: str) -> str | None:
         """The file id when ``url`` is one of this server's own files (``…/cdn/files/ID/…``)."""
-        if url[:5].lower() == "data:":  # the common realtime case: no parsing of a long string
-            return None
         base = urlsplit(base_url)
         target = urlsplit(url)
         prefix = base.path.rstrip("/") + "/cdn/files/"
