@@ -210,3 +210,30 @@ def test_a_failing_profiler_keeps_the_timings(shared_data_dir: object, monkeypat
     assert row["profile"] == {"error": "RuntimeError: CUPTI_ERROR_INSUFFICIENT_PRIVILEGES"}
     table = format_table(report)
     assert "profile eager 64 batch 1: failed (RuntimeError: CUPTI_ERROR_INSUFFICIENT_PRIVILEGES)" in table
+
+
+def test_targets_table_from_the_h200_run() -> None:
+    """The issue's targets against the kept H200 results (benchmarks/2026-11-26-h200): the best
+    livegen row per target, whichever variant it came from; realtime targets not run there."""
+    from pathlib import Path
+
+    from livegen.bench.targets import evaluate, format_targets
+
+    path = Path(__file__).parent.parent / "benchmarks" / "2026-11-26-h200" / "results.jsonl"
+    reports = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    realtime = {"name": "t2i-16-sessions", "args": "--sessions 16 --fps 30", "sessions": 16,
+                "latency_ms": {"p50": 20.0, "p99": 45.0}, "delivered_fps_total": 410.0}  # fmt: skip
+    null = {**realtime, "name": "null", "args": "--null-engine --sessions 1", "sessions": 1}
+    entries = {e["target"]: e for e in evaluate([*reports, realtime, null])}
+    b1 = entries["SD-Turbo t2i 1 step, batch 1"]
+    assert (b1["measured"], b1["from"], b1["met"]) == (9.1, "graph, batch 1", False)
+    best = entries["SD-Turbo t2i 1 step, best batch"]
+    assert (best["measured"], best["from"]) == (236.26, "graph+bf16, batch 16")  # the variants run's row
+    assert entries["LCM SD 1.5 4 steps, batch 1"]["measured"] == 31.57
+    assert entries["realtime 16 sessions: frames/s delivered"]["met"] is True
+    assert entries["realtime 16 sessions: p99 frame latency"]["met"] is True
+    # the null-engine run is a breakdown, not the target's run
+    assert entries["realtime 1 session: p50 frame latency"]["measured"] is None
+    table = format_targets(list(entries.values()))
+    assert "| SD-Turbo t2i 1 step, batch 1 | ≤ 5 ms/img | 9.1 ms/img | graph, batch 1 | **no** |" in table
+    assert "| realtime 1 session: p50 frame latency | ≤ 12 ms | not run | - | - |" in table
