@@ -116,6 +116,7 @@ def test_bench_refuses_an_unknown_variant() -> None:
         ("graph+no-cl", {"cuda_graphs": True, "channels_last": False}),
         ("compile", {"torch_compile": "default"}),
         ("graph+cudnn-bench", {"cuda_graphs": True, "cudnn_benchmark": True}),
+        ("graph+sdpa-cudnn", {"cuda_graphs": True, "sdpa_cudnn": True}),
     ],
 )
 def test_variant_settings(variant: str, expected: dict[str, object]) -> None:

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # Fast path: cuDNN times its convolution algorithms for each new shape (during the warm-up
     # runs before a graph capture) instead of picking one by heuristics.
     cudnn_benchmark: bool = False
+    # Fast path: scaled-dot-product attention tries cuDNN's kernels first, then flash (PyTorch's
+    # default order puts flash first).
+    sdpa_cudnn: bool = False
     # Weights' dtype on CUDA (a CPU always runs float32).
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     # Fast path: batches are padded up to the next bucket, so batching never recaptures.

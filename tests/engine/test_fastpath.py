@@ -242,20 +242,30 @@ def test_compiled_shapes_are_the_warm_up_shapes_unless_on_demand(
         assert stats["compiled_shapes"] == 2 and stats["uncompiled_shapes"] == 1
 
 
-def test_cudnn_benchmark_is_on_only_around_the_fast_paths_own_calls(adapters: dict[str, Any]) -> None:
-    """The flag is process-wide: the fast path sets it for its UNet/VAE calls and puts it back, so
-    the plain pipelines (and stock diffusers in ``livegen bench``) keep cuDNN's default."""
+def test_kernel_choices_are_set_only_around_the_fast_paths_own_calls(adapters: dict[str, Any]) -> None:
+    """cuDNN autotuning and the attention backends' order are process-wide: the fast path sets
+    them for its UNet/VAE calls and puts them back, so the plain pipelines (and stock diffusers in
+    ``livegen bench``) keep PyTorch's defaults."""
     import torch
+    from torch.nn.attention import SDPBackend
 
     fast = adapters[SD].fast
-    seen: list[bool] = []
-    hook = fast.unet.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cudnn.benchmark))
+    default_order = torch._C._get_sdp_priority_order()
+    seen: list[tuple[bool, int]] = []
+
+    def record(*_: Any) -> None:
+        seen.append((torch.backends.cudnn.benchmark, torch._C._get_sdp_priority_order()[0]))
+
+    hook = fast.unet.register_forward_pre_hook(record)
     try:
         for on in (True, False):
-            fast.options = dataclasses.replace(fast.options, cudnn_benchmark=on)
+            fast.options = dataclasses.replace(fast.options, cudnn_benchmark=on, sdpa_cudnn=on)
             pixels(adapters[SD]([req(SD, seed=1)]))
-            assert seen[-1] is on
+            benchmark, first_backend = seen[-1]
+            assert benchmark is on
+            assert (first_backend == int(SDPBackend.CUDNN_ATTENTION)) is on
             assert torch.backends.cudnn.benchmark is False
+            assert torch._C._get_sdp_priority_order() == default_order
     finally:
         hook.remove()
-        fast.options = dataclasses.replace(fast.options, cudnn_benchmark=False)
+        fast.options = dataclasses.replace(fast.options, cudnn_benchmark=False, sdpa_cudnn=False)

@@ -31,7 +31,7 @@ PROMPT = "a photo of a red fox in the snow, detailed, 4k"
 
 
 VARIANTS = ("default", "plain", "eager", "graph", "compile", "compile-ro")
-MODIFIERS = ("bf16", "fp16", "fp32", "tiny-vae", "full-vae", "no-cl", "fuse-qkv", "tuned", "cudnn-bench")
+MODIFIERS = ("bf16", "fp16", "fp32", "tiny-vae", "full-vae", "no-cl", "fuse-qkv", "tuned", "cudnn-bench", "sdpa-cudnn")
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def variant_settings(settings: Settings, variant: str) -> Settings:
     """Engine settings for a variant: BASE[+MODIFIER...], e.g. ``graph``, ``graph+bf16``,
     ``eager+full-vae``, ``graph+no-cl`` (without channels_last), ``graph+fuse-qkv`` (fused attention
     projections), ``compile+tuned`` (inductor tuning flags), ``graph+cudnn-bench`` (cuDNN times its
-    convolution algorithms). BASE: default (what ``livegen
+    convolution algorithms), ``graph+sdpa-cudnn`` (cuDNN's attention first). BASE: default (what ``livegen
     serve`` does on this device), plain
     (stock pipelines, no fast path), eager (fast path, no graph), graph (fast path + CUDA
     graphs), compile (torch.compile default mode inside CUDA graphs), compile-ro (torch.compile
@@ -82,6 +82,8 @@ def variant_settings(settings: Settings, variant: str) -> Settings:
             update["compile_tuning"] = True
         elif m == "cudnn-bench":
             update["cudnn_benchmark"] = True
+        elif m == "sdpa-cudnn":
+            update["sdpa_cudnn"] = True
         elif m in ("bf16", "fp16", "fp32"):
             update["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[m]
         else:

@@ -67,6 +67,7 @@ class FastOptions:
     compile_tuning: bool = False
     fuse_qkv: bool = False
     cudnn_benchmark: bool = False
+    sdpa_cudnn: bool = False
     buckets: tuple[int, ...] = BUCKETS
     channels_last: bool = True
     gpu_jpeg: bool = True
@@ -481,7 +482,7 @@ class FastPath:
         def fn(**kw: torch.Tensor) -> torch.Tensor:
             return self._forward(plan, vae, guidance, kw, compiled)
 
-        with _cudnn_benchmark(self.options.cudnn_benchmark):
+        with _cudnn_benchmark(self.options.cudnn_benchmark), _sdpa_order(self.options.sdpa_cudnn):
             return self._run_with(key, compiled, fn, inputs)
 
     def _run_with(
@@ -685,6 +686,19 @@ def _cudnn_benchmark(on: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = False
+
+
+def _sdpa_order(prefer_cudnn: bool) -> contextlib.AbstractContextManager[Any]:
+    """With ``prefer_cudnn``, scaled_dot_product_attention tries cuDNN's attention first (then
+    flash, memory-efficient, math: each is used only where it supports the inputs). The order is
+    process-wide, so it is set only around the fast path's own calls and put back after (the
+    device thread is the only one running attention). Without it, PyTorch's default order."""
+    if not prefer_cudnn:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def _warmup_stream(device: torch.device) -> torch.cuda.Stream:

@@ -481,6 +481,7 @@ class Worker:
             compile_tuning=settings.compile_tuning,
             fuse_qkv=settings.fuse_qkv,
             cudnn_benchmark=settings.cudnn_benchmark,
+            sdpa_cudnn=settings.sdpa_cudnn,
             buckets=tuple(sorted(settings.batch_buckets)),
             jpeg_quality=settings.jpeg_quality,
         )
