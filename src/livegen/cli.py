@@ -149,7 +149,7 @@ def serve(log_level: str, **flags: Any) -> None:
 
     import uvicorn
 
-    from livegen.server.app import create_app
+    from livegen.server.app import create_app, websocket_options
     from livegen.server.routes import realtime
 
     server: uvicorn.Server | None = None
@@ -192,16 +192,13 @@ def serve(log_level: str, **flags: Any) -> None:
                 for sig, handler in original.items():
                     signal.signal(sig, handler)
 
-    # Frames are size-checked by the session (a clear error frame); uvicorn's own cap is a backstop.
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         access_log=False,  # access lines would carry query strings, and realtime tokens travel there
         log_config=None,
-        ws="websockets-sansio",
-        ws_max_size=2 * settings.max_ws_message_bytes,
-        ws_per_message_deflate=settings.ws_compression,
+        **websocket_options(settings),
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
     server = DrainingServer(config)

@@ -76,7 +76,7 @@ def null_server(data_dir: Path, key: str) -> Iterator[str]:
 
     import uvicorn
 
-    from livegen.server.app import create_app
+    from livegen.server.app import create_app, websocket_options
     from livegen.settings import Settings
 
     with socket.socket() as s:
@@ -85,13 +85,7 @@ def null_server(data_dir: Path, key: str) -> Iterator[str]:
     settings = Settings(data_dir=data_dir, api_keys=key, port=port, models=[])  # type: ignore[arg-type]
     app = create_app(settings, engine=NullEngine())
     config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        ws="websockets-sansio",
-        ws_per_message_deflate=settings.ws_compression,  # as `livegen serve` does
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, **websocket_options(settings)
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="livegen-null-server", daemon=True)

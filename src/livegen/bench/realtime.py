@@ -100,11 +100,12 @@ async def _session(config: BenchConfig, token: str, index: int, stats: SessionSt
     sent_at: dict[int, float] = {}
     first_counted = 1 << 62  # the first frame sent after the warm-up; until then nothing counts
     last = -1  # the newest request_id answered
-    answered = asyncio.Event()  # set on each result: the sender's drain waits on it
+    timed = -1  # the newest request_id whose x-fal-message timing came too (it follows the result)
+    answered = asyncio.Event()  # set on each result and timing: the sender's drain waits on it
     async with websockets.connect(url, max_size=None) as ws:
 
         async def reader() -> None:
-            nonlocal last
+            nonlocal last, timed
             timing_for_counted = False  # the next x-fal-message timing follows a counted result
             while True:
                 try:
@@ -117,8 +118,11 @@ async def _session(config: BenchConfig, token: str, index: int, stats: SessionSt
                     if control.get("type") == "x-fal-error":
                         stats.errors += 1
                         stats.error_reasons.append(f"{control.get('error')}: {control.get('reason')}")
-                    elif control.get("action") == "timings" and timing_for_counted:
-                        stats.server_ms.append(float(control.get("timing", 0.0)) * 1e3)
+                    elif control.get("action") == "timings":
+                        timed = last
+                        answered.set()
+                        if timing_for_counted:
+                            stats.server_ms.append(float(control.get("timing", 0.0)) * 1e3)
                     timing_for_counted = False
                     continue
                 result = msgpack.unpackb(message, raw=False)
@@ -156,14 +160,13 @@ async def _session(config: BenchConfig, token: str, index: int, stats: SessionSt
             next_send += interval
             await asyncio.sleep(max(0.0, next_send - time.perf_counter()))
         # Drain: the newest frame is always answered (older ones may be superseded), so wait for
-        # its result, or drain_s without any result; then the timing message that follows it.
-        while last < seq - 1 and not read_task.done():
+        # its result and the timing message that follows it, or drain_s without either.
+        while timed < seq - 1 and not read_task.done():
             answered.clear()
             try:
                 await asyncio.wait_for(answered.wait(), config.drain_s)
             except TimeoutError:
                 break
-        await asyncio.sleep(0.05)
         read_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await read_task

@@ -83,9 +83,7 @@ def evaluate(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if t.batch1 and row["batch"] != 1:
                 continue
             value = row["livegen_ms_per_img"] if t.batch1 else row["livegen_img_per_s"]
-            where = f"{row.get('variant', 'default')}, batch {row['batch']}"
-            if best is None or (value < best[0] if t.batch1 else value > best[0]):
-                best = (value, where)
+            best = _better(best, value, f"{row.get('variant', 'default')}, batch {row['batch']}", t.batch1)
         unit = "ms/img" if t.batch1 else "img/s"
         out.append(_entry(t.what, t.batch1, t.bound, unit, best))
     for rt in REALTIME_TARGETS:
@@ -96,10 +94,16 @@ def evaluate(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
             value = float(rt.metric(report))
             if math.isnan(value):
                 continue
-            if best is None or (value < best[0] if rt.at_most else value > best[0]):
-                best = (value, str(report.get("name", "")))
+            best = _better(best, value, str(report.get("name", "")), rt.at_most)
         out.append(_entry(rt.what, rt.at_most, rt.bound, rt.unit, best))
     return out
+
+
+def _better(best: tuple[float, str] | None, value: float, where: str, lower: bool) -> tuple[float, str]:
+    """``(value, where)`` if it beats ``best`` (lower or higher is better), else ``best``."""
+    if best is None or (value < best[0] if lower else value > best[0]):
+        return value, where
+    return best
 
 
 def _entry(what: str, at_most: bool, bound: float, unit: str, best: tuple[float, str] | None) -> dict[str, Any]:

@@ -122,6 +122,16 @@ async def _open_jobs(app: FastAPI, settings: Settings, db: Database, stack: Asyn
     stack.push_async_callback(jobs.stop)
 
 
+def websocket_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's WebSocket options for this app: frames are size-checked by the session (a clear
+    error frame), uvicorn's cap is a backstop; permessage-deflate as ``ws_compression`` says."""
+    return {
+        "ws": "websockets-sansio",
+        "ws_max_size": 2 * settings.max_ws_message_bytes,
+        "ws_per_message_deflate": settings.ws_compression,
+    }
+
+
 def _start_worker(settings: Settings) -> Any:
     from livegen.engine.worker import Worker  # torch is imported here, not at import time
 

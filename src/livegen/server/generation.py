@@ -200,9 +200,9 @@ class GenerationService:
                 raise PayloadTooLarge(f"image_bytes is larger than {self._settings.max_input_image_bytes} bytes")
         else:
             assert url is not None
-            data = None
             if url[:5].lower() == "data:":  # base64 and the decode together, off the event loop
                 return await anyio.to_thread.run_sync(self._decode_data_url, url, field)
+            data = None
             if (file_id := self._local_file_id(url, base_url)) is not None:  # string checks only: no thread
                 data = await anyio.to_thread.run_sync(self._local_file, file_id, field)
         if data is None:

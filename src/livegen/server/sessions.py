@@ -109,6 +109,7 @@ class Session:
         self._outbox: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=2 * max_buffering)
         self.received = self.dropped = self.results = self.errors = 0
         self._busy = False
+        self._frame_done = asyncio.Event()  # set each time the worker finishes a frame
         self._last_activity = time.monotonic()
         self._close_code, self._close_reason = 1000, ""
         self._stopped = asyncio.Event()
@@ -127,13 +128,15 @@ class Session:
 
     async def _finish_then_close(self, grace_s: float) -> None:
         self.dropped += len(self._inbox)
+        self._metrics.realtime_frames.labels("dropped").inc(len(self._inbox))
         self._inbox.clear()
-        deadline = time.monotonic() + grace_s
-        while self._busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
         if self._busy:
-            self._stopped.set()  # out of time: as an immediate stop
-            return
+            self._frame_done.clear()
+            try:
+                await asyncio.wait_for(self._frame_done.wait(), grace_s)
+            except TimeoutError:
+                self._stopped.set()  # out of time: as an immediate stop
+                return
         await self._outbox.put(Outgoing(None))  # the writer sends what came before, then closes
 
     async def run(self) -> None:
@@ -240,6 +243,7 @@ class Session:
                 await self._process(self._inbox.popleft())
             finally:
                 self._busy = False
+                self._frame_done.set()
                 self._last_activity = time.monotonic()
 
     async def _process(self, frame: Frame) -> None:
