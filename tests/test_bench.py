@@ -32,6 +32,8 @@ def test_bench_realtime_8_sessions(live_server: LiveServer) -> None:
     assert len(report["server_ms"]) == 4 and len(report["inference_ms"]) == 4
     assert 0 < report["inference_ms"]["p50"] <= report["server_ms"]["p50"] <= report["latency_ms"]["p50"]
     assert "in the server ms: p50" in format_report(report)
+    assert report["input_decode"] == {"decoder": "pillow"}  # a CPU server: Pillow decodes inputs
+    assert "input decode (server's total): pillow" in format_report(report)
     print(json.dumps(report, indent=2))  # shown with -s; the CPU figures go nowhere else
 
 

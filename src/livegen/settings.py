@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # Fast path: scaled-dot-product attention tries cuDNN's kernels first, then flash (PyTorch's
     # default order puts flash first).
     sdpa_cudnn: bool = False
+    # Fast path on CUDA: realtime/image-to-image input JPEGs that need no resize are decoded on the
+    # GPU (torchvision's nvjpeg) instead of by Pillow on a CPU core (engine/device_decode.py).
+    gpu_jpeg_decode: bool = True
     # Weights' dtype on CUDA (a CPU always runs float32).
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     # Fast path: batches are padded up to the next bucket, so batching never recaptures.

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from livegen.engine import EncodedImage, GenerationRequest, Task
+from livegen.engine import DeviceImage, EncodedImage, GenerationRequest, Task
 from livegen.engine.fastpath import Deferred
 from livegen.engine.worker import Worker
 from livegen.settings import Settings
@@ -208,7 +209,6 @@ def test_compiled_shapes_are_the_warm_up_shapes_unless_on_demand(
     later (here a new size) runs uncompiled, so it cannot stall its batch for a ~100 s compile,
     unless compile_on_demand. torch.compile is replaced by a counting wrapper: inductor on a CPU
     would take minutes per shape, and which code runs is what is under test."""
-    import torch
 
     calls = [0]
 
@@ -246,7 +246,6 @@ def test_kernel_choices_are_set_only_around_the_fast_paths_own_calls(adapters: d
     """cuDNN autotuning and the attention backends' order are process-wide: the fast path sets
     them for its UNet/VAE calls and puts them back, so the plain pipelines (and stock diffusers in
     ``livegen bench``) keep PyTorch's defaults."""
-    import torch
     from torch.nn.attention import SDPBackend
 
     fast = adapters[SD].fast
@@ -269,3 +268,42 @@ def test_kernel_choices_are_set_only_around_the_fast_paths_own_calls(adapters: d
     finally:
         hook.remove()
         fast.options = dataclasses.replace(fast.options, cudnn_benchmark=False, sdpa_cudnn=False)
+
+
+def device_image(image: Image.Image) -> DeviceImage:
+    """What the server hands the engine when its input decoder (nvjpeg on CUDA) decoded a frame."""
+    return DeviceImage(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous())
+
+
+@pytest.mark.parametrize("model", [SD, LCM])
+def test_images_decoded_on_the_device_render_as_pillow_images_do(adapters: dict[str, Any], model: str) -> None:
+    """Input images the server decoded on the device (``DeviceImage``) go into the fast path's
+    batch as they are, alone or beside Pillow images, and through the plain pipelines as Pillow
+    images: the same pixels in, the same images out."""
+    adapter = adapters[model]
+    kw = {"task": Task.IMAGE_TO_IMAGE, "num_inference_steps": 4 if model == LCM else 2, "strength": 0.5}
+    pil = [req(model, seed=s, **kw) for s in (1, 2)]
+    on_device = [dataclasses.replace(r, image=device_image(r.image)) for r in pil]
+    mixed = [on_device[0], pil[1]]
+    reference = pixels(adapter(pil))
+    assert np.array_equal(pixels(adapter(on_device)), reference)
+    assert np.array_equal(pixels(adapter(mixed)), reference)
+    with plain(adapter, "tiny"):
+        assert np.array_equal(pixels(adapter(on_device)), pixels(adapter(pil)))
+
+
+def test_input_jpegs_are_decoded_on_the_device_only_on_cuda(settings: Settings) -> None:
+    """Pillow decodes inputs on a CPU engine, and where torchvision cannot be imported (the
+    nvjpeg decoder is torchvision's); ``gpu_jpeg_decode=False`` turns it off on CUDA."""
+    from livegen.engine import worker as worker_module
+
+    cpu = Worker(settings)
+    assert cpu.input_decoder is None
+    assert cpu.status()["input_decode"] == {"decoder": "pillow"}
+    cuda = torch.device("cuda")
+    assert worker_module.input_decoder(settings.model_copy(update={"gpu_jpeg_decode": False}), cuda, True) is None
+    assert worker_module.input_decoder(settings, cuda, False) is None  # no fast path
+    try:
+        import torchvision.io  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing here, or a CUDA build beside a CPU torch
+        assert worker_module.input_decoder(settings, cuda, True) is None

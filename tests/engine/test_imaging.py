@@ -153,6 +153,48 @@ def test_result_does_not_depend_on_input_buffer() -> None:
     assert out.tobytes() == before
 
 
+def device_case(kind: str) -> bytes:
+    img = noise((32, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return {
+        "baseline": lambda: save(img, "JPEG"),
+        "progressive": lambda: save(img, "JPEG", progressive=True),
+        "grayscale": lambda: save(img.convert("L"), "JPEG"),
+        "exif-upright": lambda: save(img, "JPEG", exif=Image.Exif()),
+        "exif-rotated": lambda: save(img, "JPEG", exif=exif),
+        "cmyk": lambda: save(img.convert("CMYK"), "JPEG"),
+        "multi-picture": lambda: save(img, "MPO", save_all=True, append_images=[img]),
+        "trailing-bytes": lambda: save(img, "JPEG") + b"\0\0",
+        "png": lambda: save(img, "PNG"),
+        "webp": lambda: save(img, "WEBP"),
+    }[kind]()
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [("baseline", True), ("progressive", True), ("grayscale", True), ("exif-upright", True),
+     ("exif-rotated", False), ("cmyk", False), ("multi-picture", False), ("trailing-bytes", False),
+     ("png", False), ("webp", False)],
+)  # fmt: skip
+def test_device_decodable_takes_plain_complete_upright_jpegs(kind: str, expected: bool) -> None:
+    """What a GPU decoder may decode instead of Pillow: only what comes out the same (no EXIF
+    rotation to apply, no CMYK, one picture) and what Pillow would not refuse as truncated."""
+    data = device_case(kind)
+    with imaging.open_image(data) as header:
+        assert imaging.device_decodable(header, data) is expected
+
+
+def test_open_image_checks_the_header_and_decodes_nothing() -> None:
+    data = save(noise((64, 64)), "JPEG")
+    with imaging.open_image(data[: len(data) // 2]) as header:  # pixel data cut: still opens
+        assert header.size == (64, 64)
+    with pytest.raises(InvalidImage, match="at most 1024 pixels"):
+        imaging.open_image(data, max_pixels=1024)
+    with pytest.raises(InvalidImage, match="empty"):
+        imaging.open_image(b"")
+
+
 # --- decode_image: refused inputs --------------------------------------------------------------
 
 

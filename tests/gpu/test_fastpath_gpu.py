@@ -13,6 +13,7 @@ against the same fast path run eagerly uses the same kernels and should agree to
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 from collections.abc import Iterator
@@ -138,6 +139,53 @@ def test_graph_replay_across_buckets_matches_eager(loaded: dict[tuple[str, str],
     three = [req(SD, seed=20 + i, vae="tiny") for i in range(3)]
     singles = [pixels(graph([r]))[0] for r in three]
     compare("bucket-4-padded-vs-singles", pixels(graph(three)), singles)
+
+
+def webcam_jpeg(size: int = 512) -> bytes:
+    """A smooth frame with sensor noise, as a webcam sends it (JPEG quality 85, 4:2:0)."""
+    import io
+
+    ramp = np.linspace(0, 1, size)
+    rgb = np.stack([np.outer(ramp, ramp), np.outer(1 - ramp, ramp), np.outer(ramp, 1 - ramp)], -1) * 235
+    noisy = rgb + np.random.default_rng(0).normal(0, 6, rgb.shape)
+    buf = io.BytesIO()
+    Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def test_nvjpeg_input_decode_matches_pillow(loaded: dict[tuple[str, str], Any]) -> None:
+    """Input JPEGs decoded by nvjpeg (the server's path for realtime frames on CUDA) against
+    Pillow's decode: the decoders' IDCT and chroma upsampling differ by a few levels at most; the
+    fast path's image-to-image output from either stays within the fast path's tolerance."""
+    import time
+
+    from livegen.engine.device_decode import JpegDecoder
+    from livegen.engine.imaging import decode_image
+
+    decoder = JpegDecoder.nvjpeg(torch.device("cuda"))
+    assert decoder is not None, "torchvision is not importable"
+    data = webcam_jpeg()
+    on_device = decoder(data)
+    assert on_device is not None and on_device.pixels.is_cuda, decoder.status()
+    pil = decode_image(data)
+    diff = np.abs(np.asarray(on_device.to_pil()).astype(int) - np.asarray(pil).astype(int))
+    timings = {}
+    for name, fn in (("nvjpeg", lambda: decoder(data)), ("pillow", lambda: decode_image(data))):
+        fn()
+        start = time.perf_counter()
+        for _ in range(50):
+            fn()
+        timings[name] = (time.perf_counter() - start) / 50 * 1e3
+    print(
+        f"FASTPATH-GPU nvjpeg-vs-pillow input max={diff.max()} mean={diff.mean():.3f} "
+        f"ms nvjpeg={timings['nvjpeg']:.3f} pillow={timings['pillow']:.3f} status={decoder.status()}"
+    )
+    assert diff.mean() <= 1.5
+    i2i = {"task": Task.IMAGE_TO_IMAGE, "num_inference_steps": 2, "strength": 0.5, "vae": "tiny"}
+    with_pil = [dataclasses.replace(req(SD, seed=s, **i2i), image=pil) for s in (1, 2)]
+    with_device = [dataclasses.replace(r, image=decoder(data)) for r in with_pil]
+    fast = adapter(loaded, SD, "fast")
+    compare("sd-i2i:nvjpeg-input-vs-pillow-input", pixels(fast(with_device)), pixels(fast(with_pil)))
 
 
 def test_gpu_jpeg_and_sd_turbo_memory(loaded: dict[tuple[str, str], Any]) -> None:

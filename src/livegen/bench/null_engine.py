@@ -27,6 +27,7 @@ class NullEngine:
     """An engine that renders nothing: a flat JPEG per (width, height), made once."""
 
     ready = True
+    input_decoder = None  # the server decodes inputs with Pillow, as on a CPU
 
     def __init__(self) -> None:
         self._jpegs: dict[tuple[int, int], bytes] = {}
@@ -37,7 +38,12 @@ class NullEngine:
         return None
 
     def status(self) -> dict[str, Any]:
-        return {"device": "none (null engine)", "models": {}, "requests": self.requests}
+        return {
+            "device": "none (null engine)",
+            "models": {},
+            "requests": self.requests,
+            "input_decode": {"decoder": "pillow"},
+        }
 
     def _jpeg(self, width: int, height: int) -> bytes:
         with self._lock:

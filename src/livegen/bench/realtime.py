@@ -180,7 +180,14 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
     started = time.perf_counter()
     await asyncio.gather(*(_session(config, tokens[i], i, stats[i], start_at) for i in range(config.sessions)))
     wall = time.perf_counter() - started
-    return summarize(config, stats, wall)
+    report = summarize(config, stats, wall)
+    async with httpx.AsyncClient(timeout=30) as client:
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            # Which decoder took the input images (Pillow, or nvjpeg on a CUDA server), and how many.
+            decode = (await client.get(f"{config.base_url}/readyz")).json().get("input_decode")
+            if decode is not None:
+                report["input_decode"] = decode
+    return report
 
 
 def summarize(config: BenchConfig, stats: list[SessionStats], wall_s: float) -> dict[str, Any]:
@@ -234,6 +241,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"delivered frames/s: total {report['delivered_fps_total']:.1f}, "
         f"per session {report['delivered_fps_per_session']:.2f}",
     ]
+    if decode := report.get("input_decode"):
+        counts = f": {decode['images']} images, {decode['fallbacks']} to Pillow" if "images" in decode else ""
+        lines.append(f"input decode (server's total): {decode['decoder']}{counts}")
     for sample in report["error_samples"]:
         lines.append(f"error: {sample}")
     return "\n".join(lines)

@@ -16,9 +16,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from livegen.protocol.apps import Task
 
 if TYPE_CHECKING:
+    import torch
     from PIL.Image import Image as PILImage
 
-__all__ = ["Engine", "EncodedImage", "GenerationRequest", "GenerationResult", "Priority", "Task"]
+    from livegen.engine.device_decode import JpegDecoder
+
+__all__ = ["DeviceImage", "Engine", "EncodedImage", "GenerationRequest", "GenerationResult", "Priority", "Task"]
 
 
 class Priority(enum.IntEnum):
@@ -27,6 +30,25 @@ class Priority(enum.IntEnum):
     REALTIME = 0
     SYNC = 1
     QUEUED = 2
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceImage:
+    """An input image already decoded where the engine runs (``Engine.input_decoder``):
+    uint8, (3, height, width), RGB."""
+
+    pixels: torch.Tensor
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), as ``PIL.Image.size``."""
+        return int(self.pixels.shape[2]), int(self.pixels.shape[1])
+
+    def to_pil(self) -> PILImage:
+        """For the plain pipelines (inpainting, guidance_rescale, models without the fast path)."""
+        from PIL import Image
+
+        return Image.fromarray(self.pixels.permute(1, 2, 0).cpu().numpy())
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,7 +65,8 @@ class GenerationRequest:
     num_images: int = 1
     strength: float = 1.0
     guidance_rescale: float = 0.0
-    image: PILImage | None = None  # RGB, already width x height
+    # RGB, already width x height; a DeviceImage when the engine's input_decoder decoded it.
+    image: PILImage | DeviceImage | None = None
     mask: PILImage | None = None  # L, already width x height
     output_format: Literal["jpeg", "png"] = "jpeg"
     # Center-crop each result to this (width, height) after generation.
@@ -101,3 +124,8 @@ class Engine(Protocol):
 
     @property
     def ready(self) -> bool: ...
+
+    @property
+    def input_decoder(self) -> JpegDecoder | None:
+        """Decodes input JPEGs where the engine runs (nvjpeg on CUDA); None: the server uses Pillow."""
+        ...

@@ -38,7 +38,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from livegen.engine import EncodedImage, Task
+from livegen.engine import DeviceImage, EncodedImage, Task
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class Job:
     negative_embeds: torch.Tensor | None = None  # set when classifier-free guidance is on
     pooled: torch.Tensor | None = None  # SDXL: (n, dim)
     negative_pooled: torch.Tensor | None = None
-    images: Sequence[Image.Image] | None = None  # i2i inputs, RGB, width x height
+    images: Sequence[Image.Image | DeviceImage] | None = None  # i2i inputs, RGB, width x height
     crops: Sequence[tuple[int, int] | None] = ()  # per row: center-crop to (w, h)
     formats: Sequence[str] = ()  # per row: "jpeg" | "png" (GPU JPEG encode when possible)
 
@@ -427,10 +427,7 @@ class FastPath:
         inputs: dict[str, torch.Tensor] = {}
         if job.task is Task.IMAGE_TO_IMAGE:
             assert job.images is not None
-            host = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in job.images]))
-            if dev.type == "cuda":
-                host = host.pin_memory()
-            inputs["image"] = host.to(dev, non_blocking=True)
+            inputs["image"] = self._input_images(job.images)
             vae, vae_dtype = self.vae_for(job.vae)
             if not hasattr(vae, "latent_magnitude"):  # AutoencoderKL samples its posterior
                 inputs["vae_noise"] = torch.cat([_draw(g, shape, dev, vae_dtype) for g in gens])
@@ -468,6 +465,28 @@ class FastPath:
         if "step_noise" in inputs:
             inputs["step_noise"] = torch.stack([_pad(x, bucket) for x in inputs["step_noise"]])
         return inputs
+
+    def _input_images(self, images: Sequence[Image.Image | DeviceImage]) -> torch.Tensor:
+        """(rows, H, W, 3) uint8 on the device: Pillow images through one pinned copy, images
+        the server had decoded on the device (nvjpeg) as they are."""
+        dev = self.device
+        if not any(isinstance(im, DeviceImage) for im in images):
+            host = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images]))
+            if dev.type == "cuda":
+                host = host.pin_memory()
+            return host.to(dev, non_blocking=True)
+        rows: list[torch.Tensor] = []
+        for im in images:
+            if isinstance(im, DeviceImage):
+                pixels = im.pixels.to(dev)
+                if dev.type == "cuda":
+                    # Allocated on the decoder's stream, read here on this one: keep its memory
+                    # from being handed out again until this stream is done with it.
+                    pixels.record_stream(torch.cuda.current_stream(dev))
+                rows.append(pixels.permute(1, 2, 0))
+            else:
+                rows.append(torch.from_numpy(np.asarray(im, dtype=np.uint8)).to(dev))
+        return torch.stack(rows)
 
     def _run(
         self,

@@ -32,8 +32,10 @@ __all__ = [
     "check_data_url_size",
     "content_type_for",
     "decode_image",
+    "device_decodable",
     "encode_image",
     "fit_size",
+    "open_image",
     "parse_data_url",
     "to_data_url",
 ]
@@ -43,6 +45,7 @@ ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
 # Pillow's JPEG opener returns an "MPO" image for multi-picture JPEGs (many phone and
 # stereo cameras write them). The first picture is an ordinary JPEG, so we accept it as one.
 _JPEG_ALIASES = {"MPO"}
+_EXIF_ORIENTATION = 0x0112
 
 # What Pillow (or a broken file) may raise while parsing or decoding untrusted bytes.
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
@@ -70,6 +73,26 @@ def decode_image(data: bytes, *, max_pixels: int = 4096 * 4096, field: str = "im
     Only the pixel count is limited, not the shape: a 1×100000 strip passes the default limit.
     """
     loc = ("body", field)
+    with open_image(data, max_pixels=max_pixels, field=field) as img:
+        try:
+            img.load()
+            # exif_transpose always returns a new image, so nothing below refers to ``data``.
+            oriented = ImageOps.exif_transpose(img)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InvalidImage(f"{field} has too many pixels to decode", loc=loc) from exc
+        except _DECODE_ERRORS as exc:
+            raise InvalidImage(f"{field} is truncated or corrupt and cannot be decoded", loc=loc) from exc
+
+    return _to_rgb(oriented)
+
+
+def open_image(data: bytes, *, max_pixels: int = 4096 * 4096, field: str = "image_url") -> Image.Image:
+    """Steps 1 and 2 of :func:`decode_image`: the header read and checked, nothing decoded yet.
+
+    The caller closes the image (``with open_image(...) as img``). Same InvalidImage errors for
+    what the header shows; a file whose header passes may still fail to decode.
+    """
+    loc = ("body", field)
     if not data:
         raise InvalidImage(f"{field} is empty", loc=loc)
 
@@ -85,7 +108,7 @@ def decode_image(data: bytes, *, max_pixels: int = 4096 * 4096, field: str = "im
     except _DECODE_ERRORS as exc:
         raise InvalidImage(f"{field} is truncated or corrupt: its header cannot be read", loc=loc) from exc
 
-    with img:
+    try:
         fmt = "JPEG" if img.format in _JPEG_ALIASES else img.format
         if fmt not in ALLOWED_FORMATS:  # Pillow was told to try only these; belt and braces
             raise InvalidImage(f"{field} is a {img.format} image; only PNG, JPEG or WebP images are accepted", loc=loc)
@@ -101,17 +124,27 @@ def decode_image(data: bytes, *, max_pixels: int = 4096 * 4096, field: str = "im
                 f"{field} is an animated {fmt} with {frames} frames; send a single still image",
                 loc=loc,
             )
+    except BaseException:
+        img.close()
+        raise
+    return img
 
-        try:
-            img.load()
-            # exif_transpose always returns a new image, so nothing below refers to ``data``.
-            oriented = ImageOps.exif_transpose(img)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise InvalidImage(f"{field} has too many pixels to decode", loc=loc) from exc
-        except _DECODE_ERRORS as exc:
-            raise InvalidImage(f"{field} is truncated or corrupt and cannot be decoded", loc=loc) from exc
 
-    return _to_rgb(oriented)
+def device_decodable(img: Image.Image, data: bytes) -> bool:
+    """Whether a GPU JPEG decoder (nvjpeg) gives what :func:`decode_image` gives for ``data``,
+    whose header ``img`` is (from :func:`open_image`): a plain single-picture JPEG (not MPO), in
+    YCbCr or grayscale (not CMYK, not Adobe-transformed), with no EXIF rotation to apply, and
+    complete (it ends with the end-of-image marker; Pillow refuses a truncated file, a GPU
+    decoder may not)."""
+    if img.format != "JPEG" or img.mode not in ("RGB", "L") or "adobe" in img.info:
+        return False
+    if not data.endswith(b"\xff\xd9"):
+        return False
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except _DECODE_ERRORS:
+        return False
+    return orientation == 1
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from livegen.engine import EncodedImage, GenerationRequest, GenerationResult, fastpath
+from livegen.engine.device_decode import JpegDecoder
 from livegen.engine.fastpath import Deferred, FastOptions, FastPath
 from livegen.engine.imaging import content_type_for, encode_image
 from livegen.engine.pipelines import common, lcm
@@ -88,6 +89,17 @@ def fast_path_enabled(choice: str, device: torch.device) -> bool:
     return choice == "on" or (choice == "auto" and device.type == "cuda")
 
 
+def input_decoder(settings: Settings, device: torch.device, fast: bool) -> JpegDecoder | None:
+    """nvjpeg for input JPEGs when the fast path runs on CUDA (``gpu_jpeg_decode``) and
+    torchvision imports; else None, and the server decodes with Pillow."""
+    if not (settings.gpu_jpeg_decode and fast and device.type == "cuda"):
+        return None
+    decoder = JpegDecoder.nvjpeg(device)
+    if decoder is None:
+        logger.info("torchvision is not importable: input JPEGs are decoded by Pillow on the CPU")
+    return decoder
+
+
 def _vram() -> int:
     return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
 
@@ -100,6 +112,7 @@ class Worker:
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.fast = fast_path_enabled(settings.fast_path, self.device)
+        self.input_decoder = input_decoder(settings, self.device, self.fast)
         self.stats = Stats()
         self.timings: dict[str, float] = {}  # load_s, warmup_s, time_to_ready_s
         self._vram: dict[str, int] = {}  # bytes allocated on the device by each model's load
@@ -201,6 +214,7 @@ class Worker:
             "busy_s": round(self.stats.busy_s, 3),
             "batch_sizes": dict(self.stats.batch_sizes),
             "fast_path": {m: dict(vars(f.stats)) for m, a in self._adapters.items() if (f := _fast_of(a)) is not None},
+            "input_decode": self.input_decoder.status() if self.input_decoder is not None else {"decoder": "pillow"},
             "timings": dict(self.timings),
             **self._memory(),
         }

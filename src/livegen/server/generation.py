@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,8 +25,16 @@ import anyio
 from PIL import Image
 from pydantic import BaseModel
 
-from livegen.engine import Engine, GenerationRequest, GenerationResult, Priority
-from livegen.engine.imaging import check_data_url_size, decode_image, fit_size, parse_data_url, to_data_url
+from livegen.engine import DeviceImage, Engine, GenerationRequest, GenerationResult, Priority
+from livegen.engine.imaging import (
+    check_data_url_size,
+    decode_image,
+    device_decodable,
+    fit_size,
+    open_image,
+    parse_data_url,
+    to_data_url,
+)
 from livegen.protocol.apps import BY_ID, Endpoint, Task
 from livegen.protocol.errors import InvalidInput, NotFound, PayloadTooLarge
 from livegen.protocol.schemas import MAX_SIDE, MIN_SIDE, resolve_image_size
@@ -118,21 +128,38 @@ class GenerationService:
         if task is Task.TEXT_TO_IMAGE:
             width, height = resolve_image_size(getattr(body, "image_size", None) or default_image_size(endpoint.app_id))
         else:
-            image = await self._load_image(
-                fields.get("image_url"), "image_url", base_url, raw=fields.get("image_bytes")
-            )
-            width, height, crop_to = output_size(
-                image.size,
-                getattr(body, "image_size", None),
+            size_for = functools.partial(
+                output_size,
+                image_size=getattr(body, "image_size", None),
                 preserve_aspect_ratio=fields["preserve_aspect_ratio"],
                 crop_output=fields["crop_output"],
                 field="image_bytes" if fields.get("image_bytes") is not None else "image_url",
                 max_side=min(MAX_SIDE, self._settings.max_image_side),
             )
-            if image.size != (width, height):  # off the event loop: a LANCZOS resize takes milliseconds
-                image = await anyio.to_thread.run_sync(image.resize, (width, height), Image.Resampling.LANCZOS)
+
+            def needs_no_resize(size: tuple[int, int]) -> bool:
+                try:
+                    return size_for(size)[:2] == size
+                except InvalidInput:
+                    return False  # raised again below, from the decoded image's size
+
+            loaded = await self._load_image(
+                fields.get("image_url"),
+                "image_url",
+                base_url,
+                raw=fields.get("image_bytes"),
+                # The engine decodes on its device only what it takes as is: a realtime frame
+                # sent at the output size. Inpainting runs on the plain pipelines (Pillow's).
+                on_device=needs_no_resize if task is Task.IMAGE_TO_IMAGE else None,
+            )
+            width, height, crop_to = size_for(loaded.size)
+            if loaded.size != (width, height):  # off the event loop: a LANCZOS resize takes milliseconds
+                pil = loaded.to_pil() if isinstance(loaded, DeviceImage) else loaded
+                loaded = await anyio.to_thread.run_sync(pil.resize, (width, height), Image.Resampling.LANCZOS)
+            image = loaded
             if task is Task.INPAINTING:
                 raw_mask = await self._load_image(fields["mask_url"], "mask_url", base_url)
+                assert isinstance(raw_mask, Image.Image)  # no on_device: always Pillow's
                 mask = await anyio.to_thread.run_sync(
                     lambda: raw_mask.convert("L").resize((width, height), Image.Resampling.NEAREST)
                 )
@@ -192,7 +219,17 @@ class GenerationService:
                     loc=("body", "image_size"),
                 )
 
-    async def _load_image(self, url: str | None, field: str, base_url: str, *, raw: bytes | None = None) -> Image.Image:
+    async def _load_image(
+        self,
+        url: str | None,
+        field: str,
+        base_url: str,
+        *,
+        raw: bytes | None = None,
+        on_device: Callable[[tuple[int, int]], bool] | None = None,
+    ) -> Image.Image | DeviceImage:
+        """The input image, decoded off the event loop. ``on_device``: given the image's size,
+        may the engine's ``input_decoder`` decode it (if the engine has one)?"""
         if raw is not None:
             data: bytes | None = raw
             field = "image_bytes"
@@ -201,20 +238,33 @@ class GenerationService:
         else:
             assert url is not None
             if url[:5].lower() == "data:":  # base64 and the decode together, off the event loop
-                return await anyio.to_thread.run_sync(self._decode_data_url, url, field)
+                return await anyio.to_thread.run_sync(self._decode_data_url, url, field, on_device)
             data = None
             if (file_id := self._local_file_id(url, base_url)) is not None:  # string checks only: no thread
                 data = await anyio.to_thread.run_sync(self._local_file, file_id, field)
         if data is None:
             assert url is not None
             data = await fetch_bytes(url, self._fetch_policy, field=field)
-        return await anyio.to_thread.run_sync(
-            lambda: decode_image(data, max_pixels=self._settings.max_input_image_pixels, field=field)
-        )
+        return await anyio.to_thread.run_sync(self._decode, data, field, on_device)
 
-    def _decode_data_url(self, url: str, field: str) -> Image.Image:
+    def _decode_data_url(
+        self, url: str, field: str, on_device: Callable[[tuple[int, int]], bool] | None = None
+    ) -> Image.Image | DeviceImage:
         data = parse_data_url(url, max_bytes=self._settings.max_input_image_bytes, field=field)[1]
-        return decode_image(data, max_pixels=self._settings.max_input_image_pixels, field=field)
+        return self._decode(data, field, on_device)
+
+    def _decode(
+        self, data: bytes, field: str, on_device: Callable[[tuple[int, int]], bool] | None = None
+    ) -> Image.Image | DeviceImage:
+        """Pillow's decode, or the engine's input decoder's for a JPEG it decodes the same."""
+        max_pixels = self._settings.max_input_image_pixels
+        decoder = self._engine.input_decoder
+        if decoder is not None and on_device is not None:
+            with open_image(data, max_pixels=max_pixels, field=field) as header:  # the same 422s
+                eligible = device_decodable(header, data) and on_device(header.size)
+            if eligible and (decoded := decoder(data)) is not None:
+                return decoded
+        return decode_image(data, max_pixels=max_pixels, field=field)
 
     @staticmethod
     def _local_file_id(url: str, base_url: str) -> str | None:

@@ -10,7 +10,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 from PIL import Image
 
-from livegen.engine import GenerationRequest, Task
+from livegen.engine import DeviceImage, GenerationRequest, Task
 from livegen.engine.fastpath import Deferred, FastPath, Job, Output, VaeChoice
 from livegen.protocol.errors import InvalidInput
 
@@ -92,8 +92,23 @@ def repeat_rows(rows: Sequence[torch.Tensor], batch: Sequence[GenerationRequest]
     return torch.cat([row.expand(r.num_images, *row.shape[1:]) for row, r in zip(rows, batch, strict=True)])
 
 
-def repeat_images(images: Sequence[Image.Image | None], batch: Sequence[GenerationRequest]) -> list[Image.Image]:
+def repeat_images(
+    images: Sequence[Image.Image | DeviceImage | None], batch: Sequence[GenerationRequest]
+) -> list[Image.Image]:
+    """Each request's input image num_images times, as Pillow images (the plain pipelines')."""
     out: list[Image.Image] = []
+    for image, r in zip(images, batch, strict=True):
+        assert image is not None
+        pil = image.to_pil() if isinstance(image, DeviceImage) else image
+        out.extend([pil] * r.num_images)
+    return out
+
+
+def repeat_inputs(
+    images: Sequence[Image.Image | DeviceImage | None], batch: Sequence[GenerationRequest]
+) -> list[Image.Image | DeviceImage]:
+    """The same for the fast path, which takes images decoded on its device as they are."""
+    out: list[Image.Image | DeviceImage] = []
     for image, r in zip(images, batch, strict=True):
         assert image is not None
         out.extend([image] * r.num_images)
@@ -174,7 +189,7 @@ def fast_job(
         negative_embeds=negative_embeds,
         pooled=pooled,
         negative_pooled=negative_pooled,
-        images=repeat_images([r.image for r in batch], batch) if i2i else None,
+        images=repeat_inputs([r.image for r in batch], batch) if i2i else None,
         crops=[r.crop_to for r in batch for _ in range(r.num_images)],
         formats=[r.output_format for r in batch for _ in range(r.num_images)],
     )
