@@ -201,3 +201,17 @@ def test_broken_jpegs_get_pillows_errors_not_the_decoders(tmp_path: Path, data: 
         build(engine, tmp_path, I2I, body)
     assert info.value.loc == ("body", "image_url")
     assert calls == []
+
+
+def test_the_decoders_warm_up_is_not_counted_and_a_failure_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    """The worker warms the decoder up at start (nvjpeg's first call sets up its state)."""
+    engine = DecodingEngine()
+    engine.input_decoder.warm_up()
+    assert engine.input_decoder.status()["images"] == 0
+
+    def broken(data: bytes) -> torch.Tensor:
+        raise RuntimeError("no nvjpeg here")
+
+    with caplog.at_level(logging.WARNING, logger="livegen.engine.device_decode"):
+        DecodingEngine(broken).input_decoder.warm_up()
+    assert any("failed its warm-up decode (no nvjpeg here)" in r.getMessage() for r in caplog.records)

@@ -72,6 +72,20 @@ class JpegDecoder:
 
         return cls(device, decode, "nvjpeg")
 
+    def warm_up(self) -> None:
+        """Decode a small JPEG once, not counted: nvjpeg sets up its handle, buffers and stream on
+        first use (tens of ms), which the first realtime frame should not wait for."""
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), (96, 128, 160)).save(buf, "JPEG")
+        try:
+            self._decode(buf.getvalue())
+        except Exception as exc:  # noqa: BLE001 - said here; each frame then falls back to Pillow
+            logger.warning("%s failed its warm-up decode (%s); input JPEGs may be decoded by Pillow", self.name, exc)
+
     def __call__(self, data: bytes) -> DeviceImage | None:
         """The decoded image, or None when this decoder failed on it (the caller then uses Pillow)."""
         try:

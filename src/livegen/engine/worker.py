@@ -272,6 +272,8 @@ class Worker:
         for adapter in self._adapters.values():
             if (fast := _fast_of(adapter)) is not None:
                 fast.compile_new_shapes = self.settings.compile_on_demand  # the warm-up shapes are compiled
+        if self.input_decoder is not None:
+            self.input_decoder.warm_up()
         if self.fast:
             self.timings["warmup_s"] = time.perf_counter() - started
 
