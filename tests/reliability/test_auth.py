@@ -225,6 +225,32 @@ def test_revoking_a_key_ends_its_outstanding_tokens(
     assert r.status_code == 401 and "revoked" in r.json()["detail"]
 
 
+def test_a_static_keys_id_is_bound_to_the_key_not_its_place_in_the_list(tmp_path: Path) -> None:
+    """Queue jobs and tokens carry the key id. With ids by position, taking key A out of
+    ``LIVEGEN_API_KEYS=A,B`` gave B A's id: B could read A's jobs and A's tokens kept working."""
+    a, b, c = (SecretStr(f"key-{name}-{secrets.token_hex(8)}") for name in "abc")
+
+    def ids(keys: list[SecretStr]) -> tuple[KeyStore, dict[str, str]]:
+        with Database.open(tmp_path / "keys.sqlite3") as db:
+            store = KeyStore(db, keys)
+            return store, {k.get_secret_value(): store.verify(k.get_secret_value()) for k in keys}
+
+    _, first = ids([a, b])
+    assert list(first.values()) == ["static-0", "static-1"]  # the ids positions gave before: kept
+    _, reordered = ids([b, a])
+    assert reordered == first
+    with Database.open(tmp_path / "keys.sqlite3") as db:
+        store = KeyStore(db, [b])
+        assert store.verify(b.get_secret_value()) == "static-1"
+        assert not store.is_active("static-0")  # A's tokens die with A's place in the list
+        with pytest.raises(Unauthorized):
+            store.verify(a.get_secret_value())
+    _, later = ids([c, b, c])  # a new key (listed twice: one key) gets an id no other key had
+    c_id = later[c.get_secret_value()]
+    assert c_id.startswith("static-") and c_id not in ("static-0", "static-1")
+    assert ids([a, b, c])[1] == {**first, c.get_secret_value(): c_id}
+
+
 def test_key_comparison_is_constant_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every check goes through hmac.compare_digest on SHA-256 digests, and every static key is
     compared whether or not an earlier one matched (no early exit to time)."""

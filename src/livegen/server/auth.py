@@ -35,6 +35,11 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created_at  REAL NOT NULL,
     revoked_at  REAL
 );
+CREATE TABLE IF NOT EXISTS static_keys (
+    key_sha256  TEXT PRIMARY KEY,
+    key_id      TEXT NOT NULL UNIQUE,
+    first_seen  REAL NOT NULL
+);
 """
 
 
@@ -46,7 +51,32 @@ class KeyStore:
     def __init__(self, db: Database, static_keys: list[SecretStr] | None = None) -> None:
         self._db = db
         db.migrate(SCHEMA)
-        self._static = [(f"static-{i}", _digest(k.get_secret_value())) for i, k in enumerate(static_keys or [])]
+        self._static = self._static_ids([_digest(k.get_secret_value()) for k in static_keys or []])
+
+    def _static_ids(self, digests: list[str]) -> list[tuple[str, str]]:
+        """(key id, digest) of each static key. A static key's id is bound to the key (by its
+        digest, kept in the data dir), not to its place in ``LIVEGEN_API_KEYS``: reordering the
+        list changes nothing, and a key taken out of it takes its id along (its tokens stop
+        working, its jobs stay its own) instead of handing it to the key that moves up.
+
+        The first time (no static key recorded yet) the ids the list's order gave before ids were
+        bound, ``static-0``, ``static-1``, …, are kept for the keys listed, so their jobs stay
+        theirs; keys added later get a new random id."""
+        if not digests:
+            return []
+        with self._db.transaction() as conn:
+            known = dict(conn.execute("SELECT key_sha256, key_id FROM static_keys").fetchall())
+            first_time = not known
+            for i, digest in enumerate(digests):
+                if digest not in known:
+                    key_id = f"static-{i}" if first_time else f"static-{secrets.token_hex(6)}"
+                    conn.execute(
+                        "INSERT INTO static_keys (key_sha256, key_id, first_seen) VALUES (?, ?, ?)",
+                        (digest, key_id, time.time()),
+                    )
+                    known[digest] = key_id
+        # A key listed twice is one key.
+        return list({digest: (known[digest], digest) for digest in digests}.values())
 
     def create(self, name: str = "default") -> tuple[KeyInfo, str]:
         """A new key; the full key is returned once and never stored."""

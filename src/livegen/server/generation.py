@@ -296,8 +296,6 @@ class GenerationService:
         ``image_bytes``) instead of URLs."""
         images: list[dict[str, Any]] = []
         for encoded in result.images:
-            ext = encoded.content_type.split("/")[-1]
-            file_name = f"{uuid.uuid4().hex}.{ext}"
             if as_bytes:
                 images.append(
                     {
@@ -308,6 +306,7 @@ class GenerationService:
                     }
                 )
                 continue
+            file_name = f"{uuid.uuid4().hex}.{encoded.content_type.split('/')[-1]}"
             if body.sync_mode:  # type: ignore[attr-defined]
                 url = to_data_url(encoded.data, encoded.content_type)
             else:
