@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -119,6 +120,7 @@ def test_bench_refuses_an_unknown_variant() -> None:
         ("compile", {"torch_compile": "default"}),
         ("graph+cudnn-bench", {"cuda_graphs": True, "cudnn_benchmark": True}),
         ("graph+sdpa-cudnn", {"cuda_graphs": True, "sdpa_cudnn": True}),
+        ("compile+dyn-batch", {"torch_compile": "default", "compile_dynamic_batch": True}),
     ],
 )
 def test_variant_settings(variant: str, expected: dict[str, object]) -> None:
@@ -240,3 +242,33 @@ def test_targets_table_from_the_h200_run() -> None:
     table = format_targets(list(entries.values()))
     assert "| SD-Turbo t2i 1 step, batch 1 | ≤ 5 ms/img | 9.1 ms/img | graph, batch 1 | **no** |" in table
     assert "| realtime 1 session: p50 frame latency | ≤ 12 ms | not run | - | - |" in table
+
+
+def test_the_compile_variant_compiles_the_shapes_it_benches(
+    shared_data_dir: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bench's first call at each shape is its warm-up: with compiling closed after the
+    engine's own (empty) warm-up, the compile variant used to time uncompiled graphs. torch.compile
+    is a counting stand-in (inductor on a CPU takes minutes); which code runs is under test."""
+    import torch
+
+    from livegen.bench.engine import EngineBenchConfig, format_table, run_engine_bench
+
+    calls = [0]
+
+    def counting_compile(fn: Any, **_: Any) -> Any:
+        def compiled(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            return fn(*args, **kwargs)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    settings = Settings(weights="tiny-random", device="cpu", data_dir=shared_data_dir)
+    config = EngineBenchConfig("stabilityai/sd-turbo", "t2i", 64, 1, (1, 2), iters=1, baseline=False,
+                               variants=("compile",))  # fmt: skip
+    report = run_engine_bench(settings, config)
+    fast = report["variants"]["compile"]["fast_path"]
+    assert calls[0] > 0
+    assert fast["compiled_shapes"] == 2 and fast["uncompiled_shapes"] == 0
+    assert "2 shapes compiled" in format_table(report) and "NOT COMPILED" not in format_table(report)

@@ -304,7 +304,8 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
     "plain (stock pipelines) | eager (fast path, no graphs) | graph (fast path + CUDA graphs) | compile "
     "(torch.compile in CUDA graphs) | compile-ro (torch.compile reduce-overhead); MOD bf16 | fp16 | fp32 | "
     "tiny-vae | full-vae | no-cl (without channels_last) | fuse-qkv (fused attention projections) | tuned "
-    "(inductor flags, with compile) | cudnn-bench (cuDNN times its convolution algorithms) | sdpa-cudnn (cuDNN's "
+    "(inductor flags, with compile) | dyn-batch (with compile: one compile for batches 2..16) | cudnn-bench "
+    "(cuDNN times its convolution algorithms) | sdpa-cudnn (cuDNN's "
     "attention kernels first).",
 )
 @click.option(

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     # With torch_compile: compile shapes first seen after warm-up too (each stalls its batch for
     # ~100 s on an H100). Off: those run as uncompiled CUDA graphs, and a warning names them.
     compile_on_demand: bool = False
+    # With torch_compile: the batch dimension is compiled as dynamic, so buckets 2..16 share one
+    # compile per (size, steps, CFG, VAE) instead of one each (batch 1 is always its own); a bucket
+    # first seen after warm-up reuses it rather than running uncompiled.
+    compile_dynamic_batch: bool = False
     # Fast path: one fused QKV (self-attention) / KV (cross-attention) projection per attention
     # layer instead of three or two matmuls; the weights are shared, no extra memory.
     fuse_qkv: bool = False

@@ -17,6 +17,7 @@ in fp16 the same comparison is looser (see tests/gpu/test_fastpath_gpu.py).
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -307,3 +308,56 @@ def test_input_jpegs_are_decoded_on_the_device_only_on_cuda(settings: Settings) 
         import torchvision.io  # noqa: F401
     except Exception:  # noqa: BLE001 - missing here, or a CUDA build beside a CPU torch
         assert worker_module.input_decoder(settings, cuda, True) is None
+
+
+def test_a_dynamic_batch_compile_serves_every_bucket_above_one(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compile_dynamic_batch: warm-up at buckets 1 and 2 compiles the batch dimension as dynamic,
+    and batches of 3 and 5 (buckets 4 and 8) then run that compiled code, with no recompile and
+    the same images. Real dynamo tracing, with a backend that counts the graphs it is handed and
+    runs them as traced (inductor on a CPU would take minutes per graph)."""
+    import torch._dynamo
+
+    graphs: list[tuple[int, ...]] = []
+    real_compile = torch.compile
+
+    def counting_backend(gm: Any, example_inputs: list[Any]) -> Any:
+        graphs.append(tuple(x.shape[0] for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() == 4))
+        return gm.forward
+
+    def traced(fn: Any, **kw: Any) -> Any:
+        return real_compile(fn, backend=counting_backend, dynamic=kw.get("dynamic"))
+
+    monkeypatch.setattr(torch, "compile", traced)
+    s = settings.model_copy(
+        update={"models": [SD], "warmup_sizes": ["64x64"], "warmup_buckets": [1, 2], "torch_compile": "default",
+                "compile_dynamic_batch": True, "max_batch_size": 8}
+    )  # fmt: skip
+    torch._dynamo.reset()
+    try:
+        with Worker.start(s) as worker:
+            worker.startup.result(timeout=600)
+            after_warm_up = len(graphs)
+            assert after_warm_up >= 4  # UNet and decode, each at batch 1 and batch 2 (dynamic)
+            batches = {n: [req(SD, seed=10 * n + i, num_inference_steps=2, guidance_scale=1.0) for i in range(n)]
+                       for n in (3, 5)}  # fmt: skip
+            compiled_images = {n: run_together(worker, b) for n, b in batches.items()}
+            stats = worker.status()["fast_path"][SD]
+        assert len(graphs) == after_warm_up, graphs[after_warm_up:]  # buckets 4 and 8: nothing compiled
+        assert stats["compile_reused_shapes"] >= 2 and stats["uncompiled_shapes"] == 0
+    finally:
+        torch._dynamo.reset()
+    plain = s.model_copy(update={"torch_compile": "off", "warmup_sizes": []})
+    with Worker.start(plain) as worker:
+        worker.startup.result(timeout=600)
+        for n, b in batches.items():
+            assert run_together(worker, b) == compiled_images[n]
+
+
+def run_together(worker: Worker, batch: list[GenerationRequest]) -> list[bytes]:
+    """Submitted at once, so the worker runs them as one batch; each result's decoded pixels."""
+    futures = [worker.submit(r) for r in batch]
+    results = [f.result(timeout=600) for f in futures]
+    assert {r.batch_size for r in results} == {len(batch)}
+    return [np.asarray(Image.open(io.BytesIO(r.images[0].data))).tobytes() for r in results]

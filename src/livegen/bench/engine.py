@@ -31,7 +31,10 @@ PROMPT = "a photo of a red fox in the snow, detailed, 4k"
 
 
 VARIANTS = ("default", "plain", "eager", "graph", "compile", "compile-ro")
-MODIFIERS = ("bf16", "fp16", "fp32", "tiny-vae", "full-vae", "no-cl", "fuse-qkv", "tuned", "cudnn-bench", "sdpa-cudnn")
+MODIFIERS = (
+    "bf16", "fp16", "fp32", "tiny-vae", "full-vae", "no-cl", "fuse-qkv", "tuned", "dyn-batch", "cudnn-bench",
+    "sdpa-cudnn",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,8 @@ class EngineBenchConfig:
 def variant_settings(settings: Settings, variant: str) -> Settings:
     """Engine settings for a variant: BASE[+MODIFIER...], e.g. ``graph``, ``graph+bf16``,
     ``eager+full-vae``, ``graph+no-cl`` (without channels_last), ``graph+fuse-qkv`` (fused attention
-    projections), ``compile+tuned`` (inductor tuning flags), ``graph+cudnn-bench`` (cuDNN times its
+    projections), ``compile+tuned`` (inductor tuning flags), ``compile+dyn-batch`` (one compile for
+    batches 2..16), ``graph+cudnn-bench`` (cuDNN times its
     convolution algorithms), ``graph+sdpa-cudnn`` (cuDNN's attention first). BASE: default (what ``livegen
     serve`` does on this device), plain
     (stock pipelines, no fast path), eager (fast path, no graph), graph (fast path + CUDA
@@ -80,6 +84,8 @@ def variant_settings(settings: Settings, variant: str) -> Settings:
             update["fuse_qkv"] = True
         elif m == "tuned":
             update["compile_tuning"] = True
+        elif m == "dyn-batch":
+            update["compile_dynamic_batch"] = True
         elif m == "cudnn-bench":
             update["cudnn_benchmark"] = True
         elif m == "sdpa-cudnn":
@@ -166,8 +172,16 @@ def _requests(config: EngineBenchConfig, size: int, batch: int, image: Image.Ima
 def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = "default") -> Measured:
     """One engine variant: load, then per (size, batch) a first call (captures/compiles that
     shape; reported apart) and ``iters`` timed calls."""
+    # No warm-up at start: the first call at each shape is the bench's own warm-up (timed and
+    # reported apart), so torch.compile must compile the shapes it meets then (compile_on_demand),
+    # not treat them as shapes first seen after warm-up and run them uncompiled.
     settings = variant_settings(settings, variant).model_copy(
-        update={"models": [config.model], "max_batch_size": max(config.batches), "warmup_sizes": []}
+        update={
+            "models": [config.model],
+            "max_batch_size": max(config.batches),
+            "warmup_sizes": [],
+            "compile_on_demand": True,
+        }
     )
     cuda = _cuda(settings)
     if cuda:
@@ -350,6 +364,10 @@ def format_table(report: dict[str, Any]) -> str:
         )
         if fast.get("graph_failures"):
             extra += f", {fast['graph_failures']} CAPTURES FAILED (ran eagerly): {fast.get('graph_error')}"
+        if fast.get("compiled_shapes") or fast.get("uncompiled_shapes"):
+            extra += f", {fast.get('compiled_shapes', 0)} shapes compiled"
+            if fast.get("uncompiled_shapes"):
+                extra += f", {fast['uncompiled_shapes']} NOT COMPILED (ran as plain graphs)"
         vram = (
             f", VRAM model {_gib(w.get('vram_model_bytes'))} peak {_gib(w.get('vram_peak_bytes'))}"
             if "vram_peak_bytes" in w

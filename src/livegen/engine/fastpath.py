@@ -65,6 +65,7 @@ class FastOptions:
     cuda_graphs: bool = True
     compile: CompileMode = "off"
     compile_tuning: bool = False
+    compile_dynamic_batch: bool = False
     fuse_qkv: bool = False
     cudnn_benchmark: bool = False
     sdpa_cudnn: bool = False
@@ -137,6 +138,7 @@ class FastStats:
     compiled_shapes: int = 0
     compile_s: float = 0.0  # first runs of compiled shapes: compiling (and capturing) them
     uncompiled_shapes: int = 0  # shapes first seen after warm-up, with compiling closed: graphs only
+    compile_reused_shapes: int = 0  # compile_dynamic_batch: buckets that ran another bucket's compiled code
     padded_rows: int = 0
     gpu_jpeg_images: int = 0
     graph_failures: int = 0
@@ -313,6 +315,8 @@ class FastPath:
         if compiled:
             assert self._compiled_unet is not None
             unet, decode = self._compiled_unet, self._compiled_decode[id(vae)]
+        # compile_dynamic_batch: the compiled UNet and decode see the batch dimension as dynamic.
+        dynamic = compiled and self._batch_dynamic(int(inputs["noise"].shape[0]))
         if "image" in inputs:
             with region("livegen.vae_encode"):
                 latents = self._encode_image(vae, vae_dtype, plan, inputs)
@@ -329,6 +333,8 @@ class FastPath:
             c_in = plan.c_in[i]
             if c_in is not None:
                 model_in = model_in / c_in
+            if dynamic:
+                _batch_dims(model_in, inputs["embeds"], *(added or {}).values())
             with region("livegen.unet"):
                 eps = unet(
                     model_in, t, encoder_hidden_states=inputs["embeds"], added_cond_kwargs=added, return_dict=False
@@ -343,7 +349,7 @@ class FastPath:
                 draw += 1
             latents = self._step(plan.c_in[i] is None, plan.step_consts[i], latents, eps, noise)
         with region("livegen.vae_decode"):
-            return self._decode(decode, vae, vae_dtype, latents)
+            return self._decode(decode, vae, vae_dtype, latents, dynamic)
 
     def _encode_image(
         self, vae: Any, vae_dtype: torch.dtype, plan: _Plan, inputs: dict[str, torch.Tensor]
@@ -389,9 +395,11 @@ class FastPath:
         return prev.to(eps.dtype)
 
     def _decode(
-        self, decode: Callable[..., Any], vae: Any, vae_dtype: torch.dtype, latents: torch.Tensor
+        self, decode: Callable[..., Any], vae: Any, vae_dtype: torch.dtype, latents: torch.Tensor, dynamic: bool = False
     ) -> torch.Tensor:
         x = latents.to(vae_dtype) / vae.config.scaling_factor
+        if dynamic:
+            _batch_dims(x)
         image = decode(x, return_dict=False)[0]
         image = (image * 0.5 + 0.5).clamp(0, 1)  # VaeImageProcessor.denormalize, in the VAE's dtype
         return (image.permute(0, 2, 3, 1).to(torch.float32) * 255).round().to(torch.uint8)
@@ -552,6 +560,14 @@ class FastPath:
             return False
         if key in self._compiled_keys:
             return True
+        if self._batch_dynamic(key[-1]) and any(
+            k[:-1] == key[:-1] and self._batch_dynamic(k[-1]) for k in self._compiled_keys
+        ):
+            # Another bucket of this shape compiled the batch dimension as dynamic: dynamo runs that
+            # code for this bucket too, with nothing to compile (a graph capture, as without compile).
+            self._compiled_keys.add(key)
+            self.stats.compile_reused_shapes += 1
+            return True
         if not self.compile_new_shapes:
             if key not in self._uncompiled_keys:
                 self._uncompiled_keys.add(key)
@@ -564,6 +580,11 @@ class FastPath:
             return False
         self._compile()
         return True
+
+    def _batch_dynamic(self, rows: int) -> bool:
+        """compile_dynamic_batch: is a batch of ``rows`` compiled with a dynamic batch dimension?
+        Not a batch of 1: dynamo specializes sizes 0 and 1 whatever it is told."""
+        return self.options.compile_dynamic_batch and rows >= 2
 
     def _compile(self) -> None:
         """``torch.compile`` the UNet's forward and the VAE decodes, once (each new shape then compiles
@@ -718,6 +739,15 @@ def _sdpa_order(prefer_cudnn: bool) -> contextlib.AbstractContextManager[Any]:
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return sdpa_kernel(order, set_priority=True)
+
+
+def _batch_dims(*tensors: torch.Tensor) -> None:
+    """Tell dynamo the first dimension of these (a compiled call's inputs) varies between calls,
+    so one compile serves every batch bucket above 1 instead of one compile per bucket."""
+    import torch._dynamo
+
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
 def _warmup_stream(device: torch.device) -> torch.cuda.Stream:

@@ -495,6 +495,7 @@ class Worker:
             channels_last=settings.channels_last,
             compile=settings.torch_compile,
             compile_tuning=settings.compile_tuning,
+            compile_dynamic_batch=settings.compile_dynamic_batch,
             fuse_qkv=settings.fuse_qkv,
             cudnn_benchmark=settings.cudnn_benchmark,
             sdpa_cudnn=settings.sdpa_cudnn,
