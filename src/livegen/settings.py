@@ -62,9 +62,11 @@ class Settings(BaseSettings):
     # Fast path: scaled-dot-product attention tries cuDNN's kernels first, then flash (PyTorch's
     # default order puts flash first).
     sdpa_cudnn: bool = False
-    # Fast path on CUDA: realtime/image-to-image input JPEGs that need no resize are decoded on the
-    # GPU (torchvision's nvjpeg) instead of by Pillow on a CPU core (engine/device_decode.py).
-    gpu_jpeg_decode: bool = True
+    # Fast path on CUDA: image-to-image input JPEGs that need no resize (realtime frames sent at the
+    # output size) are decoded on the GPU (torchvision's nvjpeg) instead of by Pillow on a CPU core
+    # (engine/device_decode.py). Off by default: inputs are untrusted bytes, and a decoder fault
+    # inside CUDA would take down the context every session shares; Pillow's costs ~1 ms of a core.
+    gpu_jpeg_decode: bool = False
     # Weights' dtype on CUDA (a CPU always runs float32).
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     # Fast path: batches are padded up to the next bucket, so batching never recaptures.

@@ -293,21 +293,25 @@ def test_images_decoded_on_the_device_render_as_pillow_images_do(adapters: dict[
         assert np.array_equal(pixels(adapter(on_device)), pixels(adapter(pil)))
 
 
-def test_input_jpegs_are_decoded_on_the_device_only_on_cuda(settings: Settings) -> None:
-    """Pillow decodes inputs on a CPU engine, and where torchvision cannot be imported (the
-    nvjpeg decoder is torchvision's); ``gpu_jpeg_decode=False`` turns it off on CUDA."""
+def test_input_jpegs_are_decoded_on_the_device_only_when_asked_on_cuda(settings: Settings) -> None:
+    """Pillow decodes inputs unless ``gpu_jpeg_decode`` (off by default: untrusted bytes), and
+    always on a CPU engine, without the fast path, or where torchvision cannot be imported (the
+    nvjpeg decoder is torchvision's)."""
     from livegen.engine import worker as worker_module
 
-    cpu = Worker(settings)
-    assert cpu.input_decoder is None
-    assert cpu.status()["input_decode"] == {"decoder": "pillow"}
+    asked = settings.model_copy(update={"gpu_jpeg_decode": True})
+    for s in (settings, asked):
+        cpu = Worker(s)
+        assert cpu.input_decoder is None
+        assert cpu.status()["input_decode"] == {"decoder": "pillow"}
     cuda = torch.device("cuda")
-    assert worker_module.input_decoder(settings.model_copy(update={"gpu_jpeg_decode": False}), cuda, True) is None
-    assert worker_module.input_decoder(settings, cuda, False) is None  # no fast path
+    assert Settings().gpu_jpeg_decode is False
+    assert worker_module.input_decoder(settings, cuda, True) is None  # not asked for
+    assert worker_module.input_decoder(asked, cuda, False) is None  # no fast path
     try:
         import torchvision.io  # noqa: F401
     except Exception:  # noqa: BLE001 - missing here, or a CUDA build beside a CPU torch
-        assert worker_module.input_decoder(settings, cuda, True) is None
+        assert worker_module.input_decoder(asked, cuda, True) is None
 
 
 def test_a_dynamic_batch_compile_serves_every_bucket_above_one(

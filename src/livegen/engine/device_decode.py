@@ -11,6 +11,11 @@ checked from the header as for any image (``imaging.open_image``). Only JPEGs th
 same pixels either way go to the GPU (``imaging.device_decodable``: no EXIF rotation, YCbCr or
 grayscale, complete), and only when no resize is needed. Anything else, and any image the GPU
 decoder refuses, is decoded by Pillow, whose errors are the 422s a client sees.
+
+Opt-in (``LIVEGEN_GPU_JPEG_DECODE``): the entropy-coded data of an untrusted file still reaches
+nvjpeg, and a fault there that is a CUDA error rather than a status code would poison the CUDA
+context every session shares; Pillow's decode is hardened and costs ~1 ms of a CPU core, off the
+device thread. BENCHMARKS.md has what each costs.
 """
 
 from __future__ import annotations

@@ -90,8 +90,8 @@ def fast_path_enabled(choice: str, device: torch.device) -> bool:
 
 
 def input_decoder(settings: Settings, device: torch.device, fast: bool) -> JpegDecoder | None:
-    """nvjpeg for input JPEGs when the fast path runs on CUDA (``gpu_jpeg_decode``) and
-    torchvision imports; else None, and the server decodes with Pillow."""
+    """nvjpeg for input JPEGs when asked for (``gpu_jpeg_decode``), the fast path runs on CUDA
+    and torchvision imports; else None, and the server decodes with Pillow."""
     if not (settings.gpu_jpeg_decode and fast and device.type == "cuda"):
         return None
     decoder = JpegDecoder.nvjpeg(device)
