@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -133,3 +134,23 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
     header, _, payload = url.partition(",")
     assert header.startswith("data:") and header.endswith(";base64"), header[:40]
     return header[5:-7], base64.b64decode(payload)
+
+
+@pytest.fixture
+def counted_compile(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """torch.compile replaced by a wrapper that counts the calls of what it "compiled" (one
+    element: the count). Inductor on a CPU takes minutes per shape; tests that use this check
+    which code runs, not what inductor makes of it."""
+    import torch
+
+    calls = [0]
+
+    def counting_compile(fn: Any, **_: Any) -> Any:
+        def compiled(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            return fn(*args, **kwargs)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    return calls

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from typing import Any
 
 import pytest
 
@@ -245,25 +244,14 @@ def test_targets_table_from_the_h200_run() -> None:
 
 
 def test_the_compile_variant_compiles_the_shapes_it_benches(
-    shared_data_dir: object, monkeypatch: pytest.MonkeyPatch
+    shared_data_dir: object, counted_compile: list[int]
 ) -> None:
     """The bench's first call at each shape is its warm-up: with compiling closed after the
     engine's own (empty) warm-up, the compile variant used to time uncompiled graphs. torch.compile
     is a counting stand-in (inductor on a CPU takes minutes); which code runs is under test."""
-    import torch
-
     from livegen.bench.engine import EngineBenchConfig, format_table, run_engine_bench
 
-    calls = [0]
-
-    def counting_compile(fn: Any, **_: Any) -> Any:
-        def compiled(*args: Any, **kwargs: Any) -> Any:
-            calls[0] += 1
-            return fn(*args, **kwargs)
-
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", counting_compile)
+    calls = counted_compile
     settings = Settings(weights="tiny-random", device="cpu", data_dir=shared_data_dir)
     config = EngineBenchConfig("stabilityai/sd-turbo", "t2i", 64, 1, (1, 2), iters=1, baseline=False,
                                variants=("compile",))  # fmt: skip

@@ -204,23 +204,14 @@ def test_compile_allows_a_shape_per_bucket_size_and_step_count(settings: Setting
 
 @pytest.mark.parametrize("on_demand", [False, True])
 def test_compiled_shapes_are_the_warm_up_shapes_unless_on_demand(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, on_demand: bool
+    settings: Settings, counted_compile: list[int], on_demand: bool
 ) -> None:
     """With torch.compile on, the shapes rendered at warm-up run compiled; a shape first seen
     later (here a new size) runs uncompiled, so it cannot stall its batch for a ~100 s compile,
     unless compile_on_demand. torch.compile is replaced by a counting wrapper: inductor on a CPU
     would take minutes per shape, and which code runs is what is under test."""
 
-    calls = [0]
-
-    def counting_compile(fn: Any, **_: Any) -> Any:
-        def compiled(*args: Any, **kwargs: Any) -> Any:
-            calls[0] += 1
-            return fn(*args, **kwargs)
-
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", counting_compile)
+    calls = counted_compile
     s = settings.model_copy(
         update={"models": [SD], "warmup_sizes": ["64x64"], "warmup_buckets": [1], "torch_compile": "default",
                 "compile_on_demand": on_demand}
