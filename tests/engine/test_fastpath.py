@@ -356,3 +356,25 @@ def run_together(worker: Worker, batch: list[GenerationRequest]) -> list[bytes]:
     results = [f.result(timeout=600) for f in futures]
     assert {r.batch_size for r in results} == {len(batch)}
     return [np.asarray(Image.open(io.BytesIO(r.images[0].data))).tobytes() for r in results]
+
+
+def test_compiled_code_is_cached_in_the_data_dir(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Inductor's cache goes to DATA_DIR/compile-cache, so a restart skips the ~100 s compiles.
+    Importing torch's compile stack already sets TORCHINDUCTOR_CACHE_DIR to /tmp/torchinductor_<user>,
+    which the old ``setdefault`` kept (the cache never reached the data dir). A location the
+    user set is kept."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    from livegen.engine.worker import use_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as importing torch leaves it
+    Worker(settings.model_copy(update={"torch_compile": "default"}))._load(SD)
+    assert cache_dir() == str(settings.compile_cache_dir / "inductor")
+    assert os.path.isdir(settings.compile_cache_dir / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    use_compile_cache(settings.compile_cache_dir / "inductor")
+    assert cache_dir() == str(tmp_path / "mine")

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -98,6 +99,32 @@ def input_decoder(settings: Settings, device: torch.device, fast: bool) -> JpegD
     if decoder is None:
         logger.info("torchvision is not importable: input JPEGs are decoded by Pillow on the CPU")
     return decoder
+
+
+def use_compile_cache(path: Path) -> None:
+    """Keep inductor's compiled code (FX graphs, kernels, autotuning) under ``path``, so a restart
+    reuses it: compiling costs ~100 s per shape on an H100. Inductor reads its cache location
+    from ``TORCHINDUCTOR_CACHE_DIR`` each time it needs it, but importing torch's compile stack
+    already writes its default (``/tmp/torchinductor_<user>``) there, so a plain ``setdefault``
+    never took (the cache went to /tmp, which a reboot or a new container empties). A location
+    the user set themselves is kept."""
+    import torch._inductor.config as inductor_config
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(_inductor_default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    inductor_config.fx_graph_cache = True
+
+
+def _inductor_default_cache_dir() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # older torch: the same rule, written out
+        import getpass
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    return default_cache_dir()
 
 
 def _vram() -> int:
@@ -477,10 +504,7 @@ class Worker:
             return
         settings = self.settings
         if settings.torch_compile != "off":
-            # Inductor takes its cache location from the environment only; keep compiled kernels in
-            # the data dir so a restart reuses them (compiling costs ~100 s per shape on an H100).
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.compile_cache_dir / "inductor"))
-            os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+            use_compile_cache(settings.compile_cache_dir / "inductor")
         if self.device.type == "cuda":
             fastpath.enable_gpu_jpeg()
         try:
