@@ -175,13 +175,11 @@ async def _session(config: BenchConfig, token: str, index: int, stats: SessionSt
 async def run_bench(config: BenchConfig) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=30) as client:
         tokens = [await _token(client, config) for _ in range(config.sessions)]
-    stats = [SessionStats() for _ in range(config.sessions)]
-    start_at = time.perf_counter() + 0.2
-    started = time.perf_counter()
-    await asyncio.gather(*(_session(config, tokens[i], i, stats[i], start_at) for i in range(config.sessions)))
-    wall = time.perf_counter() - started
-    report = summarize(config, stats, wall)
-    async with httpx.AsyncClient(timeout=30) as client:
+        stats = [SessionStats() for _ in range(config.sessions)]
+        start_at = time.perf_counter() + 0.2
+        started = time.perf_counter()
+        await asyncio.gather(*(_session(config, tokens[i], i, stats[i], start_at) for i in range(config.sessions)))
+        report = summarize(config, stats, time.perf_counter() - started)
         with contextlib.suppress(httpx.HTTPError, ValueError):
             # Which decoder took the input images (Pillow, or nvjpeg on a CUDA server), and how many.
             decode = (await client.get(f"{config.base_url}/readyz")).json().get("input_decode")

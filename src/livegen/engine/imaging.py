@@ -32,6 +32,7 @@ __all__ = [
     "check_data_url_size",
     "content_type_for",
     "decode_image",
+    "decode_opened",
     "device_decodable",
     "encode_image",
     "fit_size",
@@ -72,17 +73,21 @@ def decode_image(data: bytes, *, max_pixels: int = 4096 * 4096, field: str = "im
     refused formats, more than ``max_pixels`` pixels, animations, truncated or corrupt files.
     Only the pixel count is limited, not the shape: a 1×100000 strip passes the default limit.
     """
-    loc = ("body", field)
     with open_image(data, max_pixels=max_pixels, field=field) as img:
-        try:
-            img.load()
-            # exif_transpose always returns a new image, so nothing below refers to ``data``.
-            oriented = ImageOps.exif_transpose(img)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise InvalidImage(f"{field} has too many pixels to decode", loc=loc) from exc
-        except _DECODE_ERRORS as exc:
-            raise InvalidImage(f"{field} is truncated or corrupt and cannot be decoded", loc=loc) from exc
+        return decode_opened(img, field=field)
 
+
+def decode_opened(img: Image.Image, *, field: str = "image_url") -> Image.Image:
+    """Step 3 of :func:`decode_image`, for an image :func:`open_image` returned (still open)."""
+    loc = ("body", field)
+    try:
+        img.load()
+        # exif_transpose always returns a new image, so nothing below refers to ``data``.
+        oriented = ImageOps.exif_transpose(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImage(f"{field} has too many pixels to decode", loc=loc) from exc
+    except _DECODE_ERRORS as exc:
+        raise InvalidImage(f"{field} is truncated or corrupt and cannot be decoded", loc=loc) from exc
     return _to_rgb(oriented)
 
 

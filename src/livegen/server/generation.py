@@ -29,6 +29,7 @@ from livegen.engine import DeviceImage, Engine, GenerationRequest, GenerationRes
 from livegen.engine.imaging import (
     check_data_url_size,
     decode_image,
+    decode_opened,
     device_decodable,
     fit_size,
     open_image,
@@ -259,12 +260,12 @@ class GenerationService:
         """Pillow's decode, or the engine's input decoder's for a JPEG it decodes the same."""
         max_pixels = self._settings.max_input_image_pixels
         decoder = self._engine.input_decoder
-        if decoder is not None and on_device is not None:
-            with open_image(data, max_pixels=max_pixels, field=field) as header:  # the same 422s
-                eligible = device_decodable(header, data) and on_device(header.size)
-            if eligible and (decoded := decoder(data)) is not None:
+        if decoder is None or on_device is None:
+            return decode_image(data, max_pixels=max_pixels, field=field)
+        with open_image(data, max_pixels=max_pixels, field=field) as header:  # the same 422s
+            if device_decodable(header, data) and on_device(header.size) and (decoded := decoder(data)) is not None:
                 return decoded
-        return decode_image(data, max_pixels=max_pixels, field=field)
+            return decode_opened(header, field=field)
 
     @staticmethod
     def _local_file_id(url: str, base_url: str) -> str | None:

@@ -15,6 +15,7 @@ from livegen.engine.fastpath import Deferred, FastPath, Job, Output, VaeChoice
 from livegen.protocol.errors import InvalidInput
 
 V = TypeVar("V")
+InputImage = TypeVar("InputImage", bound="Image.Image | DeviceImage")
 
 
 Outputs = list[list[Image.Image]] | Deferred[list[list[Output]]]
@@ -96,19 +97,13 @@ def repeat_images(
     images: Sequence[Image.Image | DeviceImage | None], batch: Sequence[GenerationRequest]
 ) -> list[Image.Image]:
     """Each request's input image num_images times, as Pillow images (the plain pipelines')."""
-    out: list[Image.Image] = []
-    for image, r in zip(images, batch, strict=True):
-        assert image is not None
-        pil = image.to_pil() if isinstance(image, DeviceImage) else image
-        out.extend([pil] * r.num_images)
-    return out
+    return repeat_inputs([im.to_pil() if isinstance(im, DeviceImage) else im for im in images], batch)
 
 
-def repeat_inputs(
-    images: Sequence[Image.Image | DeviceImage | None], batch: Sequence[GenerationRequest]
-) -> list[Image.Image | DeviceImage]:
-    """The same for the fast path, which takes images decoded on its device as they are."""
-    out: list[Image.Image | DeviceImage] = []
+def repeat_inputs(images: Sequence[InputImage | None], batch: Sequence[GenerationRequest]) -> list[InputImage]:
+    """Each request's input image num_images times, as they are (the fast path takes images
+    decoded on its device)."""
+    out: list[InputImage] = []
     for image, r in zip(images, batch, strict=True):
         assert image is not None
         out.extend([image] * r.num_images)

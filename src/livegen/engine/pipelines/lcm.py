@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 from diffusers import LCMScheduler
 
 from livegen.engine.pipelines import sd_turbo, sdxl_turbo
+from livegen.engine.pipelines.base import PipelineAdapter
 from livegen.engine.pipelines.common import Adapter
 
 logger = logging.getLogger(__name__)
@@ -30,13 +32,11 @@ def load(
     prompt_cache_size: int = 256,
 ) -> Adapter:
     started = time.perf_counter()
-    module = sdxl_turbo if sdxl else sd_turbo
-    pipe = module.load_pipeline(source, device=device, dtype=dtype, tiny_vae_source=tiny_vae_source)
+    adapter: type[PipelineAdapter[Any]] = sdxl_turbo.SdxlAdapter if sdxl else sd_turbo.SdAdapter
+    pipe = adapter.load_pipeline(source, device=device, dtype=dtype, tiny_vae_source=tiny_vae_source)
     pipe.load_lora_weights(lora_source, adapter_name="lcm")
     pipe.fuse_lora(adapter_names=["lcm"], lora_scale=1.0)
     pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     logger.info("fused LCM-LoRA into %s in %.1f s", model_id, time.perf_counter() - started)
-    if sdxl:
-        return sdxl_turbo.SdxlAdapter(model_id, pipe, prompt_cache_size=prompt_cache_size)
-    return sd_turbo.SdAdapter(model_id, pipe, prompt_cache_size=prompt_cache_size)
+    return adapter(model_id, pipe, prompt_cache_size=prompt_cache_size)
