@@ -226,6 +226,7 @@ def base64_of(n: int) -> str:
         "data:image/png;base64," + base64_of(1002).rstrip("="),  # padding left off
         "data:image/png;base64," + "\n".join(base64_of(1001)[i : i + 76] for i in range(0, 1400, 76)),
         "data:;charset=x;BASE64, " + base64_of(1001) + "\r\n",
+        "data:image/png;base64," + "\t\f\v".join(base64_of(1002)[i : i + 200] for i in range(0, 1400, 200)),
     ],
 )
 @pytest.mark.parametrize("limit", [999, 1000, 1001, 1002])

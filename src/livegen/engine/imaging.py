@@ -197,6 +197,15 @@ def _unidentified_message(data: bytes, field: str) -> str:
     return f"{field} is not a PNG, JPEG or WebP image"
 
 
+_WHITESPACE = " \t\r\n\f\v"  # what base64 decoders skip (str.split()'s ASCII whitespace)
+
+
+def _has_whitespace(text: str, start: int = 0) -> bool:
+    """Whether ``text[start:]`` has ASCII whitespace. One ``find`` per character (a memchr,
+    ~1 µs for a 64 KiB frame here) instead of a ``count`` or ``split`` (30–50 µs each)."""
+    return any(text.find(c, start) >= 0 for c in _WHITESPACE)
+
+
 def parse_data_url(url: str, *, max_bytes: int, field: str = "image_url") -> tuple[str, bytes]:
     """Split an RFC 2397 ``data:[<mime>][;base64],<payload>`` URL into ``(mime, bytes)``.
 
@@ -230,7 +239,8 @@ def parse_data_url(url: str, *, max_bytes: int, field: str = "image_url") -> tup
         raise _too_large(field, max_bytes)
     if "%" in payload:  # percent-encoded base64 ("%2B", "%3D"); '%' is not in the alphabet
         payload = urllib.parse.unquote(payload)
-    payload = "".join(payload.split())  # line-wrapped base64; returns payload itself if none
+    if _has_whitespace(payload):  # line-wrapped base64 (the check is far cheaper than the split)
+        payload = "".join(payload.split())
     if len(payload) % 4 in (2, 3):  # tolerate missing '=' padding
         payload += "=" * (4 - len(payload) % 4)
     padding = len(payload) - len(payload.rstrip("="))
@@ -258,7 +268,9 @@ def check_data_url_size(url: str, *, max_bytes: int, field: str = "image_url") -
         return
     if url.find("%", comma) >= 0:  # percent-encoded base64: its size needs decoding
         return
-    chars = len(url) - comma - 1 - sum(url.count(c, comma) for c in " \t\r\n\f\v")
+    chars = len(url) - comma - 1
+    if _has_whitespace(url, comma):
+        chars -= sum(url.count(c, comma) for c in _WHITESPACE)
     tail = url[-8:].rstrip()
     chars -= len(tail) - len(tail.rstrip("="))
     if chars * 3 // 4 > max_bytes:
