@@ -137,6 +137,25 @@ def test_exif_orientation_is_applied() -> None:
     assert bottom[2] > 200 and bottom[0] < 60  # type: ignore[index]
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_decoded_image_outlives_the_opened_file(fmt: str) -> None:
+    """An upright RGB image is handed on without a pixel copy, as a new Image object: closing the
+    opened one (as ``decode_image``'s ``with`` does) leaves it whole, and it holds no file."""
+    src = noise((24, 16))
+    data = save(src, fmt, **({"quality": 100} if fmt != "PNG" else {}))
+    with imaging.open_image(data) as opened:
+        out = imaging.decode_opened(opened)
+        assert out is not opened
+    assert getattr(out, "fp", None) is None
+    assert out.size == (24, 16) and out.mode == "RGB"
+    assert out.tobytes() == decode_image(data).tobytes()
+    if fmt == "PNG":
+        assert out.tobytes() == src.tobytes()
+    before = out.getpixel((0, 0))
+    out.paste((1, 2, 3), (0, 0, 4, 4))  # writable, and its own pixels
+    assert out.getpixel((0, 0)) == (1, 2, 3) and decode_image(data).getpixel((0, 0)) == before
+
+
 def test_multi_picture_jpeg_is_read_as_its_first_picture() -> None:
     first, second = Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))
     data = save(first, "MPO", save_all=True, append_images=[second])

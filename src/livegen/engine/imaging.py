@@ -82,8 +82,10 @@ def decode_opened(img: Image.Image, *, field: str = "image_url") -> Image.Image:
     loc = ("body", field)
     try:
         img.load()
-        # exif_transpose always returns a new image, so nothing below refers to ``data``.
-        oriented = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # upright (most images): nothing moves
+        # A new Image object on the same pixels, not a copy of them (a 512² frame's copy cost
+        # as much as its decode under load): the caller's ``with`` closes ``img``, not these.
+        oriented = img._new(img.im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImage(f"{field} has too many pixels to decode", loc=loc) from exc
     except _DECODE_ERRORS as exc:
