@@ -83,6 +83,14 @@ class Settings(BaseSettings):
     public_url: str = ""
 
     max_batch_size: int = Field(default=8, ge=1, le=64)
+    # Fast path: a batch is padded up to the next bucket only when it fills at least this share
+    # of it; otherwise it is cut to the largest bucket it fills and the rest goes in the next
+    # batch (9 frames: 8 now and 1 next, not 16 rows of work for 9). 0.5 or less: always pad.
+    batch_fill: float = Field(default=0.75, ge=0, le=1)
+    # Fast path on CUDA: while the device is busy, the next batch is formed just before the
+    # device needs it (from measured device times), not as soon as a batch slot frees, so
+    # frames that arrive meanwhile join it.
+    batch_gather: bool = True
     prompt_cache_size: int = Field(default=256, ge=0)
     # Caps a server may set below the schema's bounds (which /openapi.json shows); 422 beyond.
     max_image_side: int = Field(default=MAX_SIDE, ge=MIN_SIDE, le=MAX_SIDE, description="Cap on output sides")

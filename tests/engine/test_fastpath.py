@@ -305,6 +305,31 @@ def test_input_jpegs_are_decoded_on_the_device_only_when_asked_on_cuda(settings:
         assert worker_module.input_decoder(asked, cuda, True) is None
 
 
+@pytest.mark.parametrize(("version", "used"), [("0.21.0+cu124", False), ("0.22.0", True), ("0.26.0+cu130", True)])
+def test_gpu_jpeg_encoder_needs_a_torchvision_that_waits_for_its_input(
+    monkeypatch: pytest.MonkeyPatch, version: str, used: bool
+) -> None:
+    """Before torchvision 0.22, its nvjpeg encoder read the input on its own stream without
+    waiting for the stream that wrote it (pytorch/vision#8929): PIL encodes then."""
+    import sys
+    import types
+
+    from livegen.engine import fastpath
+
+    def encode_jpeg(*args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        raise AssertionError("not called here")
+
+    fake = types.ModuleType("torchvision")
+    fake.__version__ = version  # type: ignore[attr-defined]
+    io_module = types.ModuleType("torchvision.io")
+    io_module.encode_jpeg = encode_jpeg  # type: ignore[attr-defined]
+    fake.io = io_module  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    monkeypatch.setitem(sys.modules, "torchvision.io", io_module)
+    assert (fastpath._load_gpu_jpeg() is encode_jpeg) is used
+    assert fastpath._version(version) >= (0, 22) if used else fastpath._version(version) < (0, 22)
+
+
 def test_a_dynamic_batch_compile_serves_every_bucket_above_one(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -327,7 +352,7 @@ def test_a_dynamic_batch_compile_serves_every_bucket_above_one(
     monkeypatch.setattr(torch, "compile", traced)
     s = settings.model_copy(
         update={"models": [SD], "warmup_sizes": ["64x64"], "warmup_buckets": [1, 2], "torch_compile": "default",
-                "compile_dynamic_batch": True, "max_batch_size": 8}
+                "compile_dynamic_batch": True, "max_batch_size": 8, "batch_fill": 0.0}  # 5 rows: bucket 8
     )  # fmt: skip
     torch._dynamo.reset()
     try:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
 from livegen.engine import GenerationRequest, GenerationResult, Priority, Task
+from livegen.engine.fastpath import Deferred
 from livegen.engine.pipelines.common import check_common
 from livegen.engine.worker import Worker
 from livegen.protocol.errors import InvalidInput, ModelUnavailable
@@ -159,3 +163,152 @@ def test_close_fails_pending_work_and_refuses_more(tmp_path: Path) -> None:
         w.submit(req("late"))
     with pytest.raises(RuntimeError):
         w.open()
+
+
+# -- batches on the device: slots, buckets, gathering ---------------------------------------------
+
+
+class FakeFast:
+    """What the worker asks of a fast path: its buckets."""
+
+    def __init__(self) -> None:
+        self.options = SimpleNamespace(buckets=(1, 2, 4, 8))
+        self.tiny_vae = None
+
+    def bucket(self, rows: int) -> int:
+        return next((b for b in self.options.buckets if b >= rows), rows)
+
+
+class FakeFastAdapter(FakeAdapter):
+    """Returns each batch as a ``Deferred`` whose device work ends when the test says so."""
+
+    def __init__(self, model_id: str, gate: threading.Event, expected_ms: float | None) -> None:
+        super().__init__(model_id, gate)
+        self.fast = FakeFast()
+        self.expected_ms = expected_ms
+        self.done: list[threading.Event] = []
+        self.held = False  # the worker's warm-up batches end at once and are not recorded
+
+    def __call__(self, batch: Sequence[GenerationRequest]) -> Deferred[list[list[Image.Image]]]:  # type: ignore[override]
+        done = threading.Event()
+        if self.held:
+            self.batches.append([r.prompt for r in batch])
+            self.done.append(done)
+        else:
+            done.set()
+
+        def finish() -> list[list[Image.Image]]:
+            done.wait(10)
+            return [[Image.new("RGB", (r.width, r.height))] * r.num_images for r in batch]
+
+        return Deferred(finish, self.expected_ms)
+
+
+class FastWorker(FakeWorker):
+    adapter: FakeFastAdapter
+
+    def __init__(self, settings: Settings, expected_ms: float | None = None) -> None:
+        super().__init__(settings)
+        self.adapter = FakeFastAdapter("stabilityai/sd-turbo", self.gate, expected_ms)
+
+
+@contextmanager
+def fast_worker(tmp_path: Path, expected_ms: float | None = None, **kw: object) -> Iterator[FastWorker]:
+    s = Settings(data_dir=tmp_path, models=["stabilityai/sd-turbo"], device="cpu", **kw)  # type: ignore[arg-type]
+    w = FastWorker(s, expected_ms)
+    w.open()
+    w.startup.result(10)
+    w.adapter.held = True
+    try:
+        yield w
+    finally:
+        for done in w.adapter.done:
+            done.set()
+        w.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_batch_is_formed_when_a_slot_frees_not_before(tmp_path: Path) -> None:
+    """Two batches may be on the device. What arrives while both are there waits for a slot and
+    then goes as one batch; it is not taken, one request at a time, the moment it arrives."""
+    with fast_worker(tmp_path, max_batch_size=8, batch_gather=False) as w:
+        first = w.submit(req("a"))
+        wait_for(lambda: len(w.adapter.batches) == 1)
+        second = w.submit(req("b"))
+        wait_for(lambda: len(w.adapter.batches) == 2)
+        later = [w.submit(req(p)) for p in ("c", "d", "e", "f")]
+        time.sleep(0.1)
+        assert len(w.adapter.batches) == 2 and not any(f.running() for f in later)
+        w.adapter.done[0].set()
+        first.result(10)
+        wait_for(lambda: len(w.adapter.batches) == 3)
+        for done in w.adapter.done:
+            done.set()
+        for f in (second, *later):
+            f.result(10)
+        assert w.adapter.batches == [["a"], ["b"], ["c", "d", "e", "f"]]
+
+
+@pytest.mark.parametrize(
+    ("waiting", "batches"),
+    [
+        (5, [["p0", "p1", "p2", "p3"], ["p4"]]),  # 5 of 8: cut to 4, the fifth goes next
+        (6, [["p0", "p1", "p2", "p3", "p4", "p5"]]),  # 6 of 8 fills 0.75 of it: padded
+        (3, [["p0", "p1", "p2"]]),  # 3 of 4: padded
+    ],
+)
+def test_a_batch_filling_little_of_its_bucket_is_cut_to_a_full_one(
+    tmp_path: Path, waiting: int, batches: list[list[str]]
+) -> None:
+    with fast_worker(tmp_path, max_batch_size=8, batch_gather=False, batch_fill=0.75) as w:
+        blockers = []
+        for n, prompt in enumerate(("x", "y"), 1):  # both batch slots taken
+            blockers.append(w.submit(req(prompt)))
+            wait_for(lambda n=n: len(w.adapter.batches) == n)  # type: ignore[misc]
+        futures = [w.submit(req(f"p{i}")) for i in range(waiting)]
+        for done in w.adapter.done[:2]:
+            done.set()
+        for f in blockers:
+            f.result(10)
+        wait_for(lambda: sum(map(len, w.adapter.batches[2:])) == waiting)
+        for done in w.adapter.done:
+            done.set()
+        for f in futures:
+            f.result(10)
+        assert w.adapter.batches[2:] == batches
+        assert w.stats.cut_batches == (1 if len(batches) > 1 else 0)
+
+
+def test_the_next_batch_gathers_while_the_device_is_busy(tmp_path: Path) -> None:
+    """With a measured device time, the next batch is formed just before the device runs out of
+    work, or when a full batch is waiting: a request that arrives while a batch runs is not sent
+    alone the moment it arrives."""
+    with fast_worker(tmp_path, expected_ms=3000.0, max_batch_size=4) as w:
+        first = w.submit(req("a"))
+        wait_for(lambda: len(w.adapter.batches) == 1)
+        second = w.submit(req("b"))
+        time.sleep(0.2)
+        assert not second.running() and len(w.adapter.batches) == 1  # held back: the device is busy
+        rest = [w.submit(req(p)) for p in ("c", "d", "e")]  # now a full batch waits: it goes
+        wait_for(lambda: len(w.adapter.batches) == 2)
+        for done in w.adapter.done:
+            done.set()
+        for f in (first, second, *rest):
+            f.result(10)
+        assert w.adapter.batches == [["a"], ["b", "c", "d", "e"]]
+        assert w.stats.gather_s >= 0.2
+
+
+def test_nothing_gathers_when_the_device_time_is_unknown(tmp_path: Path) -> None:
+    with fast_worker(tmp_path, expected_ms=None, max_batch_size=4) as w:
+        w.submit(req("a"))
+        wait_for(lambda: len(w.adapter.batches) == 1)
+        w.submit(req("b"))
+        wait_for(lambda: len(w.adapter.batches) == 2)  # the second slot: taken at once
+        assert w.adapter.batches == [["a"], ["b"]]

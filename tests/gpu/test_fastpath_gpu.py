@@ -188,6 +188,38 @@ def test_nvjpeg_input_decode_matches_pillow(loaded: dict[tuple[str, str], Any]) 
     compare("sd-i2i:nvjpeg-input-vs-pillow-input", pixels(fast(with_device)), pixels(fast(with_pil)))
 
 
+def test_gpu_jpeg_results_do_not_wait_for_the_next_batch(loaded: dict[tuple[str, str], Any]) -> None:
+    """A batch's JPEGs are encoded as soon as its own work is done, even when the device thread
+    has already queued more work behind it on the default stream (the next batch). torchvision's
+    encoder synchronizes the stream current when it was created; created on the default stream,
+    every result waited for the next batch too. A long spin kernel stands in for that batch."""
+    import time
+
+    fast = adapter(loaded, SD, "fast")
+    batch = [req(SD, seed=s, output_format="jpeg", vae="tiny") for s in (1, 2)]
+    fast(batch).result()  # captured and warm
+    cycles = 200_000_000
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    torch.cuda._sleep(cycles)
+    torch.cuda.synchronize()
+    per_cycle = (time.perf_counter() - start) / cycles
+    cycles = int(1.0 / per_cycle)  # about a second of spinning
+    torch.cuda.synchronize()
+    deferred = fast(batch)
+    torch.cuda._sleep(cycles)  # queued behind the batch, on the default stream
+    queued = time.perf_counter()
+    outputs = deferred.result()
+    waited = time.perf_counter() - queued
+    torch.cuda.synchronize()
+    spun = time.perf_counter() - queued
+    print(f"FASTPATH-GPU jpeg-results-behind-a-queued-batch waited={waited * 1e3:.1f} ms spin={spun * 1e3:.1f} ms")
+    images = [im for row in outputs for im in row]
+    assert len(images) == 2 and all(im.data[:2] == b"\xff\xd8" for im in images)
+    assert fast.fast.stats.gpu_jpeg_images >= 2, "torchvision's GPU JPEG encoder was not used"
+    assert waited < spun / 2, "the batch's JPEGs waited for the work queued after it"
+
+
 def test_gpu_jpeg_and_sd_turbo_memory(loaded: dict[tuple[str, str], Any]) -> None:
     """SD-Turbo serving alone must fit a 6 GB card: weights, TAESD, graphs for buckets 1..8."""
     loaded.clear()

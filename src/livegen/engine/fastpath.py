@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -43,6 +44,7 @@ from livegen.engine import DeviceImage, EncodedImage, Task
 logger = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16)
+DEVICE_MS_SMOOTHING = 0.2  # weight of the newest batch in the device-time average
 RECOMPILE_LIMIT = 256  # compiled shapes per module under torch.compile (dynamo's default: 8)
 VaeChoice = Literal["tiny", "full"]
 CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
@@ -122,10 +124,13 @@ Output = Image.Image | EncodedImage
 
 class Deferred(Generic[T]):
     """Results of a batch whose device work is enqueued; ``result()`` waits for it (the worker
-    calls it off the device thread, so the next batch's CPU work overlaps this one's GPU work)."""
+    calls it off the device thread, so the next batch's CPU work overlaps this one's GPU work).
+    ``expected_ms``: how long that device work should take (measured on earlier batches of the
+    same shape), or None when there is no measurement yet."""
 
-    def __init__(self, finish: Callable[[], T]) -> None:
+    def __init__(self, finish: Callable[[], T], expected_ms: float | None = None) -> None:
         self._finish = finish
+        self.expected_ms = expected_ms
 
     def result(self) -> T:
         return self._finish()
@@ -169,6 +174,10 @@ class FastPath:
         self.stats = FastStats()
         self.vae_scale_factor = 2 ** (len(self.full_vae.config.block_out_channels) - 1)
         self._graphs: dict[tuple[Any, ...], _Graph | None] = {}  # None: capture failed, run eagerly
+        # Device milliseconds per batch shape (CUDA events around each batch; a moving average,
+        # the first run of a shape left out: it captures or compiles). The worker plans with it.
+        self.device_ms: dict[tuple[Any, ...], float] = {}
+        self._ran_keys: set[tuple[Any, ...]] = set()
         self._plans: dict[tuple[Any, ...], _Plan] = {}
         self._time_ids: dict[tuple[int, int, int], torch.Tensor] = {}
         # torch.compile'd UNet forward and VAE decodes (None until the first compiled shape). The
@@ -413,18 +422,33 @@ class FastPath:
             return self._render_chunks(job)
         plan = self._plan(job.task, job.steps, job.strength)
         guidance = job.guidance_scale if job.cfg else None
+        key = (job.task, job.width, job.height, job.steps, len(plan.timesteps), guidance, job.vae, bucket)
+        start = None
+        if self.device.type == "cuda" and key in self._ran_keys:  # a first run captures or compiles: not timed
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        self._ran_keys.add(key)
         with region("livegen.inputs"):
             inputs = self._inputs(job, plan, bucket)
-        key = (job.task, job.width, job.height, job.steps, len(plan.timesteps), guidance, job.vae, bucket)
         with torch.inference_mode():
             pixels = self._run(key, plan, job.vae, guidance, inputs)[:rows]
             self.stats.padded_rows += bucket - rows
-            return self._collect(job, pixels)
+            return self._collect(job, pixels, key, start)
+
+    def expected_ms(self, key: tuple[Any, ...]) -> float | None:
+        return self.device_ms.get(key)
+
+    def _timed(self, key: tuple[Any, ...], ms: float) -> None:
+        """One more measurement of the shape ``key``'s device time (on the encode pool)."""
+        last = self.device_ms.get(key)
+        self.device_ms[key] = ms if last is None else last + DEVICE_MS_SMOOTHING * (ms - last)
 
     def _render_chunks(self, job: Job) -> Deferred[list[Output]]:
         step = max(self.options.buckets)
         parts = [self.render(_slice_job(job, i, min(i + step, job.rows))) for i in range(0, job.rows, step)]
-        return Deferred(lambda: [out for part in parts for out in part.result()])
+        expected = [p.expected_ms for p in parts]
+        total = None if None in expected else sum(e for e in expected if e is not None)
+        return Deferred(lambda: [out for part in parts for out in part.result()], total)
 
     def _inputs(self, job: Job, plan: _Plan, bucket: int) -> dict[str, torch.Tensor]:
         """The batch's tensors, padded to ``bucket`` rows. Random draws per generator, in the
@@ -604,7 +628,9 @@ class FastPath:
                 if vae is not None:
                     self._compiled_decode[id(vae)] = torch.compile(vae.decode, mode=mode, dynamic=False)
 
-    def _collect(self, job: Job, pixels: torch.Tensor) -> Deferred[list[Output]]:
+    def _collect(
+        self, job: Job, pixels: torch.Tensor, key: tuple[Any, ...], start: torch.cuda.Event | None
+    ) -> Deferred[list[Output]]:
         """Start moving the pixels to the host (pinned, async) or encoding them on the GPU."""
         crops = list(job.crops) or [None] * job.rows
         formats = list(job.formats) or ["png"] * job.rows
@@ -622,20 +648,26 @@ class FastPath:
             else:
                 buf = torch.empty(row.shape, dtype=torch.uint8, pin_memory=cuda)
                 host[i] = buf.copy_(row, non_blocking=cuda)
-        done = torch.cuda.Event() if cuda else None
+        done = torch.cuda.Event(enable_timing=start is not None) if cuda else None
         if done is not None:
             done.record()
         quality = self.options.jpeg_quality
+        jpeg_stream = _jpeg_stream(self.device) if chw else None
 
         def finish() -> list[Output]:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.cuda.stream(jpeg_stream) if jpeg_stream else contextlib.nullcontext():
                 return collect()
 
         def collect() -> list[Output]:
-            out: list[Output] = []
-            encoded = iter(_encode_jpeg_gpu(chw, quality=quality) if chw and _encode_jpeg_gpu else [])
+            # This batch's work only: the device thread may have queued the next batch behind it
+            # on the default stream, and nothing here should wait for that one. The encode and
+            # its copies run on the JPEG stream (see _jpeg_stream), current in finish().
             if done is not None:
                 done.synchronize()
+                if start is not None:
+                    self._timed(key, start.elapsed_time(done))
+            out: list[Output] = []
+            encoded = iter(_encode_jpeg_gpu(chw, quality=quality) if chw and _encode_jpeg_gpu else [])
             for i in range(job.rows):
                 if on_gpu[i]:
                     data = next(encoded).cpu().numpy().tobytes()
@@ -648,7 +680,7 @@ class FastPath:
                     out.append(Image.fromarray(buf.numpy().copy()))
             return out
 
-        return Deferred(finish)
+        return Deferred(finish, self.expected_ms(key))
 
 
 class _Graph:
@@ -712,6 +744,7 @@ def _tune_inductor() -> None:
 
 
 _WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
+_JPEG_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 @contextlib.contextmanager
@@ -760,6 +793,21 @@ def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
     return _WARMUP_STREAMS[index]
 
 
+def _jpeg_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream GPU JPEG encodes run on, one per device, idle but for them.
+
+    torchvision's nvjpeg encoder synchronizes, before each image, the stream that was current
+    when it was created (its fix for reading unfinished inputs, torchvision ≥ 0.22). Created on
+    the default stream, it waited for everything queued there: with the next batch already
+    queued behind this one, a batch's JPEGs (and so its results) waited for the next batch's
+    UNet too. Created and called with this stream current (``warm_up_gpu_jpeg``, ``_collect``),
+    it waits for nothing but its own work; ``_collect`` waits for the batch's event first."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _JPEG_STREAMS:
+        _JPEG_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _JPEG_STREAMS[index]
+
+
 def _draw(gen: torch.Generator, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return randn_tensor((1, *shape[1:]), generator=gen, device=device, dtype=dtype)
 
@@ -806,20 +854,47 @@ def _slice_job(job: Job, start: int, stop: int) -> Job:
 
 
 def _load_gpu_jpeg() -> Callable[..., list[torch.Tensor]] | None:
-    """torchvision's nvjpeg encoder, when torchvision is importable (an optional dependency)."""
+    """torchvision's nvjpeg encoder, when torchvision ≥ 0.22 is importable (an optional
+    dependency). Older ones encode on their own stream without waiting for the input to be
+    written (pytorch/vision#8929), so they are not used: PIL encodes instead."""
     try:
+        import torchvision
         from torchvision.io import encode_jpeg
     except Exception:  # noqa: BLE001 - any import failure means: encode with PIL
         return None
+    if _version(torchvision.__version__) < (0, 22):
+        logger.warning(
+            "torchvision %s's GPU JPEG encoder does not wait for its input; PIL encodes", torchvision.__version__
+        )
+        return None
     return encode_jpeg  # type: ignore[no-any-return]
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """``"0.26.0+cu130"`` → ``(0, 26, 0)``."""
+    return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:3])
 
 
 _encode_jpeg_gpu: Callable[..., list[torch.Tensor]] | None = None
 
 
-def enable_gpu_jpeg() -> bool:
-    """Import torchvision's encoder (lazily: only a CUDA engine asks). True when available."""
+def enable_gpu_jpeg(device: torch.device | None = None) -> bool:
+    """Import torchvision's encoder (lazily: only a CUDA engine asks) and, given the device, warm
+    it up there (``warm_up_gpu_jpeg``). True when available."""
     global _encode_jpeg_gpu
     if _encode_jpeg_gpu is None:
         _encode_jpeg_gpu = _load_gpu_jpeg()
+    if _encode_jpeg_gpu is not None and device is not None:
+        warm_up_gpu_jpeg(device)
     return _encode_jpeg_gpu is not None
+
+
+def warm_up_gpu_jpeg(device: torch.device) -> None:
+    """Encode a small image once with the JPEG stream current: torchvision creates its encoder
+    (handle, state, its own stream: tens of ms) on first use, bound to the stream current then,
+    which must be ours (see ``_jpeg_stream``), not the default one."""
+    assert _encode_jpeg_gpu is not None
+    stream = _jpeg_stream(device)
+    with torch.inference_mode(), torch.cuda.stream(stream):
+        pixels = torch.full((3, 16, 16), 128, dtype=torch.uint8, device=device)
+        _encode_jpeg_gpu([pixels], quality=90)[0].cpu()

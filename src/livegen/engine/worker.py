@@ -7,6 +7,14 @@ it through the model's pipeline adapter. Encoding the results to JPEG/PNG happen
 thread pool so the device thread can start the next batch. The event loop never runs torch:
 it awaits the ``Future`` that ``submit`` returns.
 
+Fast-path batches (CUDA) are enqueued on the device and finished on that pool; at most two
+are on the device at once, one running and one queued. The device thread takes a slot before
+it forms a batch, and while the device is busy it forms the batch just before the device
+needs it (``_gather``, from the fast path's measured device times), so that requests arriving
+meanwhile join it rather than each going alone the moment it arrives. A batch that fills less
+than ``batch_fill`` of the bucket it would be padded to is cut to the largest bucket it fills
+(``_cut_to_bucket``). ``benchmarks/batching_model.py`` models what these choices do.
+
     with Worker.start(settings) as engine:
         result = engine.submit(request).result()
 """
@@ -44,6 +52,14 @@ from livegen.settings import Settings
 logger = logging.getLogger(__name__)
 
 
+# Forming the next batch while the device is busy (``_gather``): stop waiting this long before
+# the device is expected to run out of work, on top of the measured time to enqueue a batch;
+# and never hold a batch back longer than MAX_GATHER_S, whatever the estimate says.
+GATHER_MARGIN_S = 0.001
+MAX_GATHER_S = 0.25
+ENQUEUE_SMOOTHING = 0.2  # weight of the newest batch in the enqueue-time average
+
+
 class State(enum.Enum):
     NEW = "new"
     RUNNING = "running"
@@ -64,6 +80,8 @@ class Stats:
     multi_request_batches: int = 0
     busy_s: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    gather_s: float = 0.0  # time the device thread held back a batch while the device was busy
+    cut_batches: int = 0  # batches cut to a bucket they fill (the rest left for the next one)
 
 
 def _quiet_progress_bars() -> None:
@@ -143,8 +161,15 @@ class Worker:
         self.stats = Stats()
         self.timings: dict[str, float] = {}  # load_s, warmup_s, time_to_ready_s
         self._vram: dict[str, int] = {}  # bytes allocated on the device by each model's load
-        # At most two batches in flight on the fast path: one running, one being finished.
+        # At most two batches on the device at a time: one running, one queued behind it. A
+        # slot is taken before a batch is formed, so requests arriving while both are busy
+        # join the next batch instead of each becoming a batch of one.
         self._inflight = threading.Semaphore(2)
+        # The fast path's batches on the device (under _cond), and when the last of them should
+        # be done (perf_counter seconds; None: not known, a shape without a measured time).
+        self._on_device = 0
+        self._device_free_at: float | None = None
+        self._enqueue_s = 0.0  # the device thread's time to enqueue a fast batch (moving average)
         self.startup: Future[None] = Future()
         self._state = State.NEW
         self._cond = threading.Condition()
@@ -224,7 +249,9 @@ class Worker:
         batch = [_Pending((int(r.priority), next(self._seq)), r, Future()) for r in requests]
         for p in batch:
             p.future.set_running_or_notify_cancel()
-        self._run_batch(batch)
+        self._inflight.acquire()
+        if not self._run_batch(batch):
+            self._inflight.release()
         return [p.future.result() for p in batch]
 
     def status(self) -> dict[str, Any]:
@@ -240,6 +267,8 @@ class Worker:
             "multi_request_batches": self.stats.multi_request_batches,
             "busy_s": round(self.stats.busy_s, 3),
             "batch_sizes": dict(self.stats.batch_sizes),
+            "gather_s": round(self.stats.gather_s, 3),
+            "cut_batches": self.stats.cut_batches,
             "fast_path": {m: dict(vars(f.stats)) for m, a in self._adapters.items() if (f := _fast_of(a)) is not None},
             "input_decode": self.input_decoder.status() if self.input_decoder is not None else {"decoder": "pillow"},
             "timings": dict(self.timings),
@@ -281,9 +310,15 @@ class Worker:
                     self._cond.wait()
                 if self._state is not State.RUNNING:
                     return
-                batch = self._take_batch()
-            if batch:
-                self._run_batch(batch)
+            self._inflight.acquire()  # a slot first: meanwhile, more requests can join this batch
+            batch: list[_Pending] = []
+            with self._cond:
+                if self._state is State.RUNNING and self._pending:
+                    self._gather()
+                if self._state is State.RUNNING and self._pending:  # close() may have come meanwhile
+                    batch = self._take_batch()
+            if not (batch and self._run_batch(batch)):
+                self._inflight.release()
 
     def _warm_up(self) -> None:
         """Fast path only: render the configured shapes once (captures graphs, picks kernels)."""
@@ -304,6 +339,31 @@ class Worker:
         if self.fast:
             self.timings["warmup_s"] = time.perf_counter() - started
 
+    def _gather(self) -> None:
+        """With ``_cond`` held: while the device is busy, wait to form the next batch until just
+        before the device runs out of work (the measured device time of what is on it, less the
+        time to enqueue a batch), or until a full batch is waiting. What arrives meanwhile joins
+        the batch. Nothing waits when the device is idle or its work's duration is not known."""
+        if not self.settings.batch_gather:
+            return
+        started = time.perf_counter()
+        limit = started + MAX_GATHER_S
+        while self._state is State.RUNNING and self._pending and self._on_device:
+            free_at = self._device_free_at
+            if free_at is None:
+                break
+            now = time.perf_counter()
+            wait = min(free_at - self._enqueue_s - GATHER_MARGIN_S, limit) - now
+            if wait <= 0 or self._images_like_head() >= self.settings.max_batch_size:
+                break
+            self._cond.wait(wait)
+        self.stats.gather_s += time.perf_counter() - started
+
+    def _images_like_head(self) -> int:
+        self._pending.sort()
+        key = self._pending[0].request.batch_key()
+        return sum(p.request.num_images for p in self._pending if p.request.batch_key() == key)
+
     def _take_batch(self) -> list[_Pending]:
         self._pending.sort()
         head = self._pending[0]
@@ -316,18 +376,45 @@ class Worker:
                 continue
             chosen.append(p)
             images += p.request.num_images
+        chosen = self._cut_to_bucket(chosen)
         taken = set(map(id, chosen))
         self._pending = [p for p in self._pending if id(p) not in taken]
         return [p for p in chosen if p.future.set_running_or_notify_cancel()]
 
-    def _run_batch(self, batch: list[_Pending]) -> None:
+    def _cut_to_bucket(self, chosen: list[_Pending]) -> list[_Pending]:
+        """A fast-path batch that fills less than ``batch_fill`` of the bucket it would be padded
+        to is cut to the largest bucket it fills (requests whole, in order; the head always):
+        the rest is the next batch, instead of padding rows computed for nothing."""
+        adapter = self._adapters.get(chosen[0].request.model_id)
+        fast = _fast_of(adapter) if adapter is not None else None
+        if fast is None or not common.fast_eligible(fast, [p.request for p in chosen]):
+            return chosen
+        images = sum(p.request.num_images for p in chosen)
+        bucket = fast.bucket(images)
+        if images >= bucket or images >= self.settings.batch_fill * bucket:
+            return chosen
+        fits = max((b for b in fast.options.buckets if b <= images), default=images)
+        kept: list[_Pending] = []
+        total = 0
+        for p in chosen:
+            if kept and total + p.request.num_images > fits:
+                break
+            kept.append(p)
+            total += p.request.num_images
+        if len(kept) < len(chosen):
+            self.stats.cut_batches += 1
+        return kept
+
+    def _run_batch(self, batch: list[_Pending]) -> bool:
+        """Run ``batch`` with a batch slot held. True when the slot went with a fast-path batch
+        still on the device (``_complete`` gives it back); False: the caller gives it back."""
         model_id = batch[0].request.model_id
         try:
             adapter = self._adapter(model_id)
         except LivegenError as exc:
             for p in batch:
                 p.future.set_exception(exc)
-            return
+            return False
         runnable = []
         for p in batch:
             if p.request.cancel is not None and p.request.cancel.is_set():
@@ -339,7 +426,7 @@ class Worker:
             except LivegenError as exc:
                 p.future.set_exception(exc)
         if not runnable:
-            return
+            return False
         requests = [p.request for p in runnable]
         started = time.perf_counter()
         try:
@@ -348,22 +435,44 @@ class Worker:
             torch.cuda.empty_cache()
             logger.warning("out of device memory on a batch of %d images", common.total_images(requests))
             self._fail(runnable, GpuOutOfMemory(str(exc)))
-            return
+            return False
         except LivegenError as exc:
             self._fail(runnable, exc)
-            return
+            return False
         except Exception as exc:
             logger.exception("batch failed model=%s", model_id)
             self._fail(runnable, LivegenError(f"generation failed: {type(exc).__name__}"))
-            return
+            return False
         if isinstance(outputs, Deferred):
-            self._inflight.acquire()
+            self._enqueued(outputs, time.perf_counter() - started)
             self._post.submit(self._complete, runnable, outputs, started)
-            return
+            return True
         elapsed = time.perf_counter() - started
         self._count(requests, elapsed)
         for p, images in zip(runnable, outputs, strict=True):
             self._post.submit(self._finish, p, images, elapsed, len(requests))
+        return False
+
+    def _enqueued(self, outputs: Deferred[Any], enqueue_s: float) -> None:
+        """A fast-path batch is on the device: when will the device be done with all it has?"""
+        with self._cond:
+            now = time.perf_counter()
+            self._enqueue_s += ENQUEUE_SMOOTHING * (enqueue_s - self._enqueue_s)
+            expected = outputs.expected_ms
+            if self._on_device == 0:
+                self._device_free_at = now
+            if self._device_free_at is not None and expected is not None:
+                self._device_free_at = max(now, self._device_free_at) + expected / 1e3
+            else:
+                self._device_free_at = None  # unknown until the device is idle again
+            self._on_device += 1
+
+    def _left_device(self) -> None:
+        with self._cond:
+            self._on_device -= 1
+            if self._on_device == 0:
+                self._device_free_at = None
+            self._cond.notify_all()
 
     def _complete(self, runnable: list[_Pending], deferred: Deferred[list[list[Any]]], started: float) -> None:
         """On the encode pool: wait for a fast-path batch's device work, then finish each request."""
@@ -378,6 +487,7 @@ class Worker:
             self._fail(runnable, LivegenError(f"generation failed: {type(exc).__name__}"))
             return
         finally:
+            self._left_device()
             self._inflight.release()
         elapsed = time.perf_counter() - started
         self._count(requests, elapsed)
@@ -506,7 +616,7 @@ class Worker:
         if settings.torch_compile != "off":
             use_compile_cache(settings.compile_cache_dir / "inductor")
         if self.device.type == "cuda":
-            fastpath.enable_gpu_jpeg()
+            fastpath.enable_gpu_jpeg(self.device)
         try:
             tiny = AutoencoderTiny.from_pretrained(tiny_vae_source, dtype=self.dtype).to(self.device)
         except Exception as exc:

@@ -1,0 +1,189 @@
+"""A discrete-event model of realtime sessions feeding the engine's batcher on one GPU.
+
+Not a measurement: it predicts what a batching policy does to frames/s and latency from the
+per-batch device times of a real run (the H200 CUDA-graph rows in BENCHMARKS.md), so that a
+policy can be chosen before a GPU is at hand and checked against `livegen bench realtime` when
+one is. Needs `pip install simpy`; not part of the test suite.
+
+    python benchmarks/batching_model.py --sessions 1 4 8 16 --max-batch 16
+
+Each session sends a frame every 1/fps s into a 2-deep inbox (the server's default
+max_buffering; the oldest frame is taken first), keeps one frame in the engine at a time, and
+pays a server cost before and after it. The device runs one batch at a time, padded to its
+bucket. Policies (the worker's, engine/worker.py):
+
+- ``before``: the worker until session 6. The device thread takes whatever is pending the
+  moment it is there, enqueues it, then waits for one of two slots: up to three batches are
+  queued on the device, and a request that arrives alone goes alone. With ``--old-jpeg`` a
+  batch of two or more images also waits for the batch queued after it (torchvision's encoder
+  synchronized the default stream before each image).
+- ``slot``: a slot first, then take what is pending.
+- ``slot+gather``: as ``slot``, but while the device is busy the batch is formed just before
+  the device runs out of work, or when a full batch waits.
+- ``+cut``: a batch filling less than ``--fill`` of its bucket is cut to the largest bucket it
+  fills; the rest goes next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import statistics
+from collections.abc import Generator
+from typing import Any
+
+import simpy
+
+BUCKETS = (1, 2, 4, 8, 16)
+# ms per batch by bucket. H200, SD-Turbo 512², CUDA graph (BENCHMARKS.md; ms/img × batch). The
+# batch of 2 was not run: interpolated between 1 and 4.
+T2I = {1: 9.10, 2: 13.8, 4: 20.8, 8: 36.7, 16: 68.2}
+I2I = {1: 11.99, 2: 17.9, 4: 26.6, 8: 48.4, 16: 88.8}  # 2 steps x strength 0.5
+
+
+def bucket(n: int) -> int:
+    return next(b for b in BUCKETS if b >= n)
+
+
+class Model:
+    def __init__(self, policy: str, sessions: int, args: argparse.Namespace, seed: int) -> None:
+        self.env = simpy.Environment()
+        self.policy, self.args = policy, args
+        self.cost = T2I if args.task == "t2i" else I2I
+        self.pre_ms = 0.5 if args.task == "t2i" else 2.0  # server work before the engine
+        self.rng = random.Random(seed)
+        self.pending: list[simpy.Event] = []
+        self.pending_changed = self.env.event()
+        self.slots = simpy.Resource(self.env, capacity=2)
+        self.gpu = simpy.Resource(self.env, capacity=1)
+        self.device_free_at = 0.0
+        self.last_end: simpy.Event | None = None
+        self.warmup_ms = 2000.0
+        self.latencies: list[float] = []
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.padded = 0
+        for _ in range(sessions):
+            self.env.process(self.session())
+        self.env.process(self.device_thread())
+
+    def jitter(self, ms: float, lo: float = 0.5, hi: float = 2.0) -> float:
+        return ms * self.rng.uniform(lo, hi)
+
+    def session(self) -> Generator[Any, Any, None]:
+        inbox: collections.deque[float] = collections.deque(maxlen=2)
+        arrived = [self.env.event()]
+        interval = 1000.0 / self.args.fps
+
+        def client() -> Generator[Any, Any, None]:
+            yield self.env.timeout(self.rng.uniform(0, interval))
+            while True:
+                inbox.append(self.env.now)
+                if not arrived[0].triggered:
+                    arrived[0].succeed()
+                yield self.env.timeout(self.jitter(interval, 0.9, 1.1))
+
+        self.env.process(client())
+        while True:
+            while not inbox:
+                arrived[0] = self.env.event()
+                yield arrived[0]
+            sent = inbox.popleft()
+            yield self.env.timeout(self.jitter(self.pre_ms))
+            done = self.env.event()
+            self.pending.append(done)
+            if not self.pending_changed.triggered:
+                self.pending_changed.succeed()
+            yield done
+            yield self.env.timeout(self.jitter(0.5))  # packing and sending the result
+            if sent >= self.warmup_ms:
+                self.latencies.append(self.env.now - sent)
+
+    def wait_pending(self) -> Generator[Any, Any, None]:
+        while not self.pending:
+            self.pending_changed = self.env.event()
+            yield self.pending_changed
+
+    def take(self) -> list[simpy.Event]:
+        n = min(len(self.pending), self.args.max_batch)
+        if "cut" in self.policy and n < bucket(n) and n < self.args.fill * bucket(n):
+            n = max(b for b in BUCKETS if b <= n)
+        batch, self.pending = self.pending[:n], self.pending[n:]
+        return batch
+
+    def device_thread(self) -> Generator[Any, Any, None]:
+        enqueue_ms = 0.5
+        while True:
+            if self.policy == "before":
+                yield from self.wait_pending()
+                batch = self.take()
+                yield self.env.timeout(enqueue_ms)
+                slot = self.slots.request()
+                self.env.process(self.on_device(batch, slot))
+                yield slot
+                continue
+            slot = self.slots.request()
+            yield slot
+            yield from self.wait_pending()
+            if "gather" in self.policy:
+                while len(self.pending) < self.args.max_batch:
+                    left = self.device_free_at - self.env.now - enqueue_ms - 1.0
+                    if left <= 0:
+                        break
+                    self.pending_changed = self.env.event()
+                    yield self.env.any_of([self.pending_changed, self.env.timeout(left)])
+            batch = self.take()
+            yield self.env.timeout(enqueue_ms)
+            self.env.process(self.on_device(batch, slot))
+
+    def on_device(self, batch: list[simpy.Event], slot: Any) -> Generator[Any, Any, None]:
+        b = bucket(len(batch))
+        self.batch_sizes[len(batch)] += 1
+        self.padded += b - len(batch)
+        self.device_free_at = max(self.env.now, self.device_free_at) + self.cost[b]
+        end = self.env.event()
+        self.last_end = end
+        with self.gpu.request() as gpu:
+            yield gpu
+            yield self.env.timeout(self.jitter(self.cost[b], 0.97, 1.03))
+        end.succeed()
+        yield slot  # the worker finishes a batch only once the device thread's acquire() returned
+        if self.args.old_jpeg and len(batch) >= 2 and self.last_end is not end:
+            yield self.last_end
+        yield self.env.timeout(self.jitter(0.5))  # the encode pool: sync, JPEG, results
+        self.slots.release(slot)
+        for done in batch:
+            done.succeed()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--fps", type=float, default=30.0)
+    ap.add_argument("--task", choices=["t2i", "i2i"], default="t2i")
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--fill", type=float, default=0.75)
+    ap.add_argument("--old-jpeg", action="store_true")
+    ap.add_argument("--policies", nargs="+", default=["before", "slot", "slot+cut", "slot+gather+cut"])
+    args = ap.parse_args()
+    print(f"{args.task}, {args.fps:g} frames/s per session, max batch {args.max_batch}; mean of 3 seeds")
+    for sessions in args.sessions:
+        for policy in args.policies:
+            rows = []
+            for seed in range(3):
+                m = Model(policy, sessions, args, seed)
+                m.env.run(until=m.warmup_ms + args.seconds * 1000)
+                lat = sorted(m.latencies)
+                images = sum(k * v for k, v in m.batch_sizes.items())
+                rows.append((len(lat) / args.seconds, lat[len(lat) // 2], lat[int(len(lat) * 0.99)],
+                             images / sum(m.batch_sizes.values()), m.padded / images))  # fmt: skip
+            fps, p50, p99, mean_batch, padding = (statistics.mean(r[i] for r in rows) for i in range(5))
+            print(
+                f"sessions {sessions:2d}  {policy:16s} frames/s {fps:6.1f}  latency p50 {p50:6.1f} ms "
+                f"p99 {p99:6.1f} ms  mean batch {mean_batch:5.2f}  padded rows {padding:5.1%}"
+            )
+
+
+if __name__ == "__main__":
+    main()
