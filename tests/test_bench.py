@@ -34,6 +34,10 @@ def test_bench_realtime_8_sessions(live_server: LiveServer) -> None:
     assert "in the server ms: p50" in format_report(report)
     assert report["input_decode"] == {"decoder": "pillow"}  # a CPU server: Pillow decodes inputs
     assert "input decode (server's total): pillow" in format_report(report)
+    batching = report["batching"]  # the engine's own account of how it batched the frames
+    assert sum(int(n) * count for n, count in batching["batch_sizes"].items()) >= report["results"]
+    assert batching["cut_batches"] >= 0 and batching["gather_s"] >= 0
+    assert "engine batches (server's total)" in format_report(report)
     print(json.dumps(report, indent=2))  # shown with -s; the CPU figures go nowhere else
 
 

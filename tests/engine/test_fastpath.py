@@ -377,7 +377,7 @@ def test_a_dynamic_batch_compile_serves_every_bucket_above_one(
 
 def run_together(worker: Worker, batch: list[GenerationRequest]) -> list[bytes]:
     """Submitted at once, so the worker runs them as one batch; each result's decoded pixels."""
-    futures = [worker.submit(r) for r in batch]
+    futures = worker.submit_all(batch)
     results = [f.result(timeout=600) for f in futures]
     assert {r.batch_size for r in results} == {len(batch)}
     return [np.asarray(Image.open(io.BytesIO(r.images[0].data))).tobytes() for r in results]

@@ -105,6 +105,13 @@ def test_incompatible_requests_do_not_mix(worker: FakeWorker) -> None:
     assert worker.adapter.batches[1:] == [["a", "d"], ["b"], ["c"]]
 
 
+def test_requests_submitted_together_are_one_batch(worker: FakeWorker) -> None:
+    worker.gate.set()
+    futures = worker.submit_all([req(f"p{i}") for i in range(4)])
+    assert {f.result(10).batch_size for f in futures} == {4}
+    assert worker.adapter.batches == [["p0", "p1", "p2", "p3"]]
+
+
 def test_priority_realtime_before_sync_before_queued(worker: FakeWorker) -> None:
     _block(worker)
     q = worker.submit(req("queued", priority=Priority.QUEUED, width=72))

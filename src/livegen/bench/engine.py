@@ -179,6 +179,7 @@ def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = 
         update={
             "models": [config.model],
             "max_batch_size": max(config.batches),
+            "batch_fill": 0.0,  # a batch of 3 runs as one padded to 4, as asked, not cut to 2 + 1
             "warmup_sizes": [],
             "compile_on_demand": True,
         }
@@ -195,7 +196,7 @@ def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = 
         loaded = time.perf_counter()
 
         def run(requests: list[GenerationRequest]) -> None:
-            for f in [worker.submit(r) for r in requests]:
+            for f in worker.submit_all(requests):  # all at once: one batch of exactly these
                 f.result()
 
         for size in config.all_sizes():

@@ -181,10 +181,13 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
         await asyncio.gather(*(_session(config, tokens[i], i, stats[i], start_at) for i in range(config.sessions)))
         report = summarize(config, stats, time.perf_counter() - started)
         with contextlib.suppress(httpx.HTTPError, ValueError):
+            ready = (await client.get(f"{config.base_url}/readyz")).json()
             # Which decoder took the input images (Pillow, or nvjpeg on a CUDA server), and how many.
-            decode = (await client.get(f"{config.base_url}/readyz")).json().get("input_decode")
-            if decode is not None:
+            if (decode := ready.get("input_decode")) is not None:
                 report["input_decode"] = decode
+            # How the engine batched the frames (the server's totals, warm-up included).
+            if "batch_sizes" in ready:
+                report["batching"] = {k: ready.get(k) for k in ("batch_sizes", "gather_s", "cut_batches")}
     return report
 
 
@@ -242,6 +245,14 @@ def format_report(report: dict[str, Any]) -> str:
     if decode := report.get("input_decode"):
         counts = f": {decode['images']} images, {decode['fallbacks']} to Pillow" if "images" in decode else ""
         lines.append(f"input decode (server's total): {decode['decoder']}{counts}")
+    if batching := report.get("batching"):
+        sizes = ", ".join(
+            f"{k}: {v}" for k, v in sorted((batching.get("batch_sizes") or {}).items(), key=lambda kv: int(kv[0]))
+        )
+        lines.append(
+            f"engine batches (server's total), images: count {{{sizes}}}; held back {batching.get('gather_s')} s "
+            f"to gather, {batching.get('cut_batches')} cut to a bucket"
+        )
     for sample in report["error_samples"]:
         lines.append(f"error: {sample}")
     return "\n".join(lines)

@@ -233,14 +233,21 @@ class Worker:
             common.check_common(request)
 
     def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
-        future: Future[GenerationResult] = Future()
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[GenerationRequest]) -> list[Future[GenerationResult]]:
+        """Submit several requests at once: the device thread sees all of them or none, so
+        compatible ones go in one batch (``livegen bench`` times batches of an exact size)."""
+        futures: list[Future[GenerationResult]] = []
         with self._cond:
             if self._state is not State.RUNNING:
                 raise ModelUnavailable("the engine is not running")
-            seq = next(self._seq)
-            self._pending.append(_Pending((int(request.priority), seq), request, future))
+            for request in requests:
+                future: Future[GenerationResult] = Future()
+                self._pending.append(_Pending((int(request.priority), next(self._seq)), request, future))
+                futures.append(future)
             self._cond.notify()
-        return future
+        return futures
 
     def run_here(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Render ``requests`` as one batch on the calling thread, past the queue, and wait for
@@ -457,8 +464,9 @@ class Worker:
         """A fast-path batch is on the device: when will the device be done with all it has?"""
         with self._cond:
             now = time.perf_counter()
-            self._enqueue_s += ENQUEUE_SMOOTHING * (enqueue_s - self._enqueue_s)
             expected = outputs.expected_ms
+            if expected is not None:  # a shape run before: not a first run (graph capture, compile)
+                self._enqueue_s += ENQUEUE_SMOOTHING * (enqueue_s - self._enqueue_s)
             if self._on_device == 0:
                 self._device_free_at = now
             if self._device_free_at is not None and expected is not None:
