@@ -305,6 +305,24 @@ def test_input_jpegs_are_decoded_on_the_device_only_when_asked_on_cuda(settings:
         assert worker_module.input_decoder(asked, cuda, True) is None
 
 
+def test_device_time_estimate_takes_up_shorter_times_faster() -> None:
+    """The worker holds batches back on this estimate: too long idles the device, so a shorter
+    measurement moves it 2.5 times as far as a longer one does."""
+    from types import SimpleNamespace
+
+    from livegen.engine.fastpath import DEVICE_MS_SMOOTHING, FastPath
+
+    fast = SimpleNamespace(device_ms={})
+    key = ("t2i", 512, 512)
+    FastPath._timed(fast, key, 10.0)  # type: ignore[arg-type]
+    assert fast.device_ms[key] == 10.0
+    FastPath._timed(fast, key, 20.0)  # type: ignore[arg-type]
+    assert fast.device_ms[key] == pytest.approx(10.0 + DEVICE_MS_SMOOTHING * 10.0)
+    before = fast.device_ms[key]
+    FastPath._timed(fast, key, 8.0)  # type: ignore[arg-type]
+    assert fast.device_ms[key] == pytest.approx(before - 2.5 * DEVICE_MS_SMOOTHING * (before - 8.0))
+
+
 @pytest.mark.parametrize(("version", "used"), [("0.21.0+cu124", False), ("0.22.0", True), ("0.26.0+cu130", True)])
 def test_gpu_jpeg_encoder_needs_a_torchvision_that_waits_for_its_input(
     monkeypatch: pytest.MonkeyPatch, version: str, used: bool

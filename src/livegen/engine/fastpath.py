@@ -423,13 +423,15 @@ class FastPath:
         plan = self._plan(job.task, job.steps, job.strength)
         guidance = job.guidance_scale if job.cfg else None
         key = (job.task, job.width, job.height, job.steps, len(plan.timesteps), guidance, job.vae, bucket)
+        with region("livegen.inputs"):
+            inputs = self._inputs(job, plan, bucket)
+        # Timed from here: the small input kernels queued above are left out, and with them any
+        # wait for this thread to queue them (the estimate errs short, which only gathers less).
         start = None
         if self.device.type == "cuda" and key in self._ran_keys:  # a first run captures or compiles: not timed
             start = torch.cuda.Event(enable_timing=True)
             start.record()
         self._ran_keys.add(key)
-        with region("livegen.inputs"):
-            inputs = self._inputs(job, plan, bucket)
         with torch.inference_mode():
             pixels = self._run(key, plan, job.vae, guidance, inputs)[:rows]
             self.stats.padded_rows += bucket - rows
@@ -439,9 +441,12 @@ class FastPath:
         return self.device_ms.get(key)
 
     def _timed(self, key: tuple[Any, ...], ms: float) -> None:
-        """One more measurement of the shape ``key``'s device time (on the encode pool)."""
+        """One more measurement of the shape ``key``'s device time (on the encode pool). A
+        shorter time is taken up faster than a longer one: an estimate that is too long holds
+        batches back while the device idles, one that is too short only gathers less."""
         last = self.device_ms.get(key)
-        self.device_ms[key] = ms if last is None else last + DEVICE_MS_SMOOTHING * (ms - last)
+        weight = DEVICE_MS_SMOOTHING * (2.5 if last is not None and ms < last else 1.0)
+        self.device_ms[key] = ms if last is None else last + weight * (ms - last)
 
     def _render_chunks(self, job: Job) -> Deferred[list[Output]]:
         step = max(self.options.buckets)
