@@ -437,9 +437,6 @@ class FastPath:
             self.stats.padded_rows += bucket - rows
             return self._collect(job, pixels, key, start)
 
-    def expected_ms(self, key: tuple[Any, ...]) -> float | None:
-        return self.device_ms.get(key)
-
     def _timed(self, key: tuple[Any, ...], ms: float) -> None:
         """One more measurement of the shape ``key``'s device time (on the encode pool). A
         shorter time is taken up faster than a longer one: an estimate that is too long holds
@@ -657,7 +654,7 @@ class FastPath:
         if done is not None:
             done.record()
         quality = self.options.jpeg_quality
-        jpeg_stream = _jpeg_stream(self.device) if chw else None
+        jpeg_stream = _side_stream("jpeg", self.device) if chw else None
 
         def finish() -> list[Output]:
             with torch.inference_mode(), torch.cuda.stream(jpeg_stream) if jpeg_stream else contextlib.nullcontext():
@@ -666,7 +663,7 @@ class FastPath:
         def collect() -> list[Output]:
             # This batch's work only: the device thread may have queued the next batch behind it
             # on the default stream, and nothing here should wait for that one. The encode and
-            # its copies run on the JPEG stream (see _jpeg_stream), current in finish().
+            # its copies run on the JPEG stream (see _side_stream), current in finish().
             if done is not None:
                 done.synchronize()
                 if start is not None:
@@ -685,7 +682,7 @@ class FastPath:
                     out.append(Image.fromarray(buf.numpy().copy()))
             return out
 
-        return Deferred(finish, self.expected_ms(key))
+        return Deferred(finish, self.device_ms.get(key))
 
 
 class _Graph:
@@ -694,7 +691,7 @@ class _Graph:
     def __init__(self, fn: Callable[..., torch.Tensor], example: dict[str, torch.Tensor], pool: Any, warmup: int):
         with torch.inference_mode():
             self.static = {k: v.clone() for k, v in example.items()}
-            side = _warmup_stream(self.static[next(iter(self.static))].device)
+            side = _side_stream("warmup", self.static[next(iter(self.static))].device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up off the capture: cuDNN/cuBLAS pick algorithms, allocate
                 for _ in range(warmup):
@@ -748,8 +745,7 @@ def _tune_inductor() -> None:
     inductor.coordinate_descent_check_all_directions = True
 
 
-_WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
-_JPEG_STREAMS: dict[int, torch.cuda.Stream] = {}
+_STREAMS: dict[tuple[str, int], torch.cuda.Stream] = {}  # (purpose, device index): see _side_stream
 
 
 @contextlib.contextmanager
@@ -788,29 +784,24 @@ def _batch_dims(*tensors: torch.Tensor) -> None:
         torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
-def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
-    """One warm-up stream per device for every capture. The caching allocator keeps freed blocks
-    per stream: with a fresh stream per capture, each capture's warm-up activations stayed cached
-    on a stream nothing used again (SD-Turbo, 9 graphs: 3.9 GiB allocated, 6.2 GiB reserved)."""
+def _side_stream(purpose: Literal["warmup", "jpeg"], device: torch.device) -> torch.cuda.Stream:
+    """One stream per purpose and device, made on first use and kept.
+
+    ``warmup``: every capture's warm-up runs. The caching allocator keeps freed blocks per stream:
+    with a fresh stream per capture, each capture's warm-up activations stayed cached on a stream
+    nothing used again (SD-Turbo, 9 graphs: 3.9 GiB allocated, 6.2 GiB reserved).
+
+    ``jpeg``: GPU JPEG encodes, idle but for them. torchvision's nvjpeg encoder synchronizes,
+    before each image, the stream that was current when it was created (its fix for reading
+    unfinished inputs, torchvision ≥ 0.22). Created on the default stream, it waited for
+    everything queued there: with the next batch already queued behind this one, a batch's JPEGs
+    (and so its results) waited for the next batch's UNet too. Created and called with this
+    stream current (``warm_up_gpu_jpeg``, ``_collect``), it waits for nothing but its own work;
+    ``_collect`` waits for the batch's event first."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _WARMUP_STREAMS:
-        _WARMUP_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _WARMUP_STREAMS[index]
-
-
-def _jpeg_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream GPU JPEG encodes run on, one per device, idle but for them.
-
-    torchvision's nvjpeg encoder synchronizes, before each image, the stream that was current
-    when it was created (its fix for reading unfinished inputs, torchvision ≥ 0.22). Created on
-    the default stream, it waited for everything queued there: with the next batch already
-    queued behind this one, a batch's JPEGs (and so its results) waited for the next batch's
-    UNet too. Created and called with this stream current (``warm_up_gpu_jpeg``, ``_collect``),
-    it waits for nothing but its own work; ``_collect`` waits for the batch's event first."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _JPEG_STREAMS:
-        _JPEG_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _JPEG_STREAMS[index]
+    if (purpose, index) not in _STREAMS:
+        _STREAMS[purpose, index] = torch.cuda.Stream(device=index)
+    return _STREAMS[purpose, index]
 
 
 def _draw(gen: torch.Generator, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -883,13 +874,13 @@ def _version(text: str) -> tuple[int, ...]:
 _encode_jpeg_gpu: Callable[..., list[torch.Tensor]] | None = None
 
 
-def enable_gpu_jpeg(device: torch.device | None = None) -> bool:
-    """Import torchvision's encoder (lazily: only a CUDA engine asks) and, given the device, warm
-    it up there (``warm_up_gpu_jpeg``). True when available."""
+def enable_gpu_jpeg(device: torch.device) -> bool:
+    """Import torchvision's encoder (lazily: only a CUDA engine asks) and warm it up on ``device``
+    (``warm_up_gpu_jpeg``). True when available."""
     global _encode_jpeg_gpu
     if _encode_jpeg_gpu is None:
         _encode_jpeg_gpu = _load_gpu_jpeg()
-    if _encode_jpeg_gpu is not None and device is not None:
+    if _encode_jpeg_gpu is not None:
         warm_up_gpu_jpeg(device)
     return _encode_jpeg_gpu is not None
 
@@ -897,9 +888,9 @@ def enable_gpu_jpeg(device: torch.device | None = None) -> bool:
 def warm_up_gpu_jpeg(device: torch.device) -> None:
     """Encode a small image once with the JPEG stream current: torchvision creates its encoder
     (handle, state, its own stream: tens of ms) on first use, bound to the stream current then,
-    which must be ours (see ``_jpeg_stream``), not the default one."""
+    which must be ours (see ``_side_stream``), not the default one."""
     assert _encode_jpeg_gpu is not None
-    stream = _jpeg_stream(device)
+    stream = _side_stream("jpeg", device)
     with torch.inference_mode(), torch.cuda.stream(stream):
         pixels = torch.full((3, 16, 16), 128, dtype=torch.uint8, device=device)
         _encode_jpeg_gpu([pixels], quality=90)[0].cpu()

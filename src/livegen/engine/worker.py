@@ -477,9 +477,7 @@ class Worker:
 
     def _left_device(self) -> None:
         with self._cond:
-            self._on_device -= 1
-            if self._on_device == 0:
-                self._device_free_at = None
+            self._on_device -= 1  # at 0, _gather stops waiting and _enqueued starts afresh
             self._cond.notify_all()
 
     def _complete(self, runnable: list[_Pending], deferred: Deferred[list[list[Any]]], started: float) -> None:
