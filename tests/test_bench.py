@@ -74,6 +74,13 @@ def test_bench_engine_smoke_on_cpu(shared_data_dir: object) -> None:
     for row in report["rows"]:
         assert row["livegen_ms_per_img"] > 0 and row["diffusers_ms_per_img"] > 0 and row["speedup"] > 0
         assert row["first_call_ms"] > 0
+        # Where the timed batch went (one timed iteration: one batch): the worker's stages, each
+        # measured, adding up to about the batch's wall time (the rest: thread hand-offs between stamps).
+        st = row["stages"]
+        assert st["batches"] == 1 and st["device_ms"] is None  # no CUDA events on a CPU
+        parts = [st[f"{name}_ms"] for name in ("wait", "enqueue", "until_done", "encode", "finish", "handback")]
+        assert min(parts) >= 0 and st["enqueue_ms"] > 0
+        assert 0.8 * st["wall_ms"] <= sum(parts) <= st["wall_ms"] + 0.01
     assert report["warmup"]["livegen"]["first_image_s"] > 0
     assert report["variants"]["plain"]["fast_path"] is None
     assert report["variants"]["eager"]["fast_path"]["graphs"] == 0  # no CUDA graphs on a CPU

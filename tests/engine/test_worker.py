@@ -16,7 +16,7 @@ from PIL import Image
 from livegen.engine import GenerationRequest, GenerationResult, Priority, Task
 from livegen.engine.fastpath import Deferred
 from livegen.engine.pipelines.common import check_common
-from livegen.engine.worker import Worker
+from livegen.engine.worker import STAGES, Worker
 from livegen.protocol.errors import InvalidInput, ModelUnavailable
 from livegen.settings import Settings
 
@@ -319,3 +319,40 @@ def test_nothing_gathers_when_the_device_time_is_unknown(tmp_path: Path) -> None
         w.submit(req("b"))
         wait_for(lambda: len(w.adapter.batches) == 2)  # the second slot: taken at once
         assert w.adapter.batches == [["a"], ["b"]]
+
+
+# -- where a batch's time goes -----------------------------------------------------------------
+
+
+def test_a_batch_records_its_stages_once_all_its_requests_are_resolved(worker: FakeWorker) -> None:
+    worker.gate.set()
+    worker.stages.clear()
+    futures = worker.submit_all([req("a"), req("b", num_images=2)])
+    for f in futures:
+        f.result(10)
+    wait_for(lambda: len(worker.stages) == 1)
+    time.sleep(0.05)
+    assert len(worker.stages) == 1  # one record per batch, not per request
+    st = worker.stages[0]
+    assert st.images == 3
+    assert all(getattr(st, name) >= 0 for name in STAGES)
+    assert st.until_done == st.encode == 0  # the plain path renders inside the adapter's call
+    assert st.device is None
+    summary = worker.status()["stages"]
+    assert summary["batches"] == 1 and summary["enqueue_ms"] == round(st.enqueue * 1e3, 3)
+
+
+def test_a_fast_batch_records_the_wait_for_its_device_work(tmp_path: Path) -> None:
+    with fast_worker(tmp_path, expected_ms=5.0) as w:
+        w.stages.clear()
+        future = w.submit(req("a"))
+        wait_for(lambda: len(w.adapter.done) == 1)
+        time.sleep(0.1)  # the device works
+        w.adapter.done[0].set()
+        future.result(10)
+        wait_for(lambda: len(w.stages) == 1)
+        st = w.stages[0]
+        assert st.until_done >= 0.09  # enqueued -> the encode pool saw the device done
+        assert st.enqueue < 0.09 and st.wait < 0.09
+        total = sum(getattr(st, name) for name in STAGES)
+        assert total >= st.until_done and st.resolved_at > 0

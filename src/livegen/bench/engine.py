@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from PIL import Image
 from livegen.bench.profile import format_profile, profile_batches
 from livegen.engine import GenerationRequest, Priority, Task
 from livegen.engine.registry import resolve_source, spec_for
-from livegen.engine.worker import Worker
+from livegen.engine.worker import STAGES, Worker, stage_summary
 from livegen.settings import Settings
 
 PROMPT = "a photo of a red fox in the snow, detailed, 4k"
@@ -108,6 +109,7 @@ class Row:
     variant: str = "default"
     first_call_ms: float | None = None  # the first batch at this shape: capture / compile included
     profile: dict[str, Any] | None = None  # with --profile: where a batch's time goes
+    stages: dict[str, Any] | None = None  # the timed batches' stages in the worker (medians, ms per batch)
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -147,6 +149,7 @@ class Measured:
     per_batch: dict[tuple[int, int], float]
     first_call: dict[tuple[int, int], float] = dataclasses.field(default_factory=dict)
     profiles: dict[tuple[int, int], dict[str, Any]] = dataclasses.field(default_factory=dict)
+    stages: dict[tuple[int, int], dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 def _requests(config: EngineBenchConfig, size: int, batch: int, image: Image.Image | None) -> list[GenerationRequest]:
@@ -195,9 +198,13 @@ def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = 
         worker.startup.result()
         loaded = time.perf_counter()
 
+        seen: list[tuple[float, float]] = []  # each timed batch: submitted, all results in hand
+
         def run(requests: list[GenerationRequest]) -> None:
+            t0 = time.perf_counter()
             for f in worker.submit_all(requests):  # all at once: one batch of exactly these
                 f.result()
+            seen.append((t0, time.perf_counter()))
 
         for size in config.all_sizes():
             image = _input_image(size) if config.task == "i2i" else None
@@ -206,7 +213,10 @@ def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = 
                 t0 = time.perf_counter()
                 run(requests)  # warm-up at this shape
                 measured.first_call[size, batch] = time.perf_counter() - t0
+                worker.stages.clear()
+                seen.clear()
                 measured.per_batch[size, batch] = _timed(functools.partial(run, requests), worker.device, config.iters)
+                measured.stages[size, batch] = _stages(list(worker.stages), seen)
                 if config.profile:
                     try:
                         summary = profile_batches(
@@ -226,6 +236,20 @@ def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = 
             measured.warmup["vram_model_bytes"] = status["vram_bytes_by_model"].get(config.model)
             measured.warmup["vram_peak_bytes"] = torch.cuda.max_memory_allocated()
     return measured
+
+
+def _stages(records: list[Any], seen: list[tuple[float, float]]) -> dict[str, Any]:
+    """The worker's stage medians for the timed batches (one worker batch per bench batch), the
+    hand-back (the last future resolved -> the bench's thread has every result) and the batch's
+    wall time, submitted -> results in hand (median, so that the stages add up to about it)."""
+    out = stage_summary(records)
+    if seen:
+        out["wall_ms"] = round(statistics.median(end - start for start, end in seen) * 1e3, 3)
+    if records and len(records) == len(seen):
+        out["handback_ms"] = round(
+            statistics.median(end - r.resolved_at for r, (_, end) in zip(records, seen, strict=True)) * 1e3, 3
+        )
+    return out
 
 
 def _cuda(settings: Settings) -> bool:
@@ -299,6 +323,7 @@ def run_engine_bench(settings: Settings, config: EngineBenchConfig) -> dict[str,
             variant=v,
             first_call_ms=m.first_call[size, b] * 1e3,
             profile=m.profiles.get((size, b)),
+            stages=m.stages.get((size, b)),
         )
         for size in config.all_sizes()
         for b in config.batches
@@ -334,6 +359,31 @@ def _gib(n: int | None) -> str:
     return f"{n / 2**30:.2f} GiB" if n else "-"
 
 
+def format_stages(rows: list[dict[str, Any]]) -> list[str]:
+    """Where a livegen batch's wall time went (the worker's stages, medians in ms per batch):
+    wall - device is the time the device waited for the host."""
+    rows = [r for r in rows if (r.get("stages") or {}).get("batches")]
+    if not rows:
+        return []
+    names = [*STAGES, "handback"]
+    lines = [
+        "",
+        "livegen batch stages, ms per batch (medians): wait = submitted -> started, enqueue = inputs + launch, "
+        "until_done = -> device seen done, encode = -> images ready, finish = -> futures resolved, "
+        "handback = -> the caller has them",
+        f"{'variant':<22} {'size':>4} {'batch':>5} {'wall':>8} {'device':>8}" + "".join(f"{n:>11}" for n in names),
+    ]
+    for r in rows:
+        st = r["stages"]
+        device = st.get("device_ms")
+        lines.append(
+            f"{r.get('variant', 'default'):<22} {r['size']:>4} {r['batch']:>5} {st.get('wall_ms', 0):>8.3f}"
+            f" {device if device is not None else '-':>8}"
+            + "".join(f"{st[f'{n}_ms']:>11.3f}" if st.get(f"{n}_ms") is not None else f"{'-':>11}" for n in names)
+        )
+    return lines
+
+
 def format_table(report: dict[str, Any]) -> str:
     head = (
         f"device {report['device']}, torch {report['torch']}, diffusers {report.get('diffusers')}, "
@@ -352,6 +402,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['livegen_ms_per_img']:>15.2f} {r['livegen_img_per_s']:>6.1f} {r.get('first_call_ms') or 0:>14.1f}"
             + (f"{theirs:>18.2f} {r['diffusers_img_per_s']:>6.1f} {r['speedup']:>7.2f}x" if theirs else "")
         )
+    lines += format_stages(report["rows"])
     for r in report["rows"]:
         if r.get("profile"):
             label = f"{r.get('variant', 'default')} {r['size']} batch {r['batch']}"

@@ -187,7 +187,7 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
                 report["input_decode"] = decode
             # How the engine batched the frames (the server's totals, warm-up included).
             if "batch_sizes" in ready:
-                report["batching"] = {k: ready.get(k) for k in ("batch_sizes", "gather_s", "cut_batches")}
+                report["batching"] = {k: ready.get(k) for k in ("batch_sizes", "gather_s", "cut_batches", "stages")}
     return report
 
 
@@ -253,6 +253,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"engine batches (server's total), images: count {{{sizes}}}; held back {batching.get('gather_s')} s "
             f"to gather, {batching.get('cut_batches')} cut to a bucket"
         )
+        if (stages := batching.get("stages") or {}).get("batches"):
+            parts = ", ".join(f"{k.removesuffix('_ms')} {v}" for k, v in stages.items() if k.endswith("_ms"))
+            lines.append(f"engine batch stages, ms (medians of the server's last {stages['batches']} batches): {parts}")
     for sample in report["error_samples"]:
         lines.append(f"error: {sample}")
     return "\n".join(lines)

@@ -126,11 +126,14 @@ class Deferred(Generic[T]):
     """Results of a batch whose device work is enqueued; ``result()`` waits for it (the worker
     calls it off the device thread, so the next batch's CPU work overlaps this one's GPU work).
     ``expected_ms``: how long that device work should take (measured on earlier batches of the
-    same shape), or None when there is no measurement yet."""
+    same shape), or None when there is no measurement yet. ``marks``, filled in by ``result()``
+    where known: ``device_done`` (the ``perf_counter`` time the wait for the device returned) and
+    ``device_s`` (the device's own time for the batch, from CUDA events)."""
 
     def __init__(self, finish: Callable[[], T], expected_ms: float | None = None) -> None:
         self._finish = finish
         self.expected_ms = expected_ms
+        self.marks: dict[str, float] = {}
 
     def result(self) -> T:
         return self._finish()
@@ -655,6 +658,7 @@ class FastPath:
             done.record()
         quality = self.options.jpeg_quality
         jpeg_stream = _side_stream("jpeg", self.device) if chw else None
+        marks: dict[str, float] = {}
 
         def finish() -> list[Output]:
             with torch.inference_mode(), torch.cuda.stream(jpeg_stream) if jpeg_stream else contextlib.nullcontext():
@@ -666,8 +670,11 @@ class FastPath:
             # its copies run on the JPEG stream (see _side_stream), current in finish().
             if done is not None:
                 done.synchronize()
+                marks["device_done"] = time.perf_counter()
                 if start is not None:
-                    self._timed(key, start.elapsed_time(done))
+                    ms = start.elapsed_time(done)
+                    self._timed(key, ms)
+                    marks["device_s"] = ms / 1e3
             out: list[Output] = []
             encoded = iter(_encode_jpeg_gpu(chw, quality=quality) if chw and _encode_jpeg_gpu else [])
             for i in range(job.rows):
@@ -682,7 +689,9 @@ class FastPath:
                     out.append(Image.fromarray(buf.numpy().copy()))
             return out
 
-        return Deferred(finish, self.device_ms.get(key))
+        deferred = Deferred(finish, self.device_ms.get(key))
+        deferred.marks = marks
+        return deferred
 
 
 class _Graph:

@@ -25,9 +25,11 @@ import enum
 import itertools
 import logging
 import os
+import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -71,6 +73,41 @@ class _Pending:
     sort_key: tuple[int, int]
     request: GenerationRequest = field(compare=False)
     future: Future[GenerationResult] = field(compare=False)
+    submitted: float = field(compare=False, default_factory=time.perf_counter)
+
+
+# Where a batch's wall time goes, stage by stage (``BatchStages``), in the order they happen.
+STAGES = ("wait", "enqueue", "until_done", "encode", "finish")
+STAGES_KEPT = 1024  # the most recent batches whose stages the worker keeps
+
+
+@dataclass
+class BatchStages:
+    """Where one batch's wall time went, in seconds, from ``perf_counter`` stamps on the worker's
+    threads (a few per batch). Their sum is the time from the batch's newest request being
+    submitted to the last of its futures resolved."""
+
+    images: int
+    wait: float  # newest request submitted -> the device thread starts the batch (slot, gathering, wake-up)
+    enqueue: float  # the adapter's call: embeddings, inputs, launching the device work (on a CPU: all of it)
+    until_done: float  # enqueued -> the encode pool sees the device done (device time left, wake-ups)
+    encode: float  # device done -> the batch's images ready (GPU JPEG and copies to the host)
+    finish: float  # -> every future resolved (PIL encodes, results)
+    device: float | None = None  # the device's own time for the batch (CUDA events), when measured
+    resolved_at: float = 0.0
+
+
+def stage_summary(records: Sequence[BatchStages]) -> dict[str, Any]:
+    """Medians, in ms per batch, of each stage over ``records`` (and of the device time, where
+    measured), with the batch count."""
+    if not records:
+        return {"batches": 0}
+    out: dict[str, Any] = {"batches": len(records)}
+    for name in STAGES:
+        out[f"{name}_ms"] = round(statistics.median(getattr(r, name) for r in records) * 1e3, 3)
+    device = [r.device for r in records if r.device is not None]
+    out["device_ms"] = round(statistics.median(device) * 1e3, 3) if device else None
+    return out
 
 
 @dataclass
@@ -82,6 +119,39 @@ class Stats:
     batch_sizes: dict[int, int] = field(default_factory=dict)
     gather_s: float = 0.0  # time the device thread held back a batch while the device was busy
     cut_batches: int = 0  # batches cut to a bucket they fill (the rest left for the next one)
+
+
+class _Trace:
+    """A batch's stamps on its way through the worker (``BatchStages`` once its last future is
+    resolved: several encode threads may finish its requests)."""
+
+    def __init__(self, runnable: list[_Pending], started: float) -> None:
+        self.images = sum(p.request.num_images for p in runnable)
+        self.submitted = max(p.submitted for p in runnable)
+        self.started = started
+        self.enqueued = time.perf_counter()
+        self.done = self.ready = self.enqueued  # device work seen done; outputs ready
+        self.device: float | None = None
+        self._left = len(runnable)
+        self._lock = threading.Lock()
+
+    def resolved(self) -> BatchStages | None:
+        """One more of the batch's futures is resolved: the stages, when it was the last."""
+        with self._lock:
+            self._left -= 1
+            if self._left:
+                return None
+        now = time.perf_counter()
+        return BatchStages(
+            images=self.images,
+            wait=self.started - self.submitted,
+            enqueue=self.enqueued - self.started,
+            until_done=self.done - self.enqueued,
+            encode=self.ready - self.done,
+            finish=now - self.ready,
+            device=self.device,
+            resolved_at=now,
+        )
 
 
 def _quiet_progress_bars() -> None:
@@ -160,6 +230,7 @@ class Worker:
         self.input_decoder = input_decoder(settings, self.device, self.fast)
         self.stats = Stats()
         self.timings: dict[str, float] = {}  # load_s, warmup_s, time_to_ready_s
+        self.stages: deque[BatchStages] = deque(maxlen=STAGES_KEPT)  # the latest batches' stages
         self._vram: dict[str, int] = {}  # bytes allocated on the device by each model's load
         # At most two batches on the device at a time: one running, one queued behind it. A
         # slot is taken before a batch is formed, so requests arriving while both are busy
@@ -276,6 +347,7 @@ class Worker:
             "batch_sizes": dict(self.stats.batch_sizes),
             "gather_s": round(self.stats.gather_s, 3),
             "cut_batches": self.stats.cut_batches,
+            "stages": stage_summary(list(self.stages)),
             "fast_path": {m: dict(vars(f.stats)) for m, a in self._adapters.items() if (f := _fast_of(a)) is not None},
             "input_decode": self.input_decoder.status() if self.input_decoder is not None else {"decoder": "pillow"},
             "timings": dict(self.timings),
@@ -450,14 +522,16 @@ class Worker:
             logger.exception("batch failed model=%s", model_id)
             self._fail(runnable, LivegenError(f"generation failed: {type(exc).__name__}"))
             return False
+        trace = _Trace(runnable, started)
         if isinstance(outputs, Deferred):
-            self._enqueued(outputs, time.perf_counter() - started)
-            self._post.submit(self._complete, runnable, outputs, started)
+            self._enqueued(outputs, trace.enqueued - started)
+            self._post.submit(self._complete, runnable, outputs, trace)
             return True
-        elapsed = time.perf_counter() - started
+        elapsed = trace.enqueued - started
+        trace.done = trace.ready = trace.enqueued
         self._count(requests, elapsed)
         for p, images in zip(runnable, outputs, strict=True):
-            self._post.submit(self._finish, p, images, elapsed, len(requests))
+            self._post.submit(self._finish, p, images, elapsed, len(requests), trace)
         return False
 
     def _enqueued(self, outputs: Deferred[Any], enqueue_s: float) -> None:
@@ -480,11 +554,14 @@ class Worker:
             self._on_device -= 1  # at 0, _gather stops waiting and _enqueued starts afresh
             self._cond.notify_all()
 
-    def _complete(self, runnable: list[_Pending], deferred: Deferred[list[list[Any]]], started: float) -> None:
+    def _complete(self, runnable: list[_Pending], deferred: Deferred[list[list[Any]]], trace: _Trace) -> None:
         """On the encode pool: wait for a fast-path batch's device work, then finish each request."""
         requests = [p.request for p in runnable]
         try:
             outputs = deferred.result()
+            trace.ready = time.perf_counter()
+            trace.done = deferred.marks.get("device_done", trace.ready)
+            trace.device = deferred.marks.get("device_s")
         except torch.cuda.OutOfMemoryError as exc:
             self._fail(runnable, GpuOutOfMemory(str(exc)))
             return
@@ -495,10 +572,10 @@ class Worker:
         finally:
             self._left_device()
             self._inflight.release()
-        elapsed = time.perf_counter() - started
+        elapsed = trace.ready - trace.started
         self._count(requests, elapsed)
         for p, images in zip(runnable, outputs, strict=True):
-            self._finish(p, images, elapsed, len(requests))
+            self._finish(p, images, elapsed, len(requests), trace)
 
     @staticmethod
     def _fail(batch: list[_Pending], exc: LivegenError) -> None:
@@ -521,7 +598,14 @@ class Worker:
             elapsed * 1e3,
         )
 
-    def _finish(self, pending: _Pending, images: list[Any], elapsed: float, batch_size: int) -> None:
+    def _finish(self, pending: _Pending, images: list[Any], elapsed: float, batch_size: int, trace: _Trace) -> None:
+        try:
+            self._resolve(pending, images, elapsed, batch_size)
+        finally:
+            if (stages := trace.resolved()) is not None:
+                self.stages.append(stages)
+
+    def _resolve(self, pending: _Pending, images: list[Any], elapsed: float, batch_size: int) -> None:
         request = pending.request
         if request.cancel is not None and request.cancel.is_set():
             pending.future.set_exception(RequestCancelled())
