@@ -81,6 +81,10 @@ def test_bench_engine_smoke_on_cpu(shared_data_dir: object) -> None:
         parts = [st[f"{name}_ms"] for name in ("wait", "enqueue", "until_done", "encode", "finish", "handback")]
         assert min(parts) >= 0 and st["enqueue_ms"] > 0
         assert 0.8 * st["wall_ms"] <= sum(parts) <= st["wall_ms"] + 0.01
+        if row["variant"] == "eager":  # the fast path's own parts of enqueue
+            assert 0 < st["inputs_ms"] + st["launch_ms"] <= st["enqueue_ms"]
+        else:
+            assert st["inputs_ms"] is None and st["launch_ms"] is None
     assert report["warmup"]["livegen"]["first_image_s"] > 0
     assert report["variants"]["plain"]["fast_path"] is None
     assert report["variants"]["eager"]["fast_path"]["graphs"] == 0  # no CUDA graphs on a CPU

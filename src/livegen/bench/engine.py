@@ -365,12 +365,13 @@ def format_stages(rows: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in rows if (r.get("stages") or {}).get("batches")]
     if not rows:
         return []
-    names = [*STAGES, "handback"]
+    names = [*STAGES, "handback", "inputs", "launch"]
     lines = [
         "",
-        "livegen batch stages, ms per batch (medians): wait = submitted -> started, enqueue = inputs + launch, "
-        "until_done = -> device seen done, encode = -> images ready, finish = -> futures resolved, "
-        "handback = -> the caller has them",
+        "livegen batch stages, ms per batch (medians): wait = submitted -> started, enqueue = the adapter's call "
+        "(embeddings, inputs, launch), until_done = -> device seen done, encode = -> images ready, "
+        "finish = -> futures resolved, handback = -> the caller has them; inputs and launch: the fast path's "
+        "parts of enqueue",
         f"{'variant':<22} {'size':>4} {'batch':>5} {'wall':>8} {'device':>8}" + "".join(f"{n:>11}" for n in names),
     ]
     for r in rows:

@@ -126,9 +126,10 @@ class Deferred(Generic[T]):
     """Results of a batch whose device work is enqueued; ``result()`` waits for it (the worker
     calls it off the device thread, so the next batch's CPU work overlaps this one's GPU work).
     ``expected_ms``: how long that device work should take (measured on earlier batches of the
-    same shape), or None when there is no measurement yet. ``marks``, filled in by ``result()``
-    where known: ``device_done`` (the ``perf_counter`` time the wait for the device returned) and
-    ``device_s`` (the device's own time for the batch, from CUDA events)."""
+    same shape), or None when there is no measurement yet. ``marks``, where known: ``inputs_s``
+    and ``launch_s`` (the host's time building the inputs and launching the device work), and
+    once ``result()`` has waited, ``device_done`` (the ``perf_counter`` time that wait returned)
+    and ``device_s`` (the device's own time for the batch, from CUDA events)."""
 
     def __init__(self, finish: Callable[[], T], expected_ms: float | None = None) -> None:
         self._finish = finish
@@ -426,8 +427,10 @@ class FastPath:
         plan = self._plan(job.task, job.steps, job.strength)
         guidance = job.guidance_scale if job.cfg else None
         key = (job.task, job.width, job.height, job.steps, len(plan.timesteps), guidance, job.vae, bucket)
+        began = time.perf_counter()
         with region("livegen.inputs"):
             inputs = self._inputs(job, plan, bucket)
+        inputs_done = time.perf_counter()
         # Timed from here: the small input kernels queued above are left out, and with them any
         # wait for this thread to queue them (the estimate errs short, which only gathers less).
         start = None
@@ -438,7 +441,8 @@ class FastPath:
         with torch.inference_mode():
             pixels = self._run(key, plan, job.vae, guidance, inputs)[:rows]
             self.stats.padded_rows += bucket - rows
-            return self._collect(job, pixels, key, start)
+            marks = {"inputs_s": inputs_done - began, "launch_s": time.perf_counter() - inputs_done}
+            return self._collect(job, pixels, key, start, marks)
 
     def _timed(self, key: tuple[Any, ...], ms: float) -> None:
         """One more measurement of the shape ``key``'s device time (on the encode pool). A
@@ -634,9 +638,15 @@ class FastPath:
                     self._compiled_decode[id(vae)] = torch.compile(vae.decode, mode=mode, dynamic=False)
 
     def _collect(
-        self, job: Job, pixels: torch.Tensor, key: tuple[Any, ...], start: torch.cuda.Event | None
+        self,
+        job: Job,
+        pixels: torch.Tensor,
+        key: tuple[Any, ...],
+        start: torch.cuda.Event | None,
+        marks: dict[str, float],
     ) -> Deferred[list[Output]]:
-        """Start moving the pixels to the host (pinned, async) or encoding them on the GPU."""
+        """Start moving the pixels to the host (pinned, async) or encoding them on the GPU.
+        ``marks``: the render's own stamps so far, handed on in the Deferred's."""
         crops = list(job.crops) or [None] * job.rows
         formats = list(job.formats) or ["png"] * job.rows
         cuda = self.device.type == "cuda"
@@ -658,7 +668,6 @@ class FastPath:
             done.record()
         quality = self.options.jpeg_quality
         jpeg_stream = _side_stream("jpeg", self.device) if chw else None
-        marks: dict[str, float] = {}
 
         def finish() -> list[Output]:
             with torch.inference_mode(), torch.cuda.stream(jpeg_stream) if jpeg_stream else contextlib.nullcontext():

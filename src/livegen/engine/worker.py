@@ -94,6 +94,8 @@ class BatchStages:
     encode: float  # device done -> the batch's images ready (GPU JPEG and copies to the host)
     finish: float  # -> every future resolved (PIL encodes, results)
     device: float | None = None  # the device's own time for the batch (CUDA events), when measured
+    inputs: float | None = None  # fast path, within enqueue: building the batch's tensors
+    launch: float | None = None  # fast path, within enqueue: launching its device work (graph replay)
     resolved_at: float = 0.0
 
 
@@ -105,8 +107,9 @@ def stage_summary(records: Sequence[BatchStages]) -> dict[str, Any]:
     out: dict[str, Any] = {"batches": len(records)}
     for name in STAGES:
         out[f"{name}_ms"] = round(statistics.median(getattr(r, name) for r in records) * 1e3, 3)
-    device = [r.device for r in records if r.device is not None]
-    out["device_ms"] = round(statistics.median(device) * 1e3, 3) if device else None
+    for name in ("device", "inputs", "launch"):
+        values = [v for r in records if (v := getattr(r, name)) is not None]
+        out[f"{name}_ms"] = round(statistics.median(values) * 1e3, 3) if values else None
     return out
 
 
@@ -131,7 +134,7 @@ class _Trace:
         self.started = started
         self.enqueued = time.perf_counter()
         self.done = self.ready = self.enqueued  # device work seen done; outputs ready
-        self.device: float | None = None
+        self.marks: dict[str, float] = {}  # the fast path's (Deferred.marks)
         self._left = len(runnable)
         self._lock = threading.Lock()
 
@@ -149,7 +152,9 @@ class _Trace:
             until_done=self.done - self.enqueued,
             encode=self.ready - self.done,
             finish=now - self.ready,
-            device=self.device,
+            device=self.marks.get("device_s"),
+            inputs=self.marks.get("inputs_s"),
+            launch=self.marks.get("launch_s"),
             resolved_at=now,
         )
 
@@ -561,7 +566,7 @@ class Worker:
             outputs = deferred.result()
             trace.ready = time.perf_counter()
             trace.done = deferred.marks.get("device_done", trace.ready)
-            trace.device = deferred.marks.get("device_s")
+            trace.marks = deferred.marks
         except torch.cuda.OutOfMemoryError as exc:
             self._fail(runnable, GpuOutOfMemory(str(exc)))
             return

@@ -202,4 +202,6 @@ def group_rows(rows: Sequence[V], batch: Sequence[GenerationRequest]) -> list[li
 
 def render_fast(fast: FastPath, job: Job, batch: Sequence[GenerationRequest]) -> Deferred[list[list[Output]]]:
     pending = fast.render(job)
-    return Deferred(lambda: group_rows(pending.result(), batch), pending.expected_ms)
+    grouped = Deferred(lambda: group_rows(pending.result(), batch), pending.expected_ms)
+    grouped.marks = pending.marks  # the same dict: result() fills it in
+    return grouped
