@@ -73,7 +73,7 @@ def test_bench_engine_smoke_on_cpu(shared_data_dir: object) -> None:
     assert rows == [(1, "plain"), (1, "eager"), (2, "plain"), (2, "eager")]
     for row in report["rows"]:
         assert row["livegen_ms_per_img"] > 0 and row["diffusers_ms_per_img"] > 0 and row["speedup"] > 0
-        assert row["first_call_ms"] > 0
+        assert row["first_call_ms"] > 0 and row["pipelined_ms_per_img"] > 0
         # Where the timed batch went (one timed iteration: one batch): the worker's stages, each
         # measured, adding up to about the batch's wall time (the rest: thread hand-offs between stamps).
         st = row["stages"]
@@ -256,6 +256,22 @@ def test_targets_table_from_the_h200_run() -> None:
     table = format_targets(list(entries.values()))
     assert "| SD-Turbo t2i 1 step, batch 1 | ≤ 5 ms/img | 9.1 ms/img | graph, batch 1 | **no** |" in table
     assert "| realtime 1 session: p50 frame latency | ≤ 12 ms | not run | - | - |" in table
+
+
+def test_a_best_batch_target_takes_the_two_in_flight_throughput_a_batch_1_target_does_not() -> None:
+    from livegen.bench.targets import evaluate
+
+    def row(batch: int, ms: float, pipelined_ms: float) -> dict[str, object]:
+        return {"model": "stabilityai/sd-turbo", "task": "t2i", "size": 512, "batch": batch, "variant": "graph",
+                "livegen_ms_per_img": ms, "livegen_img_per_s": 1000 / ms,
+                "pipelined_ms_per_img": pipelined_ms, "pipelined_img_per_s": 1000 / pipelined_ms}  # fmt: skip
+
+    report = {"steps": 1, "rows": [row(1, 6.0, 5.0), row(16, 3.2, 2.5)]}
+    entries = {e["target"]: e for e in evaluate([report])}
+    b1 = entries["SD-Turbo t2i 1 step, batch 1"]
+    assert (b1["measured"], b1["from"]) == (6.0, "graph, batch 1")  # latency: one batch at a time
+    best = entries["SD-Turbo t2i 1 step, best batch"]
+    assert (best["measured"], best["from"]) == (400.0, "graph, batch 16, 2 batches in flight")
 
 
 def test_the_compile_variant_compiles_the_shapes_it_benches(

@@ -356,3 +356,19 @@ def test_a_fast_batch_records_the_wait_for_its_device_work(tmp_path: Path) -> No
         assert st.enqueue < 0.09 and st.wait < 0.09
         total = sum(getattr(st, name) for name in STAGES)
         assert total >= st.until_done and st.resolved_at > 0
+
+
+def test_the_bench_pipelined_timing_runs_batches_of_exactly_its_size(tmp_path: Path) -> None:
+    """``livegen bench``'s two-in-flight timing: two waiting batches of 1 are not merged into a
+    batch of 2, though the worker's limit would allow it (the bench's worker takes its largest
+    batch as the limit)."""
+    from livegen.bench.engine import _pipelined
+
+    with fast_worker(tmp_path, expected_ms=1.0, max_batch_size=4) as w:
+        w.adapter.held = False  # the device work ends at once
+        before = dict(w.stats.batch_sizes)
+        seconds = _pipelined(w, [req("a")], iters=6)
+        assert seconds > 0
+        wait_for(lambda: sum(w.stats.batch_sizes.values()) - sum(before.values()) == 7)
+        assert {k: v - before.get(k, 0) for k, v in w.stats.batch_sizes.items()} == {1: 7}
+        assert w.settings.max_batch_size == 4  # put back

@@ -110,10 +110,15 @@ class Row:
     first_call_ms: float | None = None  # the first batch at this shape: capture / compile included
     profile: dict[str, Any] | None = None  # with --profile: where a batch's time goes
     stages: dict[str, Any] | None = None  # the timed batches' stages in the worker (medians, ms per batch)
+    # Two batches in the worker at a time, as under a server's steady load (the next batch's host
+    # work overlaps this one's device work): ms per image between successive batches' results.
+    pipelined_ms_per_img: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["livegen_img_per_s"] = 1000 / self.livegen_ms_per_img
+        if self.pipelined_ms_per_img is not None:
+            out["pipelined_img_per_s"] = 1000 / self.pipelined_ms_per_img
         if self.diffusers_ms_per_img is not None:
             out["diffusers_img_per_s"] = 1000 / self.diffusers_ms_per_img
             out["speedup"] = self.diffusers_ms_per_img / self.livegen_ms_per_img
@@ -150,6 +155,7 @@ class Measured:
     first_call: dict[tuple[int, int], float] = dataclasses.field(default_factory=dict)
     profiles: dict[tuple[int, int], dict[str, Any]] = dataclasses.field(default_factory=dict)
     stages: dict[tuple[int, int], dict[str, Any]] = dataclasses.field(default_factory=dict)
+    pipelined: dict[tuple[int, int], float] = dataclasses.field(default_factory=dict)  # s per batch
 
 
 def _requests(config: EngineBenchConfig, size: int, batch: int, image: Image.Image | None) -> list[GenerationRequest]:
@@ -217,6 +223,7 @@ def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = 
                 seen.clear()
                 measured.per_batch[size, batch] = _timed(functools.partial(run, requests), worker.device, config.iters)
                 measured.stages[size, batch] = _stages(list(worker.stages), seen)
+                measured.pipelined[size, batch] = _pipelined(worker, requests, config.iters)
                 if config.profile:
                     try:
                         summary = profile_batches(
@@ -236,6 +243,39 @@ def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = 
             measured.warmup["vram_model_bytes"] = status["vram_bytes_by_model"].get(config.model)
             measured.warmup["vram_peak_bytes"] = torch.cuda.max_memory_allocated()
     return measured
+
+
+PIPELINE_DEPTH = 2  # batches submitted and not yet back: the worker's two batch slots
+
+
+def _pipelined(worker: Worker, requests: list[GenerationRequest], iters: int) -> float:
+    """Seconds per batch with ``PIPELINE_DEPTH`` batches in the worker at a time, as under a
+    server's steady load: the next batch is formed and launched while this one runs, and its
+    results are encoded while the next runs. Timed from the first batch's results to the last's
+    (``iters`` + 1 batches), so the pipeline's filling is left out."""
+    # Batches of exactly this size: two of them waiting at once must not be merged into one.
+    full = worker.settings
+    worker.settings = full.model_copy(update={"max_batch_size": len(requests)})
+    try:
+        return _pipelined_run(worker, requests, iters)
+    finally:
+        worker.settings = full
+
+
+def _pipelined_run(worker: Worker, requests: list[GenerationRequest], iters: int) -> float:
+    in_flight: list[list[Any]] = []
+    done: list[float] = []
+    for _ in range(iters + 1):
+        in_flight.append(worker.submit_all(requests))
+        if len(in_flight) == PIPELINE_DEPTH:
+            for f in in_flight.pop(0):
+                f.result()
+            done.append(time.perf_counter())
+    for futures in in_flight:
+        for f in futures:
+            f.result()
+        done.append(time.perf_counter())
+    return (done[-1] - done[0]) / (len(done) - 1)
 
 
 def _stages(records: list[Any], seen: list[tuple[float, float]]) -> dict[str, Any]:
@@ -324,6 +364,7 @@ def run_engine_bench(settings: Settings, config: EngineBenchConfig) -> dict[str,
             first_call_ms=m.first_call[size, b] * 1e3,
             profile=m.profiles.get((size, b)),
             stages=m.stages.get((size, b)),
+            pipelined_ms_per_img=m.pipelined[size, b] / b * 1e3 if (size, b) in m.pipelined else None,
         )
         for size in config.all_sizes()
         for b in config.batches
@@ -394,14 +435,19 @@ def format_table(report: dict[str, Any]) -> str:
         head,
         "",
         "task  model                      size  batch  variant        livegen ms/img  img/s  first call ms"
-        "  diffusers ms/img  img/s  speedup",
+        "  diffusers ms/img  img/s  speedup  | livegen, 2 batches in flight: ms/img  img/s",
     ]
     for r in report["rows"]:
         theirs = r.get("diffusers_ms_per_img")
         lines.append(
             f"{r['task']:<5} {r['model']:<26} {r['size']:>4} {r['batch']:>6}  {r.get('variant', 'default'):<13}"
             f"{r['livegen_ms_per_img']:>15.2f} {r['livegen_img_per_s']:>6.1f} {r.get('first_call_ms') or 0:>14.1f}"
-            + (f"{theirs:>18.2f} {r['diffusers_img_per_s']:>6.1f} {r['speedup']:>7.2f}x" if theirs else "")
+            + (f"{theirs:>18.2f} {r['diffusers_img_per_s']:>6.1f} {r['speedup']:>7.2f}x" if theirs else " " * 33)
+            + (
+                f"  | {r['pipelined_ms_per_img']:>36.2f} {r['pipelined_img_per_s']:>6.1f}"
+                if r.get("pipelined_ms_per_img")
+                else ""
+            )
         )
     lines += format_stages(report["rows"])
     for r in report["rows"]:
