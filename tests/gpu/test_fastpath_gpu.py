@@ -2,13 +2,16 @@
 with random weights (``--weights random``: synthesized by engine/synth.py, ~20 GB for all models;
 set LIVEGEN_DATA_DIR to reuse them). Run by hand: ``pytest -m gpu tests/gpu``.
 
-Tolerance (fp16): PROVISIONAL until measured on a GPU. Each comparison prints one line
-``FASTPATH-GPU case=... max=... mean=... p99=... psnr=...``; whoever runs this suite writes the
-measured values into BENCHMARKS.md and tightens the bounds here. Why looser than on a CPU
-(where the pixels are identical): the fast path runs the UNet and VAE in channels_last, inside
-a CUDA graph, and pads batches to a bucket, so cuDNN/cuBLAS pick other kernels, which round
+Tolerance (fp16), set from two GPUs' runs (H200 and H100, sessions 2 and 6, kept in benchmarks/):
+every fast-path image within 1 level of 255 of the plain pipeline's, mean 0.001-0.048 levels,
+PSNR 61.3-76.8 dB. The bounds (PSNR >= 45 dB, mean <= 0.5, max <= 8 levels) leave room for another
+GPU or cuDNN picking other kernels, and fail on any real difference in the computation (a wrong
+timestep, scale or noise draw moves most pixels by tens of levels). Each comparison prints one line
+``FASTPATH-GPU case=... max=... mean=... p99=... psnr=...`` for BENCHMARKS.md. Why not bit-equal
+as on a CPU (where the pixels are identical): the fast path runs the UNet and VAE in channels_last,
+inside a CUDA graph, and pads batches to a bucket, so cuDNN/cuBLAS pick other kernels, which round
 fp16 differently; over a random-weight UNet these differences reach the pixels. Graph replay
-against the same fast path run eagerly uses the same kernels and should agree to the level.
+against the same fast path run eagerly uses the same kernels and agrees to the level.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ from livegen.engine.worker import Worker  # noqa: E402
 from livegen.settings import Settings  # noqa: E402
 
 SD, SDXL, LCM = "stabilityai/sd-turbo", "stabilityai/sdxl-turbo", "runwayml/stable-diffusion-v1-5"
-MIN_PSNR_DB = 30.0  # provisional, see the module docstring
-MAX_MEAN_LEVELS = 2.0
+MIN_PSNR_DB = 45.0  # see the module docstring: measured 61.3-76.8 dB
+MAX_MEAN_LEVELS = 0.5  # measured 0.001-0.048
+MAX_LEVELS = 8  # measured 1
 
 
 def settings(**kw: Any) -> Settings:
@@ -103,7 +107,7 @@ def compare(case: str, a: list[np.ndarray], b: list[np.ndarray], *, min_psnr: fl
             f"p99={np.percentile(diff, 99):.0f} psnr={psnr:.1f}"
         )
         assert x.std() > 1
-        assert psnr >= min_psnr and diff.mean() <= MAX_MEAN_LEVELS, case
+        assert psnr >= min_psnr and diff.mean() <= MAX_MEAN_LEVELS and diff.max() <= MAX_LEVELS, case
 
 
 CASES = [
@@ -132,7 +136,7 @@ def test_graph_replay_across_buckets_matches_eager(loaded: dict[tuple[str, str],
     for n in (1, 3, 8):  # buckets 1, 4, 8
         batch = [req(SD, seed=10 + i, vae="tiny") for i in range(n)]
         replayed = [pixels(graph(batch)) for _ in range(2)]
-        compare(f"bucket-{n}:graph-vs-eager", replayed[1], pixels(eager(batch)), min_psnr=40.0)
+        compare(f"bucket-{n}:graph-vs-eager", replayed[1], pixels(eager(batch)))
     stats = graph.fast.stats
     assert stats.graph_failures == 0, stats.graph_error
     assert stats.graphs >= 3  # one per bucket at least
