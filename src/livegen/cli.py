@@ -462,16 +462,15 @@ def _bench_server(
         return
     import os
     import secrets
-    import socket
     import subprocess
     import tempfile
     import time
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from livegen.bench import free_port
+
+    port = free_port()
     api_key = secrets.token_urlsafe(16)
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="livegen-bench-"))
     env = {**os.environ, "LIVEGEN_API_KEYS": api_key}

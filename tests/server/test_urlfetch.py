@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
+from livegen.bench import free_port
 from livegen.protocol.errors import FetchRefused, PayloadTooLarge
 from livegen.server.urlfetch import FetchPolicy, Resolver, check_target, fetch_bytes
 
@@ -403,9 +404,7 @@ def test_slow_dns_times_out() -> None:
 
 
 def test_connection_refused() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     exc = refused(f"http://127.0.0.1:{port}/img", PRIVATE_OK)
     assert "cannot connect to 127.0.0.1" in exc.message
     assert isinstance(exc.__cause__, httpx.ConnectError)

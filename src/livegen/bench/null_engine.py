@@ -78,16 +78,13 @@ class NullEngine:
 @contextmanager
 def null_server(data_dir: Path, key: str) -> Iterator[str]:
     """The real app with a ``NullEngine``, on a free loopback port in a thread; yields its URL."""
-    import socket
-
     import uvicorn
 
+    from livegen.bench import free_port
     from livegen.server.app import create_app, websocket_options
     from livegen.settings import Settings
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     settings = Settings(data_dir=data_dir, api_keys=key, port=port, models=[])  # type: ignore[arg-type]
     app = create_app(settings, engine=NullEngine())
     config = uvicorn.Config(
