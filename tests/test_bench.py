@@ -166,6 +166,17 @@ def test_bench_profile_on_cpu(shared_data_dir: object) -> None:
     assert "profile eager 64 batch 1: cpu ops" in table and "by region: inputs" in table
 
 
+# The demangled name CUPTI gives a channels_last <-> contiguous copy in fp16 (PyTorch 2.x).
+COPY_KERNEL = (
+    "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+    "direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda()#7}::operator()() "
+    "const::{lambda(c10::Half)#1}>(at::TensorIteratorBase&, c10::Half const&)::{lambda(int)#1}>(int, "
+    "at::native::gpu_kernel_impl_nocast<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}"
+    "::operator()() const::{lambda()#7}::operator()() const::{lambda(c10::Half)#1}>(at::TensorIteratorBase&, "
+    "c10::Half const&)::{lambda(int)#1})"
+)
+
+
 @pytest.mark.parametrize(
     ("name", "category"),
     [
@@ -183,12 +194,33 @@ def test_bench_profile_on_cpu(shared_data_dir: object) -> None:
         ("void cudnn::ops::nchwToNhwcKernel<__half, __half, float, false, true>", "layout (nchw<->nhwc)"),
         ("Memcpy HtoD (Pinned -> Device)", "memcpy / memset"),
         ("void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel>", "elementwise / other"),
+        (COPY_KERNEL, "copies (layout / dtype)"),
     ],
 )  # fmt: skip
 def test_kernel_category(name: str, category: str) -> None:
     from livegen.bench.profile import kernel_category
 
     assert kernel_category(name) == category
+
+
+CUDNN_CONV = "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize256x64x32_warpgroupsize1x1x1_g1"
+
+
+@pytest.mark.parametrize(
+    ("name", "label"),
+    [
+        (COPY_KERNEL, "elementwise_kernel [direct_copy_kernel_cuda]"),
+        ("void at::native::vectorized_elementwise_kernel<8, at::native::binary_internal::MulFunctor<float>, "
+         "std::array<char*, 3ul>>(int, at::native::binary_internal::MulFunctor<float>, std::array<char*, 3ul>) x" * 2,
+         "vectorized_elementwise_kernel [MulFunctor]"),
+        ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopB_NNT", "nvjet_hsh_128x256_64x4_2x1_v_bz_coopB_NNT"),  # short: as is
+        (CUDNN_CONV, CUDNN_CONV[:90]),  # long, nothing of PyTorch's inside: cut
+    ],
+)  # fmt: skip
+def test_kernel_label_names_what_a_generic_kernel_runs(name: str, label: str) -> None:
+    from livegen.bench.profile import kernel_label
+
+    assert kernel_label(name) == label
 
 
 def test_profile_summary_of_gpu_events() -> None:

@@ -18,6 +18,7 @@ so wall times under the profiler are not reported.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +35,9 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "scaled_dot_product")),
     ("convolution", ("conv2d", "convolution", "convolve", "conv_", "fprop", "winograd", "dgrad", "wgrad")),
     ("layout (nchw<->nhwc)", ("nchwtonhwc", "nhwctonchw")),
+    # PyTorch's copies between tensors of other strides or dtypes (``x.contiguous()``, ``.to()``,
+    # channels_last <-> contiguous): kernels templated on ``direct_copy_kernel_cuda``.
+    ("copies (layout / dtype)", ("copy_kernel",)),
     ("random", ("philox", "curand", "normal_", "randn", "distribution")),  # before "norm": "normal_kernel"
     ("normalization", ("norm", "moments", "fusedparams", "welford")),
     ("gemm", ("gemm", "nvjet", "cutlass", "cublas", "s16816", "s1688", "wgmma", "xmma", "aten::mm", "addmm", "bmm")),
@@ -41,6 +45,31 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("jpeg", ("jpeg", "huffman", "dct")),
 )
 OTHER = "elementwise / other"
+
+
+# PyTorch's generic elementwise launchers: the functor they run, named further in, says what the
+# kernel does (``kernel_label``).
+_GENERIC = frozenset(
+    ("elementwise_kernel", "vectorized_elementwise_kernel", "unrolled_elementwise_kernel", "gpu_kernel_impl",
+     "gpu_kernel_impl_nocast", "gpu_kernel", "launch_legacy_kernel", "TensorIteratorBase", "reduce_kernel",
+     "index_elementwise_kernel")
+)  # fmt: skip
+_NATIVE_NAME = re.compile(r"at::native::(?:\(anonymous namespace\)::|[A-Za-z_]\w*::)*([A-Za-z_]\w*)")
+LABEL_WIDTH = 90
+
+
+def kernel_label(name: str, width: int = LABEL_WIDTH) -> str:
+    """A kernel's name short enough for a table that still says what it runs: a long PyTorch
+    elementwise kernel (``elementwise_kernel<128, 4, gpu_kernel_impl_nocast<direct_copy_kernel_cuda
+    ...``, hundreds of characters of templates) becomes ``elementwise_kernel [direct_copy_kernel_cuda]``;
+    other long names are cut at ``width``."""
+    if len(name) <= width:
+        return name
+    found = _NATIVE_NAME.findall(name)
+    specific = list(dict.fromkeys(n for n in found if n not in _GENERIC))
+    if found and specific:
+        return f"{found[0]} [{', '.join(specific)}]"[: max(width, 120)]
+    return name[:width]
 
 
 def kernel_category(name: str) -> str:
@@ -112,7 +141,7 @@ def summarize(events: Iterable[Event], batches: int, device: bool, top: int = 6)
         ops=count / n,
         by_category=dict(sorted(ms.items(), key=lambda kv: -kv[1])),
         by_region={short: per_region[short] / 1e3 / n for short in map(_short, REGIONS) if short in per_region},
-        top=[(name[:90], us / 1e3 / n) for name, us in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]],
+        top=[(kernel_label(name), us / 1e3 / n) for name, us in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]],
     )
 
 
