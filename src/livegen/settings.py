@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     cuda_graphs: bool = True
     # The fast path's UNet/VAE in channels_last memory format on CUDA (convolutions' preferred layout).
     channels_last: bool = True
+    # With channels_last: GroupNorms computed in the NHWC layout (fastpath.group_norm_nhwc) instead of
+    # PyTorch's CUDA GroupNorm, which converts to NCHW and back around each one. Off until measured.
+    nhwc_group_norm: bool = False
     torch_compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
     # Fast path: the diffusers docs' inductor settings for UNets (1x1 convolutions as matmuls,
     # coordinate-descent tuning; compiling takes longer). Only with torch_compile.

@@ -16,6 +16,7 @@ in fp16 the same comparison is looser (see tests/gpu/test_fastpath_gpu.py).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 from collections.abc import Iterator, Sequence
@@ -421,3 +422,93 @@ def test_compiled_code_is_cached_in_the_data_dir(
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     use_compile_cache(settings.compile_cache_dir / "inductor")
     assert cache_dir() == str(tmp_path / "mine")
+
+
+# -- GroupNorm in channels_last (fastpath.group_norm_nhwc) ------------------------------------------
+
+
+def _group_norm_case(dtype: torch.dtype, offset: float) -> tuple[torch.nn.GroupNorm, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(32, 320, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (torch.randn(2, 320, 16, 16) + offset).to(dtype).contiguous(memory_format=torch.channels_last)
+    exact = torch.nn.functional.group_norm(x.float(), 32, norm.weight.float(), norm.bias.float(), 1e-5)
+    return norm, x, exact
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0.0, 3.0, 10.0])
+def test_group_norm_nhwc_is_as_close_to_exact_as_pytorchs(dtype: torch.dtype, offset: float) -> None:
+    """Against float32 group norm: within PyTorch's own half-precision error where a group's mean
+    is within a few spreads of zero (the normal case), within 3x of it at 10 spreads; the output
+    stays channels_last (no copy back for the next convolution)."""
+    from livegen.engine.fastpath import group_norm_nhwc
+
+    norm, x, exact = _group_norm_case(dtype, offset)
+    with torch.inference_mode():
+        ours = group_norm_nhwc(norm, x)
+        theirs = norm(x)
+    assert ours.dtype == dtype and ours.shape == x.shape
+    assert ours.is_contiguous(memory_format=torch.channels_last) and not ours.is_contiguous()
+    ours_err = (ours.float() - exact).abs().max().item()
+    theirs_err = (theirs.float() - exact).abs().max().item()
+    assert ours_err <= (1.01 if offset < 5 else 3.0) * theirs_err + 1e-6, (ours_err, theirs_err)
+
+
+def test_group_norm_nhwc_leaves_other_inputs_to_pytorch() -> None:
+    """float32, NCHW inputs and autograd go to PyTorch's group norm, bit for bit."""
+    from livegen.engine.fastpath import group_norm_nhwc
+
+    norm, x, _ = _group_norm_case(torch.float32, 1.0)
+    with torch.inference_mode():
+        assert torch.equal(group_norm_nhwc(norm, x), norm(x))  # float32
+    half = copy.deepcopy(norm).to(torch.float16)
+    with torch.inference_mode():
+        nchw = x.half().contiguous()
+        assert torch.equal(group_norm_nhwc(half, nchw), half(nchw))
+    out = group_norm_nhwc(half, x.half())  # grad enabled, weights require grad: PyTorch's
+    assert out.requires_grad and torch.equal(out.detach(), half(x.half()).detach())
+
+
+def tiny_unet() -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()  # fmt: skip
+
+
+def test_keep_channels_last_in_group_norms_changes_every_group_norm_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a (tiny) UNet in half precision and channels_last: every GroupNorm computes in NHWC (each
+    one's input arrives channels_last), the UNet's output stays within half-precision noise of the
+    unchanged UNet's, and a second call changes nothing more."""
+    from livegen.engine import fastpath
+    from livegen.engine.fastpath import keep_channels_last_in_group_norms
+
+    layouts: list[bool] = []
+    real = fastpath.group_norm_nhwc
+
+    def spy(norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return real(norm, x)
+
+    monkeypatch.setattr(fastpath, "group_norm_nhwc", spy)
+    unet = tiny_unet()
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in unet.modules())
+    before = copy.deepcopy(unet).to(torch.bfloat16, memory_format=torch.channels_last)
+    after = copy.deepcopy(before)
+    assert keep_channels_last_in_group_norms(after) == norms > 0
+    assert keep_channels_last_in_group_norms(after) == 0
+    torch.manual_seed(1)
+    latents = torch.randn(1, 4, 16, 16).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    embeds = torch.randn(1, 77, before.config.cross_attention_dim).to(torch.bfloat16)
+    with torch.inference_mode():
+        a = before(latents, 999, encoder_hidden_states=embeds).sample.float()
+        b = after(latents, 999, encoder_hidden_states=embeds).sample.float()
+    assert (a - b).abs().max().item() <= 0.05 * a.abs().max().item()
+    assert len(layouts) == norms and all(layouts)

@@ -60,7 +60,8 @@ def loaded() -> Iterator[dict[tuple[str, str], Any]]:
 
 
 def adapter(cache: dict[tuple[str, str], Any], model: str, kind: str) -> Any:
-    """kind: fast (graphs), eager (fast path, no graphs), plain-tiny, plain-full."""
+    """kind: fast (graphs), fast-nhwc-gn (and GroupNorms in channels_last), eager (fast path, no
+    graphs), plain-tiny, plain-full."""
     if (model, kind) not in cache:
         if len({m for m, _ in cache} | {model}) > 1:  # one model family in memory at a time
             for key in [k for k in cache if k[0] != model]:
@@ -69,6 +70,7 @@ def adapter(cache: dict[tuple[str, str], Any], model: str, kind: str) -> Any:
             torch.cuda.empty_cache()
         update: dict[str, Any] = {
             "fast": {"fast_path": "on", "cuda_graphs": True},
+            "fast-nhwc-gn": {"fast_path": "on", "cuda_graphs": True, "nhwc_group_norm": True},
             "eager": {"fast_path": "on", "cuda_graphs": False},
             "plain-tiny": {"fast_path": "off", "tiny_vae": True},
             "plain-full": {"fast_path": "off", "tiny_vae": False},
@@ -129,6 +131,16 @@ def test_graph_fast_path_matches_plain_pipeline(
     plain = pixels(adapter(loaded, model, f"plain-{vae}")(batch))
     compare(f"{model}:{kw}:{vae}:graph-vs-plain", fast, plain)
     compare(f"{model}:{kw}:{vae}:replay-vs-capture", fast_again, fast, min_psnr=float("inf"))
+
+
+@pytest.mark.parametrize("vae", ["tiny", "full"])
+def test_group_norms_in_channels_last_match_the_plain_pipeline(loaded: dict[tuple[str, str], Any], vae: str) -> None:
+    """``LIVEGEN_NHWC_GROUP_NORM``: the UNet's GroupNorms (and the full VAE's) computed in NHWC
+    (fastpath.group_norm_nhwc) against the plain pipeline, within the same bounds."""
+    batch = [req(SD, seed=s, vae=vae) for s in (1, 2)]
+    fast = pixels(adapter(loaded, SD, "fast-nhwc-gn")(batch))
+    plain = pixels(adapter(loaded, SD, f"plain-{vae}")(batch))
+    compare(f"{SD}:nhwc-gn:{vae}:graph-vs-plain", fast, plain)
 
 
 def test_graph_replay_across_buckets_matches_eager(loaded: dict[tuple[str, str], Any]) -> None:

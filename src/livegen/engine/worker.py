@@ -722,6 +722,7 @@ class Worker:
         options = FastOptions(
             cuda_graphs=settings.cuda_graphs,
             channels_last=settings.channels_last,
+            nhwc_group_norm=settings.nhwc_group_norm,
             compile=settings.torch_compile,
             compile_tuning=settings.compile_tuning,
             compile_dynamic_batch=settings.compile_dynamic_batch,
