@@ -50,6 +50,7 @@ RECOMPILE_LIMIT = 256  # compiled shapes per module under torch.compile (dynamo'
 VaeChoice = Literal["tiny", "full"]
 CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 T = TypeVar("T")
+U = TypeVar("U")
 _SCHEDULERS = (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, LCMScheduler)
 # Named ranges of a batch, for ``livegen bench --profile`` (see ``region``), in the order they run.
 REGIONS = ("livegen.inputs", "livegen.vae_encode", "livegen.unet", "livegen.vae_decode")
@@ -133,13 +134,19 @@ class Deferred(Generic[T]):
     once ``result()`` has waited, ``device_done`` (the ``perf_counter`` time that wait returned)
     and ``device_s`` (the device's own time for the batch, from CUDA events)."""
 
-    def __init__(self, finish: Callable[[], T], expected_ms: float | None = None) -> None:
+    def __init__(
+        self, finish: Callable[[], T], expected_ms: float | None = None, marks: dict[str, float] | None = None
+    ) -> None:
         self._finish = finish
         self.expected_ms = expected_ms
-        self.marks: dict[str, float] = {}
+        self.marks = {} if marks is None else marks
 
     def result(self) -> T:
         return self._finish()
+
+    def then(self, fn: Callable[[T], U]) -> Deferred[U]:
+        """The same device work, its results passed through ``fn``: same expectation, same marks."""
+        return Deferred(lambda: fn(self.result()), self.expected_ms, self.marks)
 
 
 @dataclass
@@ -702,9 +709,7 @@ class FastPath:
                     out.append(Image.fromarray(buf.numpy().copy()))
             return out
 
-        deferred = Deferred(finish, self.device_ms.get(key))
-        deferred.marks = marks
-        return deferred
+        return Deferred(finish, self.device_ms.get(key), marks)
 
 
 class _Graph:

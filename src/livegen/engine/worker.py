@@ -133,10 +133,15 @@ class _Trace:
         self.submitted = max(p.submitted for p in runnable)
         self.started = started
         self.enqueued = time.perf_counter()
-        self.done = self.ready = self.enqueued  # device work seen done; outputs ready
+        self.done = self.ready = self.enqueued  # device work seen done; outputs ready (a fast batch moves them)
         self.marks: dict[str, float] = {}  # the fast path's (Deferred.marks)
         self._left = len(runnable)
         self._lock = threading.Lock()
+
+    @property
+    def elapsed(self) -> float:
+        """The batch's time in the engine: the adapter's call until its outputs are ready."""
+        return self.ready - self.started
 
     def resolved(self) -> BatchStages | None:
         """One more of the batch's futures is resolved: the stages, when it was the last."""
@@ -532,11 +537,9 @@ class Worker:
             self._enqueued(outputs, trace.enqueued - started)
             self._post.submit(self._complete, runnable, outputs, trace)
             return True
-        elapsed = trace.enqueued - started
-        trace.done = trace.ready = trace.enqueued
-        self._count(requests, elapsed)
+        self._count(requests, trace.elapsed)
         for p, images in zip(runnable, outputs, strict=True):
-            self._post.submit(self._finish, p, images, elapsed, len(requests), trace)
+            self._post.submit(self._finish, p, images, len(requests), trace)
         return False
 
     def _enqueued(self, outputs: Deferred[Any], enqueue_s: float) -> None:
@@ -577,10 +580,9 @@ class Worker:
         finally:
             self._left_device()
             self._inflight.release()
-        elapsed = trace.ready - trace.started
-        self._count(requests, elapsed)
+        self._count(requests, trace.elapsed)
         for p, images in zip(runnable, outputs, strict=True):
-            self._finish(p, images, elapsed, len(requests), trace)
+            self._finish(p, images, len(requests), trace)
 
     @staticmethod
     def _fail(batch: list[_Pending], exc: LivegenError) -> None:
@@ -603,9 +605,9 @@ class Worker:
             elapsed * 1e3,
         )
 
-    def _finish(self, pending: _Pending, images: list[Any], elapsed: float, batch_size: int, trace: _Trace) -> None:
+    def _finish(self, pending: _Pending, images: list[Any], batch_size: int, trace: _Trace) -> None:
         try:
-            self._resolve(pending, images, elapsed, batch_size)
+            self._resolve(pending, images, trace.elapsed, batch_size)
         finally:
             if (stages := trace.resolved()) is not None:
                 self.stages.append(stages)

@@ -201,7 +201,4 @@ def group_rows(rows: Sequence[V], batch: Sequence[GenerationRequest]) -> list[li
 
 
 def render_fast(fast: FastPath, job: Job, batch: Sequence[GenerationRequest]) -> Deferred[list[list[Output]]]:
-    pending = fast.render(job)
-    grouped = Deferred(lambda: group_rows(pending.result(), batch), pending.expected_ms)
-    grouped.marks = pending.marks  # the same dict: result() fills it in
-    return grouped
+    return fast.render(job).then(lambda rows: group_rows(rows, batch))
