@@ -7,9 +7,9 @@ one is. Needs `pip install simpy`; not part of the test suite.
 
     python benchmarks/batching_model.py --sessions 1 4 8 16 --max-batch 16
 
-Each session sends a frame every 1/fps s into a 2-deep inbox (the server's default
-max_buffering; the oldest frame is taken first), keeps one frame in the engine at a time, and
-pays a server cost before and after it. The device runs one batch at a time, padded to its
+Each session sends a frame every 1/fps s into a ``--buffering``-deep inbox (default 2, the
+server's default max_buffering; the oldest frame is taken first), keeps up to ``--depth`` frames in the engine at
+a time (results sent in order), and pays a server cost before and after each. The device runs one batch at a time, padded to its
 bucket. Policies (the worker's, engine/worker.py):
 
 - ``before``: the worker until session 6. The device thread takes whatever is pending the
@@ -36,10 +36,16 @@ from typing import Any
 import simpy
 
 BUCKETS = (1, 2, 4, 8, 16)
-# ms per batch by bucket. H200, SD-Turbo 512², CUDA graph (BENCHMARKS.md; ms/img × batch). The
-# batch of 2 was not run: interpolated between 1 and 4.
+# ms per batch by bucket, SD-Turbo 512², on an H200 (BENCHMARKS.md). Session 5's CUDA-graph rows
+# (ms/img × batch, one batch at a time: the host's share included):
 T2I = {1: 9.10, 2: 13.8, 4: 20.8, 8: 36.7, 16: 68.2}
 I2I = {1: 11.99, 2: 17.9, 4: 26.6, 8: 48.4, 16: 88.8}  # 2 steps x strength 0.5
+# Session 8's device time per batch (CUDA events; the host's share overlaps the previous batch
+# when two are in flight): graphs, and torch.compile (buckets 1 and 16 measured; 2, 4 and 8
+# interpolated per image between them, as the graph rows are).
+T2I_DEVICE = {1: 8.30, 2: 11.8, 4: 18.98, 8: 33.92, 16: 63.55}
+T2I_COMPILE_DEVICE = {1: 5.27, 2: 7.6, 4: 12.4, 8: 22.2, 16: 41.9}
+COSTS = {"t2i": T2I, "i2i": I2I, "t2i-device": T2I_DEVICE, "t2i-compile-device": T2I_COMPILE_DEVICE}
 
 
 def bucket(n: int) -> int:
@@ -50,8 +56,8 @@ class Model:
     def __init__(self, policy: str, sessions: int, args: argparse.Namespace, seed: int) -> None:
         self.env = simpy.Environment()
         self.policy, self.args = policy, args
-        self.cost = T2I if args.task == "t2i" else I2I
-        self.pre_ms = 0.5 if args.task == "t2i" else 2.0  # server work before the engine
+        self.cost = COSTS[args.task]
+        self.pre_ms = 2.0 if args.task == "i2i" else 0.5  # server work before the engine
         self.rng = random.Random(seed)
         self.pending: list[simpy.Event] = []
         self.pending_changed = self.env.event()
@@ -71,7 +77,7 @@ class Model:
         return ms * self.rng.uniform(lo, hi)
 
     def session(self) -> Generator[Any, Any, None]:
-        inbox: collections.deque[float] = collections.deque(maxlen=2)
+        inbox: collections.deque[float] = collections.deque(maxlen=self.args.buffering)
         arrived = [self.env.event()]
         interval = 1000.0 / self.args.fps
 
@@ -84,7 +90,11 @@ class Model:
                 yield self.env.timeout(self.jitter(interval, 0.9, 1.1))
 
         self.env.process(client())
+        in_engine = simpy.Resource(self.env, capacity=self.args.depth)
+        previous_sent: simpy.Event = self.env.event().succeed()
         while True:
+            slot = in_engine.request()
+            yield slot
             while not inbox:
                 arrived[0] = self.env.event()
                 yield arrived[0]
@@ -94,10 +104,21 @@ class Model:
             self.pending.append(done)
             if not self.pending_changed.triggered:
                 self.pending_changed.succeed()
-            yield done
-            yield self.env.timeout(self.jitter(0.5))  # packing and sending the result
-            if sent >= self.warmup_ms:
-                self.latencies.append(self.env.now - sent)
+            result_sent = self.env.event()
+            self.env.process(self.send_in_order(sent, done, previous_sent, result_sent, in_engine, slot))
+            previous_sent = result_sent
+
+    def send_in_order(
+        self, sent: float, done: simpy.Event, previous: simpy.Event, result_sent: simpy.Event, in_engine: Any, slot: Any
+    ) -> Generator[Any, Any, None]:
+        """A frame's result goes out after the session's earlier frames' results (fal's order)."""
+        yield done
+        yield previous
+        yield self.env.timeout(self.jitter(0.5))  # packing and sending the result
+        if sent >= self.warmup_ms:
+            self.latencies.append(self.env.now - sent)
+        result_sent.succeed()
+        in_engine.release(slot)
 
     def wait_pending(self) -> Generator[Any, Any, None]:
         while not self.pending:
@@ -160,14 +181,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--fps", type=float, default=30.0)
-    ap.add_argument("--task", choices=["t2i", "i2i"], default="t2i")
+    ap.add_argument("--task", choices=list(COSTS), default="t2i")
+    ap.add_argument("--buffering", type=int, default=2, help="the inbox's size (max_buffering)")
+    ap.add_argument("--depth", type=int, default=1, help="frames per session in the engine at once")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--fill", type=float, default=0.75)
     ap.add_argument("--old-jpeg", action="store_true")
     ap.add_argument("--policies", nargs="+", default=["before", "slot", "slot+cut", "slot+gather+cut"])
     args = ap.parse_args()
-    print(f"{args.task}, {args.fps:g} frames/s per session, max batch {args.max_batch}; mean of 3 seeds")
+    print(
+        f"{args.task}, {args.fps:g} frames/s per session, max batch {args.max_batch}, "
+        f"{args.depth} frame(s) per session in the engine; mean of 3 seeds"
+    )
     for sessions in args.sessions:
         for policy in args.policies:
             rows = []

@@ -357,6 +357,11 @@ class FastPath:
             c_in = plan.c_in[i]
             if c_in is not None:
                 model_in = model_in / c_in
+            if compiled:
+                # One memory layout for every call: dynamo guards on strides, and an image-to-image
+                # batch's latents (from the VAE encoder, channels_last) or a step's output (from
+                # channels_last UNet outputs) would otherwise compile the whole UNet again.
+                model_in = model_in.contiguous()
             if dynamic:
                 _batch_dims(model_in, inputs["embeds"], *(added or {}).values())
             with region("livegen.unet"):
@@ -422,6 +427,8 @@ class FastPath:
         self, decode: Callable[..., Any], vae: Any, vae_dtype: torch.dtype, latents: torch.Tensor, dynamic: bool = False
     ) -> torch.Tensor:
         x = latents.to(vae_dtype) / vae.config.scaling_factor
+        if decode is not vae.decode:
+            x = x.contiguous()  # compiled: one layout for every call (see the UNet's input in _forward)
         if dynamic:
             _batch_dims(x)
         image = decode(x, return_dict=False)[0]
