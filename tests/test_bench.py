@@ -323,3 +323,23 @@ def test_the_compile_variant_compiles_the_shapes_it_benches(
     assert calls[0] > 0
     assert fast["compiled_shapes"] == 2 and fast["uncompiled_shapes"] == 0
     assert "2 shapes compiled" in format_table(report) and "NOT COMPILED" not in format_table(report)
+
+
+def test_a_warming_server_reports_its_progress(live_server: LiveServer) -> None:
+    """While `bench realtime` waits for the server it started (a torch.compile warm-up takes
+    minutes), it prints a line every 15 s from /readyz: a time box that cuts the wait then shows
+    how far the warm-up got. The line is made from the real /readyz body."""
+    import httpx
+
+    from livegen.cli import _warm_up_progress
+
+    body = httpx.get(live_server.base_url + "/readyz", timeout=10).json()
+    line = _warm_up_progress(body)
+    assert line.startswith("status ready")
+    for model, state in body["models"].items():
+        assert (f"{model} {state}" in line) == (state != "not loaded")
+    warming = {**body, "status": "loading", "models": {"stabilityai/sd-turbo": "loaded"},
+               "fast_path": {"stabilityai/sd-turbo": {"graphs": 1, "compiled_shapes": 2, "compile_s": 61.4}}}  # fmt: skip
+    assert _warm_up_progress(warming) == (
+        "status loading; stabilityai/sd-turbo loaded; stabilityai/sd-turbo: 1 graphs, 2 shapes compiled (61 s)"
+    )

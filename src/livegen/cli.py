@@ -451,6 +451,19 @@ def _null_bench_server(data_dir: Path | None) -> Iterator[tuple[str, str]]:
         yield base_url, api_key
 
 
+def _warm_up_progress(readyz: dict[str, Any]) -> str:
+    """One line from a warming-up server's /readyz: the models' states and, with the fast path,
+    its graphs and compiled shapes so far."""
+    parts = [f"status {readyz.get('status')}"]
+    parts += [f"{model} {state}" for model, state in (readyz.get("models") or {}).items() if state != "not loaded"]
+    for model, fast in (readyz.get("fast_path") or {}).items():
+        parts.append(
+            f"{model}: {fast.get('graphs', 0)} graphs, {fast.get('compiled_shapes', 0)} shapes compiled "
+            f"({fast.get('compile_s', 0.0):.0f} s)"
+        )
+    return "; ".join(parts)
+
+
 @contextlib.contextmanager
 def _bench_server(
     url: str | None, key: str | None, weights: str, device: str, model: str, data_dir: Path | None = None
@@ -479,16 +492,23 @@ def _bench_server(
     process = subprocess.Popen(cmd, env=env)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 900
+        started = time.monotonic()
+        deadline, next_report = started + 900, started + 15
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise click.ClickException("the server exited before it was ready")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base_url + "/readyz", timeout=2).status_code == 200:
+                ready = httpx.get(base_url + "/readyz", timeout=2)
+                if ready.status_code == 200:
                     break
+                if time.monotonic() >= next_report:  # a long warm-up (torch.compile) says where it is
+                    next_report += 15
+                    click.echo(f"server not ready after {time.monotonic() - started:.0f} s: "
+                               f"{_warm_up_progress(ready.json())}", err=True)  # fmt: skip
             time.sleep(0.3)
         else:
             raise click.ClickException("the server was not ready in 15 minutes")
+        click.echo(f"server ready in {time.monotonic() - started:.1f} s", err=True)
         yield base_url, api_key
     finally:
         process.terminate()
