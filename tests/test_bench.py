@@ -338,8 +338,9 @@ def test_a_warming_server_reports_its_progress(live_server: LiveServer) -> None:
     assert line.startswith("status ready")
     for model, state in body["models"].items():
         assert (f"{model} {state}" in line) == (state != "not loaded")
+    fast = {"graphs": 1, "compiled_shapes": 2, "compile_s": 61.4}
     warming = {**body, "status": "loading", "models": {"stabilityai/sd-turbo": "loaded"},
-               "fast_path": {"stabilityai/sd-turbo": {"graphs": 1, "compiled_shapes": 2, "compile_s": 61.4}}}  # fmt: skip
+               "fast_path": {"stabilityai/sd-turbo": fast}}  # fmt: skip
     assert _warm_up_progress(warming) == (
         "status loading; stabilityai/sd-turbo loaded; stabilityai/sd-turbo: 1 graphs, 2 shapes compiled (61 s)"
     )

@@ -356,8 +356,9 @@ def test_a_dynamic_batch_compile_serves_every_bucket_above_one(
     and batches of 3 and 5 (buckets 4 and 8) then run that compiled code, with no recompile and
     the same images. Text-to-image and image-to-image share each compile: before session 8 the
     image-to-image latents' channels_last strides failed dynamo's guards, and warm-up compiled
-    the UNet and the decode twice per bucket (8 graphs; on an H100 ~50 s each). Real dynamo tracing, with a backend that counts the graphs it is handed and
-    runs them as traced (inductor on a CPU would take minutes per graph)."""
+    the UNet and the decode twice per bucket (8 graphs; on an H100 ~50 s each). Real dynamo
+    tracing, with a backend that counts the graphs it is handed and runs them as traced (inductor
+    on a CPU would take minutes per graph)."""
     import torch._dynamo
 
     graphs: list[tuple[int, ...]] = []
