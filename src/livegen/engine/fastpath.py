@@ -378,7 +378,7 @@ class FastPath:
                 draw += 1
             latents = self._step(plan.c_in[i] is None, plan.step_consts[i], latents, eps, noise)
         with region("livegen.vae_decode"):
-            return self._decode(decode, vae, vae_dtype, latents, dynamic)
+            return self._decode(decode, vae, vae_dtype, latents, compiled, dynamic)
 
     def _encode_image(
         self, vae: Any, vae_dtype: torch.dtype, plan: _Plan, inputs: dict[str, torch.Tensor]
@@ -424,11 +424,17 @@ class FastPath:
         return prev.to(eps.dtype)
 
     def _decode(
-        self, decode: Callable[..., Any], vae: Any, vae_dtype: torch.dtype, latents: torch.Tensor, dynamic: bool = False
+        self,
+        decode: Callable[..., Any],
+        vae: Any,
+        vae_dtype: torch.dtype,
+        latents: torch.Tensor,
+        compiled: bool = False,
+        dynamic: bool = False,
     ) -> torch.Tensor:
         x = latents.to(vae_dtype) / vae.config.scaling_factor
-        if decode is not vae.decode:
-            x = x.contiguous()  # compiled: one layout for every call (see the UNet's input in _forward)
+        if compiled:
+            x = x.contiguous()  # one layout for every call (see the UNet's input in _forward)
         if dynamic:
             _batch_dims(x)
         image = decode(x, return_dict=False)[0]
