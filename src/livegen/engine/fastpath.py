@@ -481,7 +481,16 @@ class FastPath:
         parts = [self.render(_slice_job(job, i, min(i + step, job.rows))) for i in range(0, job.rows, step)]
         expected = [p.expected_ms for p in parts]
         total = None if None in expected else sum(e for e in expected if e is not None)
-        return Deferred(lambda: [out for part in parts for out in part.result()], total)
+        marks = _summed_marks(parts, ("inputs_s", "launch_s"))
+
+        def finish() -> list[Output]:
+            outputs = [out for part in parts for out in part.result()]
+            marks.update(_summed_marks(parts, ("device_s",)))
+            if all("device_done" in p.marks for p in parts):
+                marks["device_done"] = max(p.marks["device_done"] for p in parts)
+            return outputs
+
+        return Deferred(finish, total, marks)
 
     def _inputs(self, job: Job, plan: _Plan, bucket: int) -> dict[str, torch.Tensor]:
         """The batch's tensors, padded to ``bucket`` rows. Random draws per generator, in the
@@ -860,6 +869,11 @@ def _sdpa_order(prefer_cudnn: bool) -> contextlib.AbstractContextManager[Any]:
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return sdpa_kernel(order, set_priority=True)
+
+
+def _summed_marks(parts: list[Deferred[Any]], keys: tuple[str, ...]) -> dict[str, float]:
+    """A batch run in chunks: each of ``keys`` summed over the chunks, where every chunk has it."""
+    return {k: sum(p.marks[k] for p in parts) for k in keys if all(k in p.marks for p in parts)}
 
 
 def _batch_dims(*tensors: torch.Tensor) -> None:
