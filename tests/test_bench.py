@@ -135,6 +135,8 @@ def test_bench_refuses_an_unknown_variant() -> None:
         ("graph+cudnn-bench", {"cuda_graphs": True, "cudnn_benchmark": True}),
         ("graph+sdpa-cudnn", {"cuda_graphs": True, "sdpa_cudnn": True}),
         ("compile+dyn-batch", {"torch_compile": "default", "compile_dynamic_batch": True}),
+        ("graph+nhwc-gn", {"cuda_graphs": True, "nhwc_group_norm": True}),
+        ("graph+split-geglu", {"cuda_graphs": True, "split_geglu": True, "nhwc_group_norm": False}),
     ],
 )
 def test_variant_settings(variant: str, expected: dict[str, object]) -> None:

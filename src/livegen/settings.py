@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     # PyTorch's CUDA GroupNorm, which converts to NCHW and back around each one. Off: on an H200 (session 8,
     # BENCHMARKS.md) 3 % less device time at batch 16 and 13 % more at batch 1.
     nhwc_group_norm: bool = False
+    # Fast path: the UNet's GEGLU feed-forwards project value and gate with two matmuls, so the
+    # gelu and the product run vectorized on contiguous halves (fastpath.split_geglu). Off until
+    # measured on a GPU (BENCHMARKS.md, session 8).
+    split_geglu: bool = False
     torch_compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
     # Fast path: the diffusers docs' inductor settings for UNets (1x1 convolutions as matmuls,
     # coordinate-descent tuning; compiling takes longer). Only with torch_compile.

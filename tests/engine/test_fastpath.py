@@ -520,3 +520,63 @@ def test_keep_channels_last_in_group_norms_changes_every_group_norm_once(monkeyp
         b = after(latents, 999, encoder_hidden_states=embeds).sample.float()
     assert (a - b).abs().max().item() <= 0.05 * a.abs().max().item()
     assert len(layouts) == norms and all(layouts)
+
+
+# -- GEGLU's halves projected apart (fastpath.split_geglu) ---------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_geglu_computes_what_diffusers_geglu_does_on_contiguous_halves(dtype: torch.dtype) -> None:
+    """On a (tiny) UNet: every GEGLU is changed once; its gelu then sees a contiguous gate (in
+    diffusers' own forward it is a strided half of one projection: PyTorch's non-vectorized CUDA
+    kernels); the UNet's output is the same within the dtype's rounding."""
+    from diffusers.models.activations import GEGLU
+
+    from livegen.engine.fastpath import split_geglu
+
+    unet = tiny_unet().to(dtype)
+    gelus = [m for m in unet.modules() if isinstance(m, GEGLU)]
+    contiguous: list[bool] = []
+    for g in gelus:
+        real = g.gelu
+        g.gelu = lambda gate, real=real: (contiguous.append(gate.is_contiguous()), real(gate))[1]  # type: ignore[method-assign]
+    torch.manual_seed(1)
+    latents = torch.randn(2, 4, 16, 16).to(dtype)
+    embeds = torch.randn(2, 77, unet.config.cross_attention_dim).to(dtype)
+    with torch.inference_mode():
+        before = unet(latents, 999, encoder_hidden_states=embeds).sample.float()
+        assert len(contiguous) == len(gelus) > 0 and not any(contiguous)  # diffusers: strided halves
+        contiguous.clear()
+        assert split_geglu(unet) == len(gelus)
+        assert split_geglu(unet) == 0
+        after = unet(latents, 999, encoder_hidden_states=embeds).sample.float()
+    assert len(contiguous) == len(gelus) and all(contiguous)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.02
+    assert (before - after).abs().max().item() <= tolerance * before.abs().max().item()
+
+
+def test_split_geglu_leaves_wrapped_projections_alone() -> None:
+    """A projection that is not a plain Linear (an unfused LoRA layer adds its own term in forward)
+    keeps diffusers' forward: slicing its weight would drop that term."""
+    from diffusers.models.activations import GEGLU
+
+    from livegen.engine.fastpath import split_geglu
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    geglu = GEGLU(8, 16)
+    geglu.proj = Wrapped(8, 32)
+    assert split_geglu(geglu) == 0 and "forward" not in vars(geglu)
+
+
+def test_split_geglu_setting_gives_the_same_images(settings: Settings) -> None:
+    """``LIVEGEN_SPLIT_GEGLU``: the fast path's images with it match those without (CPU, fp32)."""
+    from diffusers.models.activations import GEGLU
+
+    plain = Worker(settings)._load(SD)
+    split = Worker(settings.model_copy(update={"split_geglu": True}))._load(SD)
+    changed = [m for m in split.fast.unet.modules() if isinstance(m, GEGLU) and "forward" in vars(m)]
+    assert changed and not any("forward" in vars(m) for m in plain.fast.unet.modules() if isinstance(m, GEGLU))
+    batch = [req(SD, seed=s, vae="tiny") for s in (5, 6)]
+    assert_close(pixels(split(batch)), pixels(plain(batch)))

@@ -60,8 +60,8 @@ def loaded() -> Iterator[dict[tuple[str, str], Any]]:
 
 
 def adapter(cache: dict[tuple[str, str], Any], model: str, kind: str) -> Any:
-    """kind: fast (graphs), fast-nhwc-gn (and GroupNorms in channels_last), eager (fast path, no
-    graphs), plain-tiny, plain-full."""
+    """kind: fast (graphs), fast-nhwc-gn (and GroupNorms in channels_last), fast-split-geglu (and
+    GEGLU's halves projected apart), eager (fast path, no graphs), plain-tiny, plain-full."""
     if (model, kind) not in cache:
         if len({m for m, _ in cache} | {model}) > 1:  # one model family in memory at a time
             for key in [k for k in cache if k[0] != model]:
@@ -71,6 +71,7 @@ def adapter(cache: dict[tuple[str, str], Any], model: str, kind: str) -> Any:
         update: dict[str, Any] = {
             "fast": {"fast_path": "on", "cuda_graphs": True},
             "fast-nhwc-gn": {"fast_path": "on", "cuda_graphs": True, "nhwc_group_norm": True},
+            "fast-split-geglu": {"fast_path": "on", "cuda_graphs": True, "split_geglu": True},
             "eager": {"fast_path": "on", "cuda_graphs": False},
             "plain-tiny": {"fast_path": "off", "tiny_vae": True},
             "plain-full": {"fast_path": "off", "tiny_vae": False},
@@ -141,6 +142,15 @@ def test_group_norms_in_channels_last_match_the_plain_pipeline(loaded: dict[tupl
     fast = pixels(adapter(loaded, SD, "fast-nhwc-gn")(batch))
     plain = pixels(adapter(loaded, SD, f"plain-{vae}")(batch))
     compare(f"{SD}:nhwc-gn:{vae}:graph-vs-plain", fast, plain)
+
+
+def test_split_geglu_matches_the_plain_pipeline(loaded: dict[tuple[str, str], Any]) -> None:
+    """``LIVEGEN_SPLIT_GEGLU``: the UNet's GEGLUs with two matmuls (fastpath.split_geglu) against
+    the plain pipeline, within the same bounds."""
+    batch = [req(SD, seed=s, vae="tiny") for s in (1, 2)]
+    fast = pixels(adapter(loaded, SD, "fast-split-geglu")(batch))
+    plain = pixels(adapter(loaded, SD, "plain-tiny")(batch))
+    compare(f"{SD}:split-geglu:tiny:graph-vs-plain", fast, plain)
 
 
 def test_graph_replay_across_buckets_matches_eager(loaded: dict[tuple[str, str], Any]) -> None:

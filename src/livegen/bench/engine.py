@@ -34,7 +34,7 @@ PROMPT = "a photo of a red fox in the snow, detailed, 4k"
 VARIANTS = ("default", "plain", "eager", "graph", "compile", "compile-ro")
 MODIFIERS = (
     "bf16", "fp16", "fp32", "tiny-vae", "full-vae", "no-cl", "fuse-qkv", "tuned", "dyn-batch", "cudnn-bench",
-    "sdpa-cudnn", "nhwc-gn",
+    "sdpa-cudnn", "nhwc-gn", "split-geglu",
 )  # fmt: skip
 
 
@@ -63,8 +63,8 @@ def variant_settings(settings: Settings, variant: str) -> Settings:
     projections), ``compile+tuned`` (inductor tuning flags), ``compile+dyn-batch`` (one compile for
     batches 2..16), ``graph+cudnn-bench`` (cuDNN times its
     convolution algorithms), ``graph+sdpa-cudnn`` (cuDNN's attention first), ``graph+nhwc-gn``
-    (GroupNorms kept in channels_last). BASE: default (what ``livegen
-    serve`` does on this device), plain
+    (GroupNorms kept in channels_last), ``graph+split-geglu`` (GEGLU's halves projected apart).
+    BASE: default (what ``livegen serve`` does on this device), plain
     (stock pipelines, no fast path), eager (fast path, no graph), graph (fast path + CUDA
     graphs), compile (torch.compile default mode inside CUDA graphs), compile-ro (torch.compile
     reduce-overhead, its own graphs)."""
@@ -94,6 +94,8 @@ def variant_settings(settings: Settings, variant: str) -> Settings:
             update["sdpa_cudnn"] = True
         elif m == "nhwc-gn":
             update["nhwc_group_norm"] = True
+        elif m == "split-geglu":
+            update["split_geglu"] = True
         elif m in ("bf16", "fp16", "fp32"):
             update["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[m]
         else:

@@ -725,6 +725,7 @@ class Worker:
             cuda_graphs=settings.cuda_graphs,
             channels_last=settings.channels_last,
             nhwc_group_norm=settings.nhwc_group_norm,
+            split_geglu=settings.split_geglu,
             compile=settings.torch_compile,
             compile_tuning=settings.compile_tuning,
             compile_dynamic_batch=settings.compile_dynamic_batch,
