@@ -306,7 +306,8 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
     "tiny-vae | full-vae | no-cl (without channels_last) | fuse-qkv (fused attention projections) | tuned "
     "(inductor flags, with compile) | dyn-batch (with compile: one compile for batches 2..16) | cudnn-bench "
     "(cuDNN times its convolution algorithms) | sdpa-cudnn (cuDNN's "
-    "attention kernels first) | nhwc-gn (GroupNorms kept in channels_last).",
+    "attention kernels first) | nhwc-gn (GroupNorms kept in channels_last) | split-geglu (GEGLU's value and gate "
+    "projected apart).",
 )
 @click.option(
     "--tiny-vae/--full-vae",

@@ -38,6 +38,22 @@ MODIFIERS = (
 )  # fmt: skip
 
 
+# A modifier that sets one engine setting: (setting, value). The others: tiny-vae / full-vae.
+_MODIFIER_SETTINGS: dict[str, tuple[str, Any]] = {
+    "bf16": ("dtype", "bfloat16"),
+    "fp16": ("dtype", "float16"),
+    "fp32": ("dtype", "float32"),
+    "no-cl": ("channels_last", False),
+    "fuse-qkv": ("fuse_qkv", True),
+    "tuned": ("compile_tuning", True),
+    "dyn-batch": ("compile_dynamic_batch", True),
+    "cudnn-bench": ("cudnn_benchmark", True),
+    "sdpa-cudnn": ("sdpa_cudnn", True),
+    "nhwc-gn": ("nhwc_group_norm", True),
+    "split-geglu": ("split_geglu", True),
+}
+
+
 @dataclass(frozen=True)
 class EngineBenchConfig:
     model: str
@@ -80,24 +96,9 @@ def variant_settings(settings: Settings, variant: str) -> Settings:
     }
     update = dict(presets.get(base, {}))
     for m in mods:
-        if m == "no-cl":
-            update["channels_last"] = False
-        elif m == "fuse-qkv":
-            update["fuse_qkv"] = True
-        elif m == "tuned":
-            update["compile_tuning"] = True
-        elif m == "dyn-batch":
-            update["compile_dynamic_batch"] = True
-        elif m == "cudnn-bench":
-            update["cudnn_benchmark"] = True
-        elif m == "sdpa-cudnn":
-            update["sdpa_cudnn"] = True
-        elif m == "nhwc-gn":
-            update["nhwc_group_norm"] = True
-        elif m == "split-geglu":
-            update["split_geglu"] = True
-        elif m in ("bf16", "fp16", "fp32"):
-            update["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[m]
+        if m in _MODIFIER_SETTINGS:
+            name, value = _MODIFIER_SETTINGS[m]
+            update[name] = value
         else:
             update["tiny_vae"] = m == "tiny-vae"
     return settings.model_copy(update=update)

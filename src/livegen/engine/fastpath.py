@@ -798,12 +798,9 @@ def split_geglu(module: torch.nn.Module) -> int:
     else (an unfused LoRA layer) is left as it is. Returns the GEGLUs changed."""
     from diffusers.models.activations import GEGLU
 
-    changed = 0
-    for m in module.modules():
-        if isinstance(m, GEGLU) and type(m.proj) is torch.nn.Linear and "forward" not in vars(m):
-            m.forward = functools.partial(geglu_two_matmuls, m)  # type: ignore[method-assign]
-            changed += 1
-    return changed
+    return _replace_forwards(
+        module, lambda m: isinstance(m, GEGLU) and type(m.proj) is torch.nn.Linear, geglu_two_matmuls
+    )
 
 
 def geglu_two_matmuls(geglu: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -823,10 +820,18 @@ def keep_channels_last_in_group_norms(module: torch.nn.Module) -> int:
     PyTorch's CUDA GroupNorm makes its input contiguous (NCHW) and returns NCHW
     (pytorch/pytorch#111824): in a channels_last UNet each GroupNorm then costs a layout copy in
     and one back before the next convolution. Returns the GroupNorms changed."""
+    return _replace_forwards(module, lambda m: isinstance(m, torch.nn.GroupNorm), group_norm_nhwc)
+
+
+def _replace_forwards(
+    module: torch.nn.Module, match: Callable[[torch.nn.Module], bool], forward: Callable[..., torch.Tensor]
+) -> int:
+    """``forward(m, ...)`` as the forward of each submodule ``m`` that ``match``es and has not had
+    its forward replaced already. Returns how many were changed."""
     changed = 0
     for m in module.modules():
-        if isinstance(m, torch.nn.GroupNorm) and "forward" not in vars(m):
-            m.forward = functools.partial(group_norm_nhwc, m)  # type: ignore[method-assign]
+        if match(m) and "forward" not in vars(m):
+            m.forward = functools.partial(forward, m)  # type: ignore[method-assign]
             changed += 1
     return changed
 
