@@ -8,9 +8,11 @@ one is. Needs `pip install simpy`; not part of the test suite.
     python benchmarks/batching_model.py --sessions 1 4 8 16 --max-batch 16
 
 Each session sends a frame every 1/fps s into a ``--buffering``-deep inbox (default 2, the
-server's default max_buffering; the oldest frame is taken first), keeps up to ``--depth`` frames in the engine at
-a time (results sent in order), and pays a server cost before and after each. The device runs one batch at a time, padded to its
-bucket. Policies (the worker's, engine/worker.py):
+server's default max_buffering; the oldest frame is taken first), keeps up to ``--depth``
+frames in the engine at a time (results sent in order), and pays a server cost before and after
+each. With ``--late`` a frame waiting in the engine, not yet in a batch, counts toward the
+session's buffer, so newer frames supersede it there too. The device runs one batch at a time,
+padded to its bucket. Policies (the worker's, engine/worker.py):
 
 - ``before``: the worker until session 6. The device thread takes whatever is pending the
   moment it is there, enqueues it, then waits for one of two slots: up to three batches are
@@ -20,6 +22,8 @@ bucket. Policies (the worker's, engine/worker.py):
 - ``slot``: a slot first, then take what is pending.
 - ``slot+gather``: as ``slot``, but while the device is busy the batch is formed just before
   the device runs out of work, or when a full batch waits.
+- ``+last``: with ``gather``, the batch is formed just before the device runs out of work even
+  when a full batch waits (with ``--late``, its frames are then the newest).
 - ``+cut``: a batch filling less than ``--fill`` of its bucket is cut to the largest bucket it
   fills; the rest goes next.
 """
@@ -52,6 +56,14 @@ def bucket(n: int) -> int:
     return next(b for b in BUCKETS if b >= n)
 
 
+class Frame:
+    """A frame handed to the engine: when it was received (``sent``; with ``--late`` a newer frame
+    of the same session can take its place until it is taken into a batch) and its result."""
+
+    def __init__(self, sent: float, done: simpy.Event) -> None:
+        self.sent, self.done, self.taken = sent, done, False
+
+
 class Model:
     def __init__(self, policy: str, sessions: int, args: argparse.Namespace, seed: int) -> None:
         self.env = simpy.Environment()
@@ -59,7 +71,7 @@ class Model:
         self.cost = COSTS[args.task]
         self.pre_ms = 2.0 if args.task == "i2i" else 0.5  # server work before the engine
         self.rng = random.Random(seed)
-        self.pending: list[simpy.Event] = []
+        self.pending: list[Frame] = []
         self.pending_changed = self.env.event()
         self.slots = simpy.Resource(self.env, capacity=2)
         self.gpu = simpy.Resource(self.env, capacity=1)
@@ -69,6 +81,7 @@ class Model:
         self.latencies: list[float] = []
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.padded = 0
+        self.superseded = 0
         for _ in range(sessions):
             self.env.process(self.session())
         self.env.process(self.device_thread())
@@ -77,13 +90,26 @@ class Model:
         return ms * self.rng.uniform(lo, hi)
 
     def session(self) -> Generator[Any, Any, None]:
-        inbox: collections.deque[float] = collections.deque(maxlen=self.args.buffering)
+        inbox: collections.deque[float] = collections.deque()
+        waiting: list[Frame] = []  # --late: this session's frames in the engine not yet in a batch
         arrived = [self.env.event()]
         interval = 1000.0 / self.args.fps
 
         def client() -> Generator[Any, Any, None]:
             yield self.env.timeout(self.rng.uniform(0, interval))
             while True:
+                waiting[:] = [f for f in waiting if not f.taken]
+                if len(inbox) + len(waiting) >= self.args.buffering:  # full: the oldest is superseded
+                    if waiting:  # the oldest waits in the engine: it takes the next frame's place
+                        for older, newer in zip(waiting, waiting[1:], strict=False):
+                            older.sent = newer.sent
+                        waiting[-1].sent = inbox.popleft() if inbox else self.env.now
+                        self.superseded += 1
+                        if not inbox and waiting[-1].sent == self.env.now:
+                            yield self.env.timeout(self.jitter(interval, 0.9, 1.1))
+                            continue
+                    else:
+                        inbox.popleft()
                 inbox.append(self.env.now)
                 if not arrived[0].triggered:
                     arrived[0].succeed()
@@ -98,25 +124,26 @@ class Model:
             while not inbox:
                 arrived[0] = self.env.event()
                 yield arrived[0]
-            sent = inbox.popleft()
+            frame = Frame(inbox.popleft(), self.env.event())
             yield self.env.timeout(self.jitter(self.pre_ms))
-            done = self.env.event()
-            self.pending.append(done)
+            if self.args.late:
+                waiting.append(frame)
+            self.pending.append(frame)
             if not self.pending_changed.triggered:
                 self.pending_changed.succeed()
             result_sent = self.env.event()
-            self.env.process(self.send_in_order(sent, done, previous_sent, result_sent, in_engine, slot))
+            self.env.process(self.send_in_order(frame, previous_sent, result_sent, in_engine, slot))
             previous_sent = result_sent
 
     def send_in_order(
-        self, sent: float, done: simpy.Event, previous: simpy.Event, result_sent: simpy.Event, in_engine: Any, slot: Any
+        self, frame: Frame, previous: simpy.Event, result_sent: simpy.Event, in_engine: Any, slot: Any
     ) -> Generator[Any, Any, None]:
         """A frame's result goes out after the session's earlier frames' results (fal's order)."""
-        yield done
+        yield frame.done
         yield previous
         yield self.env.timeout(self.jitter(0.5))  # packing and sending the result
-        if sent >= self.warmup_ms:
-            self.latencies.append(self.env.now - sent)
+        if frame.sent >= self.warmup_ms:
+            self.latencies.append(self.env.now - frame.sent)
         result_sent.succeed()
         in_engine.release(slot)
 
@@ -125,11 +152,13 @@ class Model:
             self.pending_changed = self.env.event()
             yield self.pending_changed
 
-    def take(self) -> list[simpy.Event]:
+    def take(self) -> list[Frame]:
         n = min(len(self.pending), self.args.max_batch)
         if "cut" in self.policy and n < bucket(n) and n < self.args.fill * bucket(n):
             n = max(b for b in BUCKETS if b <= n)
         batch, self.pending = self.pending[:n], self.pending[n:]
+        for frame in batch:
+            frame.taken = True
         return batch
 
     def device_thread(self) -> Generator[Any, Any, None]:
@@ -147,7 +176,7 @@ class Model:
             yield slot
             yield from self.wait_pending()
             if "gather" in self.policy:
-                while len(self.pending) < self.args.max_batch:
+                while len(self.pending) < self.args.max_batch or "last" in self.policy:
                     left = self.device_free_at - self.env.now - enqueue_ms - 1.0
                     if left <= 0:
                         break
@@ -157,7 +186,7 @@ class Model:
             yield self.env.timeout(enqueue_ms)
             self.env.process(self.on_device(batch, slot))
 
-    def on_device(self, batch: list[simpy.Event], slot: Any) -> Generator[Any, Any, None]:
+    def on_device(self, batch: list[Frame], slot: Any) -> Generator[Any, Any, None]:
         b = bucket(len(batch))
         self.batch_sizes[len(batch)] += 1
         self.padded += b - len(batch)
@@ -173,8 +202,8 @@ class Model:
             yield self.last_end
         yield self.env.timeout(self.jitter(0.5))  # the encode pool: sync, JPEG, results
         self.slots.release(slot)
-        for done in batch:
-            done.succeed()
+        for frame in batch:
+            frame.done.succeed()
 
 
 def main() -> None:
@@ -188,6 +217,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--fill", type=float, default=0.75)
     ap.add_argument("--old-jpeg", action="store_true")
+    ap.add_argument(
+        "--late",
+        action="store_true",
+        help="a frame waiting in the engine (not in a batch yet) counts toward the session's buffer",
+    )
     ap.add_argument("--policies", nargs="+", default=["before", "slot", "slot+cut", "slot+gather+cut"])
     args = ap.parse_args()
     print(

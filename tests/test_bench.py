@@ -60,6 +60,26 @@ def test_bench_realtime_null_engine_measures_the_server_alone(task: str) -> None
     assert report["inference_ms"]["p99"] < report["server_ms"]["p50"] <= report["latency_ms"]["p50"]
 
 
+def test_bench_realtime_simulated_device_batches_sessions_frames() -> None:
+    """--simulated-device: the real server and the engine's real scheduling over a device that only
+    takes time (each batch its bucket's measured time). 6 sessions at 60 frames/s offer more than
+    the simulated batch-1 rate, so the engine must batch frames of several sessions (a batch of 1
+    takes 8.3 ms, at most 120 batches per second): every batch is counted, and results come in
+    each session's order."""
+    cmd = [sys.executable, "-m", "livegen", "bench", "realtime", "--simulated-device", "h200-graph",
+           "--sessions", "6", "--fps", "60", "--duration", "2", "--warmup", "0.5", "--size", "256",
+           "--max-batch-size", "4", "--json"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["errors"] == 0, report["error_samples"]
+    assert report["misordered"] == 0 and report["results"] > 0
+    sizes = {int(k): v for k, v in report["batching"]["batch_sizes"].items()}
+    assert max(sizes) <= 4 and any(k > 1 for k in sizes), sizes
+    # The engine's share is at least the simulated device's time for the smallest bucket.
+    assert report["inference_ms"]["p50"] >= 8.3
+
+
 def test_bench_engine_smoke_on_cpu(shared_data_dir: object) -> None:
     """CI's check of the engine bench: plain pipelines and the fast path (eager on a CPU) beside
     stock diffusers, every row printed. No speed assertion: CPU numbers are a smoke check."""

@@ -395,6 +395,14 @@ def bench(
     help="Start the server in this process with an engine that answers at once (a flat JPEG): the server's own "
     "cost per frame (parsing, validation, input decode, packing, WebSocket), without generation.",
 )
+@click.option(
+    "--simulated-device",
+    type=click.Choice(["h200-graph", "h200-compile"]),
+    help="Start the server and its engine in this process over a simulated device: each batch takes the time that "
+    "card measured for its bucket (SD-Turbo t2i 512², BENCHMARKS.md) and returns a flat JPEG. The sessions, batching "
+    "and scheduling are livegen's own: how frames become batches, measured on any machine.",
+)
+@click.option("--max-batch-size", type=int, help="With --simulated-device: the engine's max batch size.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench_realtime(
     url: str | None,
@@ -415,6 +423,8 @@ def bench_realtime(
     warmup: float,
     data_dir: Path | None,
     null_engine: bool,
+    simulated_device: str | None,
+    max_batch_size: int | None,
     as_json: bool,
 ) -> None:
     """Drive realtime sessions like the clients do and report latency and throughput."""
@@ -429,9 +439,17 @@ def bench_realtime(
         frame.update(image_url=input_image_data_url(size, image_format), strength=strength)
     else:
         frame["image_size"] = {"width": size, "height": size}
-    if null_engine and url:
-        raise click.UsageError("--null-engine starts its own server; it does not go with --url")
-    server = _null_bench_server(data_dir) if null_engine else _bench_server(url, key, weights, device, model, data_dir)
+    if sum(map(bool, (null_engine, simulated_device, url))) > 1:
+        raise click.UsageError("--url, --null-engine and --simulated-device each name the server: give one")
+    if max_batch_size is not None and not simulated_device:
+        raise click.UsageError("--max-batch-size goes with --simulated-device (a server's own: LIVEGEN_MAX_BATCH_SIZE)")
+    server: contextlib.AbstractContextManager[tuple[str, str]]
+    if null_engine:
+        server = _null_bench_server(data_dir)
+    elif simulated_device:
+        server = _simulated_bench_server(data_dir, simulated_device, max_batch_size)
+    else:
+        server = _bench_server(url, key, weights, device, model, data_dir)
     with server as (base_url, api_key):
         config = BenchConfig(base_url, api_key, app, sessions, fps, duration, frame, max_buffering, warmup_s=warmup)
         report = asyncio.run(run_bench(config))
@@ -449,6 +467,22 @@ def _null_bench_server(data_dir: Path | None) -> Iterator[tuple[str, str]]:
 
     api_key = secrets.token_urlsafe(16)
     with null_server(data_dir or Path(tempfile.mkdtemp(prefix="livegen-bench-")), api_key) as base_url:
+        yield base_url, api_key
+
+
+@contextlib.contextmanager
+def _simulated_bench_server(
+    data_dir: Path | None, device: str, max_batch_size: int | None
+) -> Iterator[tuple[str, str]]:
+    import secrets
+    import tempfile
+
+    from livegen.bench.simulated import simulated_server
+
+    api_key = secrets.token_urlsafe(16)
+    extra = {} if max_batch_size is None else {"max_batch_size": max_batch_size}
+    folder = data_dir or Path(tempfile.mkdtemp(prefix="livegen-bench-"))
+    with simulated_server(folder, api_key, device, **extra) as base_url:
         yield base_url, api_key
 
 

@@ -16,11 +16,14 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from livegen.engine import EncodedImage, GenerationRequest, GenerationResult
+
+if TYPE_CHECKING:
+    from livegen.settings import Settings
 
 
 class NullEngine:
@@ -78,25 +81,33 @@ class NullEngine:
 @contextmanager
 def null_server(data_dir: Path, key: str) -> Iterator[str]:
     """The real app with a ``NullEngine``, on a free loopback port in a thread; yields its URL."""
+    from livegen.settings import Settings
+
+    with serve_in_thread(Settings(data_dir=data_dir, api_keys=key, models=[]), NullEngine()) as url:  # type: ignore[arg-type]
+        yield url
+
+
+@contextmanager
+def serve_in_thread(settings: Settings, engine: Any) -> Iterator[str]:
+    """The real app over ``engine``, on a free loopback port in a thread; yields its URL."""
     import uvicorn
 
     from livegen.bench import free_port
     from livegen.server.app import create_app, websocket_options
-    from livegen.settings import Settings
 
     port = free_port()
-    settings = Settings(data_dir=data_dir, api_keys=key, port=port, models=[])  # type: ignore[arg-type]
-    app = create_app(settings, engine=NullEngine())
+    settings = settings.model_copy(update={"port": port})
+    app = create_app(settings, engine=engine)
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="warning", access_log=False, **websocket_options(settings)
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="livegen-null-server", daemon=True)
+    thread = threading.Thread(target=server.run, name="livegen-bench-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the null-engine server did not start")
+            raise RuntimeError("the bench's server did not start")
         time.sleep(0.02)
     try:
         yield f"http://127.0.0.1:{port}"

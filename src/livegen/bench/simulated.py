@@ -1,0 +1,134 @@
+"""``livegen bench realtime --simulated-device NAME``: the real server and the real engine's
+scheduling over a device that only takes time.
+
+Everything but the device is livegen's own: the WebSocket sessions (inbox, superseding, order),
+the worker's batch slots, gathering, cutting to buckets and priorities, the encode pool. Each batch
+"runs" on one simulated device, one after another, for the time a real card took for a batch of
+its bucket (the device times below, from ``BENCHMARKS.md``), then returns a ready-made JPEG per
+image. So a change to how frames become batches can be measured end to end on any machine, and
+compared with what the card did; it says nothing about the card's own speed.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from PIL import Image
+
+from livegen.engine import EncodedImage, GenerationRequest
+from livegen.engine.fastpath import Deferred
+from livegen.engine.pipelines import common
+from livegen.engine.worker import Worker
+from livegen.settings import Settings
+
+# Device milliseconds per batch by bucket: SD-Turbo text-to-image 512², 1 step, on the H200 of
+# session 8 (BENCHMARKS.md; CUDA events around each batch). The compiled rows at buckets 2-8 are
+# interpolated per image between the measured 1 and 16, as in benchmarks/batching_model.py.
+DEVICE_MS: dict[str, dict[int, float]] = {
+    "h200-graph": {1: 8.30, 2: 11.8, 4: 18.98, 8: 33.92, 16: 63.55},
+    "h200-compile": {1: 5.27, 2: 7.6, 4: 12.4, 8: 22.2, 16: 41.9},
+}
+
+
+class SimulatedDevice:
+    """One device: batches run one after another, each for its bucket's time."""
+
+    def __init__(self, device_ms: dict[int, float]) -> None:
+        self.device_ms = device_ms
+        self.options = SimpleNamespace(buckets=tuple(sorted(device_ms)))
+        self.tiny_vae = None
+        self.stats = SimpleNamespace(batches=0, images=0, busy_s=0.0)
+        self._free_at = 0.0
+        self._lock = threading.Lock()
+
+    def bucket(self, rows: int) -> int:
+        return next((b for b in self.options.buckets if b >= rows), max(self.options.buckets))
+
+    def enqueue(self, rows: int) -> tuple[float, float]:
+        """Queue a batch of ``rows``: (its device ms, when it will be done, perf_counter s)."""
+        ms = self.device_ms[self.bucket(rows)]
+        with self._lock:
+            done_at = max(time.perf_counter(), self._free_at) + ms / 1e3
+            self._free_at = done_at
+            self.stats.batches += 1
+            self.stats.images += rows
+            self.stats.busy_s += ms / 1e3
+        return ms, done_at
+
+
+class SimulatedAdapter:
+    """What the worker asks of a loaded model, answered by a ``SimulatedDevice``."""
+
+    def __init__(self, model_id: str, device: SimulatedDevice) -> None:
+        self.model_id = model_id
+        self.fast = device
+        self._jpegs: dict[tuple[int, int], bytes] = {}
+        self._lock = threading.Lock()
+
+    def check_inputs(self, request: GenerationRequest) -> None:
+        common.check_common(request)
+
+    def _jpeg(self, width: int, height: int) -> EncodedImage:
+        with self._lock:
+            if (width, height) not in self._jpegs:
+                buf = io.BytesIO()
+                Image.new("RGB", (width, height), (96, 128, 160)).save(buf, "JPEG", quality=90)
+                self._jpegs[width, height] = buf.getvalue()
+            data = self._jpegs[width, height]
+        return EncodedImage(data=data, width=width, height=height, content_type="image/jpeg")
+
+    def __call__(self, batch: Sequence[GenerationRequest]) -> Deferred[list[list[EncodedImage]]]:
+        rows, largest = common.total_images(batch), max(self.fast.options.buckets)
+        started = time.perf_counter()
+        ms = done_at = 0.0
+        for start in range(0, rows, largest):  # past the largest bucket: in chunks, as the fast path
+            chunk_ms, done_at = self.fast.enqueue(min(rows - start, largest))
+            ms += chunk_ms
+
+        def finish() -> list[list[EncodedImage]]:
+            time.sleep(max(0.0, done_at - time.perf_counter()))
+            marks["device_done"] = time.perf_counter()
+            return [[self._jpeg(r.width, r.height)] * r.num_images for r in batch]
+
+        marks: dict[str, float] = {"device_s": ms / 1e3, "enqueued": started}
+        return Deferred(finish, ms, marks)
+
+
+class SimulatedWorker(Worker):
+    """The engine's worker with every model on one ``SimulatedDevice``."""
+
+    def __init__(self, settings: Settings, device_ms: dict[int, float]) -> None:
+        super().__init__(settings)
+        self.simulated = SimulatedDevice(device_ms)
+
+    def _load(self, model_id: str) -> SimulatedAdapter:  # type: ignore[override]
+        return SimulatedAdapter(model_id, self.simulated)
+
+    def status(self) -> dict[str, Any]:
+        status = super().status()
+        status["device"] = "simulated"
+        return status
+
+
+@contextmanager
+def simulated_server(data_dir: Path, key: str, device: str, **settings: Any) -> Iterator[str]:
+    """The real app and worker over a ``SimulatedDevice`` (``DEVICE_MS[device]``), on a free
+    loopback port in a thread; yields its URL."""
+    from livegen.bench.null_engine import serve_in_thread
+
+    config = Settings(data_dir=data_dir, api_keys=key, models=["stabilityai/sd-turbo"], device="cpu", **settings)  # type: ignore[arg-type]
+    worker = SimulatedWorker(config, DEVICE_MS[device])
+    worker.open()
+    try:
+        worker.startup.result(timeout=60)
+        with serve_in_thread(config, worker) as url:
+            yield url
+    finally:
+        worker.close()
