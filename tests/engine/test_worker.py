@@ -312,6 +312,46 @@ def test_the_next_batch_gathers_while_the_device_is_busy(tmp_path: Path) -> None
         assert w.stats.gather_s >= 0.2
 
 
+def test_a_full_batch_of_realtime_frames_waits_until_the_device_is_nearly_free(tmp_path: Path) -> None:
+    """Realtime frames can still be replaced by newer ones until they are in a batch, so a full
+    batch of them is not formed the moment it waits (as other work is, above): it is formed just
+    before the device runs out of work, with whatever frames are newest by then."""
+    with fast_worker(tmp_path, expected_ms=240.0, max_batch_size=2) as w:
+        first = w.submit(req("a", priority=Priority.REALTIME))
+        wait_for(lambda: len(w.adapter.batches) == 1)
+        started = time.perf_counter()
+        waiting = [w.submit(req(p, priority=Priority.REALTIME)) for p in ("b", "c")]  # a full batch
+        time.sleep(0.1)
+        assert len(w.adapter.batches) == 1  # held back although full
+        newer = w.replace(waiting[1], req("c2", priority=Priority.REALTIME))
+        assert newer is not None and waiting[1].cancelled()
+        wait_for(lambda: len(w.adapter.batches) == 2)
+        assert time.perf_counter() - started >= 0.15  # formed near the end of the 240 ms batch
+        for done in w.adapter.done:
+            done.set()
+        for f in (first, waiting[0], newer):
+            f.result(10)
+        assert w.adapter.batches == [["a"], ["b", "c2"]]
+
+
+def test_replace_keeps_the_place_in_line_until_the_work_is_in_a_batch(worker: FakeWorker) -> None:
+    """A request replaced while it waits takes over its place (ahead of what came after it), and
+    the old future is cancelled; once in a batch, or for a future the worker does not hold,
+    replace changes nothing."""
+    blocker = _block(worker)
+    old = worker.submit(req("old", priority=Priority.REALTIME))
+    after = worker.submit(req("after", priority=Priority.REALTIME))
+    new = worker.replace(old, req("new", priority=Priority.REALTIME))
+    assert new is not None and old.cancelled() and not after.cancelled()
+    assert worker.replace(old, req("again")) is None  # the old future is gone from the line
+    assert worker.replace(Future(), req("stranger")) is None
+    worker.gate.set()
+    for f in (blocker, new, after):
+        f.result(10)
+    assert [b for b in worker.adapter.batches[1:]] == [["new", "after"]]
+    assert worker.replace(new, req("late")) is None  # done: nothing to replace
+
+
 def test_nothing_gathers_when_the_device_time_is_unknown(tmp_path: Path) -> None:
     with fast_worker(tmp_path, expected_ms=None, max_batch_size=4) as w:
         w.submit(req("a"))

@@ -56,6 +56,9 @@ class NullEngine:
                 self._jpegs[width, height] = buf.getvalue()
             return self._jpegs[width, height]
 
+    def replace(self, future: Future[GenerationResult], request: GenerationRequest) -> Future[GenerationResult] | None:
+        return None  # every request is answered as it is submitted: none ever waits
+
     def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
         started = time.perf_counter()
         self.requests += 1

@@ -116,6 +116,11 @@ class Engine(Protocol):
 
     def submit(self, request: GenerationRequest) -> Future[GenerationResult]: ...
 
+    def replace(self, future: Future[GenerationResult], request: GenerationRequest) -> Future[GenerationResult] | None:
+        """``request`` in the place of ``future``'s work if that has not started (its place in
+        line kept, ``future`` cancelled): the new future; None when it has started or is done."""
+        ...
+
     def check(self, request: GenerationRequest) -> None:
         """Raise ``InvalidInput`` / ``ModelUnavailable`` for work this engine cannot do."""
         ...

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from livegen.engine import EncodedImage, GenerationRequest, GenerationResult, fastpath
+from livegen.engine import EncodedImage, GenerationRequest, GenerationResult, Priority, fastpath
 from livegen.engine.device_decode import JpegDecoder
 from livegen.engine.fastpath import Deferred, FastOptions, FastPath
 from livegen.engine.imaging import content_type_for, encode_image
@@ -330,6 +330,24 @@ class Worker:
             self._cond.notify()
         return futures
 
+    def replace(self, future: Future[GenerationResult], request: GenerationRequest) -> Future[GenerationResult] | None:
+        """Put ``request`` in the place of the work whose future is ``future``, if that work is
+        still waiting for a batch: it keeps its place in line, and ``future`` is cancelled (a
+        realtime session's newer frame superseding its frame that waits). Returns the new work's
+        future, or None when the old work is in a batch already, done or unknown (``future`` is
+        then untouched)."""
+        with self._cond:
+            for p in self._pending:
+                if p.future is future:
+                    break
+            else:
+                return None
+            if not future.cancel():
+                return None
+            p.request, p.future, p.submitted = request, Future(), time.perf_counter()
+            self._cond.notify()
+            return p.future
+
     def run_here(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Render ``requests`` as one batch on the calling thread, past the queue, and wait for
         the results: the same code as the device thread runs. For ``livegen bench --profile``
@@ -431,8 +449,11 @@ class Worker:
     def _gather(self) -> None:
         """With ``_cond`` held: while the device is busy, wait to form the next batch until just
         before the device runs out of work (the measured device time of what is on it, less the
-        time to enqueue a batch), or until a full batch is waiting. What arrives meanwhile joins
-        the batch. Nothing waits when the device is idle or its work's duration is not known."""
+        time to enqueue a batch), or until a full batch of work that cannot change is waiting.
+        What arrives meanwhile joins the batch. Realtime frames can change until they are in a
+        batch (a session's newer frame takes its waiting frame's place, ``replace``), so a full
+        batch of them waits too: it then goes with the newest frames. Nothing waits when the
+        device is idle or its work's duration is not known."""
         if not self.settings.batch_gather:
             return
         started = time.perf_counter()
@@ -443,7 +464,10 @@ class Worker:
                 break
             now = time.perf_counter()
             wait = min(free_at - self._enqueue_s - GATHER_MARGIN_S, limit) - now
-            if wait <= 0 or self._images_like_head() >= self.settings.max_batch_size:
+            if wait <= 0 or (
+                self._images_like_head() >= self.settings.max_batch_size
+                and self._pending[0].request.priority is not Priority.REALTIME
+            ):
                 break
             self._cond.wait(wait)
         self.stats.gather_s += time.perf_counter() - started

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -96,12 +97,33 @@ class GenerationService:
         priority: Priority,
         cancel: threading.Event | None = None,
     ) -> tuple[GenerationRequest, GenerationResult]:
+        request = await self.prepare(endpoint, body, base_url=base_url, priority=priority, cancel=cancel)
+        return request, await self._await(request)
+
+    async def prepare(
+        self,
+        endpoint: Endpoint,
+        body: BaseModel,
+        *,
+        base_url: str,
+        priority: Priority,
+        cancel: threading.Event | None = None,
+    ) -> GenerationRequest:
+        """The engine's request for one validated input, checked against what the engine can do."""
         request = await self.build_request(endpoint, body, base_url=base_url, priority=priority)
         # Every request can be stopped between denoising steps: a queue job by its cancel, a
         # sync request or realtime frame when its caller goes away (or a drain timeout cuts it).
         request = dataclasses.replace(request, cancel=cancel or threading.Event())
         self._engine.check(request)
-        return request, await self._await(request)
+        return request
+
+    def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
+        return self._engine.submit(request)
+
+    def replace(self, future: Future[GenerationResult], request: GenerationRequest) -> Future[GenerationResult] | None:
+        """``request`` in the place of ``future``'s work if that is still waiting for a batch
+        (``Engine.replace``): the new future, or None."""
+        return self._engine.replace(future, request)
 
     async def _await(self, request: GenerationRequest) -> GenerationResult:
         future = self._engine.submit(request)

@@ -7,7 +7,12 @@ Three tasks per WebSocket:
   device renders gets the newest frames, never a growing backlog;
 - the worker takes frames from the inbox one at a time (so results keep their order), at most
   ``max_fps`` per second, validates them, hands them to the engine at realtime priority (the
-  engine batches them with other sessions' frames) and puts the results in the outbox;
+  engine batches them with other sessions' frames) and puts the results in the outbox. A frame
+  handed to the engine still counts as waiting until the engine puts it in a batch: when a frame
+  arrives and the inbox and that frame together already hold ``max_buffering``, the frame in the
+  engine is the oldest and is superseded there, by the inbox's oldest, which takes its place in
+  the engine's line. So a busy engine's batches carry each session's newest frames, not the ones
+  that were newest when the engine last had room;
 - the writer is the only task that sends. The outbox holds ``2 * max_buffering`` messages; when
   a client stops reading, the writer blocks, the outbox fills, the worker waits and the inbox
   keeps only the newest frames: memory stays bounded and other sessions are unaffected.
@@ -26,6 +31,7 @@ import json
 import logging
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +39,7 @@ import msgpack
 from pydantic import BaseModel, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from livegen.engine import Priority
+from livegen.engine import GenerationRequest, GenerationResult, Priority
 from livegen.protocol.apps import Endpoint
 from livegen.protocol.errors import (
     InvalidInput,
@@ -53,6 +59,15 @@ logger = logging.getLogger(__name__)
 class Frame:
     payload: dict[str, Any]
     received_at: float
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated frame and its engine request."""
+
+    frame: Frame
+    body: BaseModel
+    request: GenerationRequest
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,10 @@ class Session:
         self.received = self.dropped = self.results = self.errors = 0
         self._busy = False
         self._frame_done = asyncio.Event()  # set each time the worker finishes a frame
+        # The engine's future for the frame handed to it, while it may still wait for a batch;
+        # set by the reader when a newer frame supersedes it (see _accept).
+        self._waiting: Future[GenerationResult] | None = None
+        self._supersede = asyncio.Event()
         self._last_activity = time.monotonic()
         self._close_code, self._close_reason = 1000, ""
         self._stopped = asyncio.Event()
@@ -220,8 +239,14 @@ class Session:
         if len(self._inbox) == self._inbox.maxlen:
             self.dropped += 1  # the oldest waiting frame is superseded
             self._metrics.realtime_frames.labels("dropped").inc()
+        elif len(self._inbox) + 1 == self._inbox.maxlen and self._waiting_in_engine():
+            self._supersede.set()  # the frame waiting in the engine is the oldest: the worker swaps it
         self._inbox.append(frame)
         self._inbox_ready.set()
+
+    def _waiting_in_engine(self) -> bool:
+        waiting = self._waiting
+        return waiting is not None and not waiting.running() and not waiting.done()
 
     # -- worker -------------------------------------------------------------------------------
 
@@ -247,22 +272,22 @@ class Session:
                 self._last_activity = time.monotonic()
 
     async def _process(self, frame: Frame) -> None:
-        try:
-            body = self._input_model.model_validate(frame.payload)
-        except ValidationError as exc:
-            await self._send_error("INVALID_INPUT", validation_reason(exc))
+        prepared = await self._prepare(frame)
+        if prepared is None:
             return
         try:
-            _, result = await self._service.generate(
-                self._endpoint, body, base_url=self._base_url, priority=Priority.REALTIME
-            )
+            prepared, result = await self._generate_newest(prepared)
             output = await self._service.render(
-                result, body, base_url=self._base_url, as_bytes=getattr(body, "image_bytes", None) is not None
+                result,
+                prepared.body,
+                base_url=self._base_url,
+                as_bytes=getattr(prepared.body, "image_bytes", None) is not None,
             )
         except LivegenError as exc:
             internal = error_code(exc) == "INTERNAL_ERROR"
             await self._send_error(error_code(exc), exc.wire_message, close=internal)
             return
+        frame = prepared.frame
         request_id = frame.payload.get("request_id")
         if request_id:
             output["request_id"] = request_id
@@ -271,6 +296,64 @@ class Session:
         await self._outbox.put(Outgoing(msgpack.packb(output, use_bin_type=True)))
         timing = time.perf_counter() - frame.received_at
         await self._outbox.put(Outgoing(json.dumps({"type": "x-fal-message", "action": "timings", "timing": timing})))
+
+    async def _prepare(self, frame: Frame) -> _Prepared | None:
+        """Validate ``frame`` and build its engine request; None when it was bad (its error sent)."""
+        try:
+            body = self._input_model.model_validate(frame.payload)
+        except ValidationError as exc:
+            await self._send_error("INVALID_INPUT", validation_reason(exc))
+            return None
+        try:
+            request = await self._service.prepare(
+                self._endpoint, body, base_url=self._base_url, priority=Priority.REALTIME
+            )
+        except LivegenError as exc:
+            internal = error_code(exc) == "INTERNAL_ERROR"
+            await self._send_error(error_code(exc), exc.wire_message, close=internal)
+            return None
+        return _Prepared(frame, body, request)
+
+    async def _generate_newest(self, prepared: _Prepared) -> tuple[_Prepared, GenerationResult]:
+        """Hand ``prepared`` to the engine and wait for its result. While it waits for a batch, a
+        newer frame the buffer has no room for (``_accept``) takes its place in the engine: the
+        result returned is the frame that was rendered."""
+        future = self._service.submit(prepared.request)
+        try:
+            while True:
+                self._waiting = future
+                self._supersede.clear()
+                result = asyncio.wrap_future(future)
+                swap = asyncio.ensure_future(self._supersede.wait())
+                try:
+                    await asyncio.wait((result, swap), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    swap.cancel()
+                if result.done() or not self._inbox:
+                    self._waiting = None
+                    return prepared, await result
+                newer = await self._prepare(self._inbox.popleft())
+                if newer is None:
+                    continue  # a bad frame supersedes nothing
+                replaced = self._service.replace(future, newer.request)
+                if replaced is None:  # in a batch meanwhile: the newer frame waits its turn
+                    if len(self._inbox) == self._inbox.maxlen:
+                        self.dropped += 1  # newer frames came meanwhile: it is the oldest
+                        self._metrics.realtime_frames.labels("dropped").inc()
+                    else:
+                        self._inbox.appendleft(newer.frame)
+                    self._waiting = None
+                    return prepared, await result
+                self.dropped += 1  # the frame that waited in the engine is superseded
+                self._metrics.realtime_frames.labels("dropped").inc()
+                prepared, future = newer, replaced
+        except asyncio.CancelledError:
+            future.cancel()  # the session is closing: drop the work if it has not started,
+            if prepared.request.cancel is not None:
+                prepared.request.cancel.set()  # or stop it at the next step if it has
+            raise
+        finally:
+            self._waiting = None
 
     async def _send_error(self, code: str, reason: str, *, close: bool = False) -> None:
         self.errors += 1

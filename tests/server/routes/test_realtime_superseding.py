@@ -1,0 +1,155 @@
+"""A realtime frame that waits in the engine for a batch still counts as buffered: newer frames
+supersede it there, in its place in the engine's line (``Session._generate_newest``).
+
+The real app and WebSocket on loopback, over an engine that holds every request until the test
+releases it, so what waits where is exact."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgpack
+import pytest
+from websockets.sync.client import ClientConnection, connect
+
+from livegen.bench.null_engine import NullEngine, serve_in_thread
+from livegen.engine import GenerationRequest, GenerationResult
+from livegen.settings import Settings
+
+KEY = "test-key-superseding"
+FRAME = {"model_name": "stabilityai/sd-turbo", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}
+
+
+class GateEngine(NullEngine):
+    """Holds each request until ``release``; a held one can be replaced (unless ``refuse``, as
+    when it went into a batch just before the replacement came)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.held: list[tuple[GenerationRequest, Future[GenerationResult]]] = []
+        self.refuse = False
+
+    def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
+        future: Future[GenerationResult] = Future()
+        with self.lock:
+            self.held.append((request, future))
+        return future
+
+    def replace(self, future: Future[GenerationResult], request: GenerationRequest) -> Future[GenerationResult] | None:
+        with self.lock:
+            for i, (_, held) in enumerate(self.held):
+                if held is future and not self.refuse and future.cancel():
+                    self.held[i] = (request, Future())
+                    return self.held[i][1]
+        return None
+
+    def prompts(self) -> list[str]:
+        with self.lock:
+            return [r.prompt for r, _ in self.held]
+
+    def release(self) -> None:
+        with self.lock:
+            request, future = self.held.pop(0)
+        future.set_running_or_notify_cancel()
+        future.set_result(super().submit(request).result())
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[tuple[GateEngine, str]]:
+    engine = GateEngine()
+    with serve_in_thread(Settings(data_dir=tmp_path, api_keys=KEY, models=[]), engine) as url:  # type: ignore[arg-type]
+        yield engine, url
+
+
+def session(url: str, buffering: int) -> ClientConnection:
+    ws_url = url.replace("http", "ws", 1) + f"/fal-ai/fast-turbo-diffusion/realtime?max_buffering={buffering}"
+    return connect(ws_url, additional_headers={"Authorization": f"Key {KEY}"})
+
+
+def send(ws: ClientConnection, n: int) -> None:
+    ws.send(msgpack.packb({**FRAME, "prompt": f"f{n}", "request_id": str(n)}, use_bin_type=True))
+
+
+def results(ws: ClientConnection, timeout: float = 0.5) -> list[str]:
+    """The request_ids of the results that come within ``timeout`` s of each other."""
+    ids: list[str] = []
+    while True:
+        try:
+            message = ws.recv(timeout=timeout)
+        except TimeoutError:
+            return ids
+        if isinstance(message, bytes):
+            ids.append(msgpack.unpackb(message, raw=False)["request_id"])
+
+
+def until(condition: Callable[[], Any], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def dropped(url: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith('livegen_realtime_frames_total{outcome="dropped"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_with_buffering_1_the_newest_frame_takes_the_waiting_ones_place(gate: tuple[GateEngine, str]) -> None:
+    engine, url = gate
+    with session(url, 1) as ws:
+        send(ws, 0)
+        until(lambda: engine.prompts() == ["f0"])
+        for n in range(1, 5):
+            send(ws, n)
+        until(lambda: engine.prompts() == ["f4"])  # one request in the engine, the newest frame
+        engine.release()
+        assert results(ws) == ["4"]
+    assert dropped(url) == 4
+
+
+def test_with_buffering_2_the_inboxs_oldest_moves_into_the_engine(gate: tuple[GateEngine, str]) -> None:
+    """The waiting frame and the inbox hold 2: each frame beyond supersedes the oldest, which is
+    the one in the engine; the inbox's oldest takes its place there. Frames 0-3: 0 and 1 are
+    superseded, 2 waits in the engine, 3 in the inbox, and both are rendered, in order."""
+    engine, url = gate
+    with session(url, 2) as ws:
+        send(ws, 0)
+        until(lambda: engine.prompts() == ["f0"])
+        for n in range(1, 4):
+            send(ws, n)
+        until(lambda: engine.prompts() == ["f2"])
+        time.sleep(0.1)
+        assert engine.prompts() == ["f2"]  # frame 3 stays in the inbox: the buffer holds 2
+        engine.release()
+        until(lambda: engine.prompts() == ["f3"])
+        engine.release()
+        assert results(ws) == ["2", "3"]
+    assert dropped(url) == 2
+
+
+def test_a_frame_already_in_a_batch_is_rendered_and_nothing_newer_is_lost(gate: tuple[GateEngine, str]) -> None:
+    """When the engine refuses the replacement (the waiting frame went into a batch meanwhile),
+    the newer frame goes back to the front of the inbox: every frame the buffer held is rendered."""
+    engine, url = gate
+    engine.refuse = True
+    with session(url, 2) as ws:
+        send(ws, 0)
+        until(lambda: engine.prompts() == ["f0"])
+        send(ws, 1)
+        send(ws, 2)
+        time.sleep(0.2)
+        engine.release()
+        for n in (1, 2):
+            until(lambda n=n: engine.prompts() == [f"f{n}"])  # type: ignore[misc]
+            engine.release()
+        assert results(ws) == ["0", "1", "2"]
+    assert dropped(url) == 0
