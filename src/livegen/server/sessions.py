@@ -322,7 +322,10 @@ class Session:
         try:
             while True:
                 self._waiting = future
-                self._supersede.clear()
+                if len(self._inbox) < self._inbox.maxlen:
+                    self._supersede.clear()
+                else:  # frames came while the last swap was made: the buffer is over again
+                    self._supersede.set()
                 result = asyncio.wrap_future(future)
                 swap = asyncio.ensure_future(self._supersede.wait())
                 try:

@@ -153,3 +153,51 @@ def test_a_frame_already_in_a_batch_is_rendered_and_nothing_newer_is_lost(gate: 
             engine.release()
         assert results(ws) == ["0", "1", "2"]
     assert dropped(url) == 0
+
+
+def test_frames_that_come_while_a_swap_is_made_are_swapped_in_next(
+    gate: tuple[GateEngine, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Making the newer frame's request takes time (here its input image's decode, held by the
+    test). A frame that arrives meanwhile overfills the buffer again: once the first swap is
+    made, the worker swaps again at once, so the engine ends up with the newest frame, not with
+    one that the buffer has no room for."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from livegen.server import generation
+
+    engine, url = gate
+    decoding = threading.Event()
+    decoding.set()
+    real_decode = generation.decode_image
+
+    def held_decode(*args: Any, **kwargs: Any) -> Any:
+        assert decoding.wait(10)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "decode_image", held_decode)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(buf, "JPEG")
+    image = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    def send_i2i(ws: ClientConnection, n: int) -> None:
+        frame = {**FRAME, "prompt": f"f{n}", "request_id": str(n), "image_url": image, "strength": 0.5}
+        frame["num_inference_steps"] = 2
+        ws.send(msgpack.packb(frame, use_bin_type=True))
+
+    with session(url, 1) as ws:
+        send_i2i(ws, 0)
+        until(lambda: engine.prompts() == ["f0"])
+        decoding.clear()
+        send_i2i(ws, 1)  # supersedes f0: the worker starts making f1's request, held in the decode
+        time.sleep(0.2)
+        send_i2i(ws, 2)  # arrives while f1 is being made
+        time.sleep(0.2)
+        decoding.set()
+        until(lambda: engine.prompts() == ["f2"])
+        engine.release()
+        assert results(ws) == ["2"]
+    assert dropped(url) == 2
