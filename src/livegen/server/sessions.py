@@ -322,7 +322,7 @@ class Session:
         try:
             while True:
                 self._waiting = future
-                if len(self._inbox) < self._inbox.maxlen:
+                if len(self._inbox) < (self._inbox.maxlen or 1):
                     self._supersede.clear()
                 else:  # frames came while the last swap was made: the buffer is over again
                     self._supersede.set()
