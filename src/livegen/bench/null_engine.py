@@ -9,6 +9,7 @@ generation adds to: on a GPU, frame latency ≈ this + the engine's time.
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
 import time
@@ -26,6 +27,14 @@ if TYPE_CHECKING:
     from livegen.settings import Settings
 
 
+@functools.lru_cache(maxsize=16)
+def flat_jpeg(width: int, height: int) -> bytes:
+    """A flat ``width`` x ``height`` JPEG (q90), made once per size."""
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (96, 128, 160)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
 class NullEngine:
     """An engine that renders nothing: a flat JPEG per (width, height), made once."""
 
@@ -33,8 +42,6 @@ class NullEngine:
     input_decoder = None  # the server decodes inputs with Pillow, as on a CPU
 
     def __init__(self) -> None:
-        self._jpegs: dict[tuple[int, int], bytes] = {}
-        self._lock = threading.Lock()
         self.requests = 0
 
     def check(self, request: GenerationRequest) -> None:
@@ -48,14 +55,6 @@ class NullEngine:
             "input_decode": {"decoder": "pillow"},
         }
 
-    def _jpeg(self, width: int, height: int) -> bytes:
-        with self._lock:
-            if (width, height) not in self._jpegs:
-                buf = io.BytesIO()
-                Image.new("RGB", (width, height), (96, 128, 160)).save(buf, "JPEG", quality=90)
-                self._jpegs[width, height] = buf.getvalue()
-            return self._jpegs[width, height]
-
     def replace(self, future: Future[GenerationResult], request: GenerationRequest) -> Future[GenerationResult] | None:
         return None  # every request is answered as it is submitted: none ever waits
 
@@ -63,7 +62,7 @@ class NullEngine:
         started = time.perf_counter()
         self.requests += 1
         image = EncodedImage(
-            data=self._jpeg(request.width, request.height),
+            data=flat_jpeg(request.width, request.height),
             width=request.width,
             height=request.height,
             content_type="image/jpeg",

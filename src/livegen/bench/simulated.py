@@ -11,7 +11,6 @@ compared with what the card did; it says nothing about the card's own speed.
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -20,8 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from PIL import Image
-
+from livegen.bench.null_engine import flat_jpeg
 from livegen.engine import EncodedImage, GenerationRequest
 from livegen.engine.fastpath import Deferred
 from livegen.engine.pipelines import common
@@ -69,20 +67,13 @@ class SimulatedAdapter:
     def __init__(self, model_id: str, device: SimulatedDevice) -> None:
         self.model_id = model_id
         self.fast = device
-        self._jpegs: dict[tuple[int, int], bytes] = {}
-        self._lock = threading.Lock()
 
     def check_inputs(self, request: GenerationRequest) -> None:
         common.check_common(request)
 
-    def _jpeg(self, width: int, height: int) -> EncodedImage:
-        with self._lock:
-            if (width, height) not in self._jpegs:
-                buf = io.BytesIO()
-                Image.new("RGB", (width, height), (96, 128, 160)).save(buf, "JPEG", quality=90)
-                self._jpegs[width, height] = buf.getvalue()
-            data = self._jpegs[width, height]
-        return EncodedImage(data=data, width=width, height=height, content_type="image/jpeg")
+    @staticmethod
+    def _jpeg(width: int, height: int) -> EncodedImage:
+        return EncodedImage(data=flat_jpeg(width, height), width=width, height=height, content_type="image/jpeg")
 
     def __call__(self, batch: Sequence[GenerationRequest]) -> Deferred[list[list[EncodedImage]]]:
         rows, largest = common.total_images(batch), max(self.fast.options.buckets)
