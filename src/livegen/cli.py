@@ -444,10 +444,8 @@ def bench_realtime(
     if max_batch_size is not None and not simulated_device:
         raise click.UsageError("--max-batch-size goes with --simulated-device (a server's own: LIVEGEN_MAX_BATCH_SIZE)")
     server: contextlib.AbstractContextManager[tuple[str, str]]
-    if null_engine:
-        server = _null_bench_server(data_dir)
-    elif simulated_device:
-        server = _simulated_bench_server(data_dir, simulated_device, max_batch_size)
+    if null_engine or simulated_device:
+        server = _in_process_bench_server(data_dir, simulated_device, max_batch_size)
     else:
         server = _bench_server(url, key, weights, device, model, data_dir)
     with server as (base_url, api_key):
@@ -459,30 +457,26 @@ def bench_realtime(
 
 
 @contextlib.contextmanager
-def _null_bench_server(data_dir: Path | None) -> Iterator[tuple[str, str]]:
-    import secrets
-    import tempfile
-
-    from livegen.bench.null_engine import null_server
-
-    api_key = secrets.token_urlsafe(16)
-    with null_server(data_dir or Path(tempfile.mkdtemp(prefix="livegen-bench-")), api_key) as base_url:
-        yield base_url, api_key
-
-
-@contextlib.contextmanager
-def _simulated_bench_server(
-    data_dir: Path | None, device: str, max_batch_size: int | None
+def _in_process_bench_server(
+    data_dir: Path | None, simulated_device: str | None, max_batch_size: int | None
 ) -> Iterator[tuple[str, str]]:
+    """The server in this process: over a simulated device, or the null engine."""
     import secrets
     import tempfile
 
-    from livegen.bench.simulated import simulated_server
-
     api_key = secrets.token_urlsafe(16)
-    extra = {} if max_batch_size is None else {"max_batch_size": max_batch_size}
     folder = data_dir or Path(tempfile.mkdtemp(prefix="livegen-bench-"))
-    with simulated_server(folder, api_key, device, **extra) as base_url:
+    server: contextlib.AbstractContextManager[str]
+    if simulated_device:
+        from livegen.bench.simulated import simulated_server
+
+        extra = {} if max_batch_size is None else {"max_batch_size": max_batch_size}
+        server = simulated_server(folder, api_key, simulated_device, **extra)
+    else:
+        from livegen.bench.null_engine import null_server
+
+        server = null_server(folder, api_key)
+    with server as base_url:
         yield base_url, api_key
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +19,7 @@ from livegen.engine.pipelines.common import check_common
 from livegen.engine.worker import STAGES, Worker
 from livegen.protocol.errors import InvalidInput, ModelUnavailable
 from livegen.settings import Settings
+from tests.conftest import wait_for
 
 
 class FakeAdapter:
@@ -232,13 +233,6 @@ def fast_worker(tmp_path: Path, expected_ms: float | None = None, **kw: object) 
         for done in w.adapter.done:
             done.set()
         w.close()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def test_a_batch_is_formed_when_a_slot_frees_not_before(tmp_path: Path) -> None:

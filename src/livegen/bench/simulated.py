@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from livegen.bench.null_engine import flat_jpeg
+from livegen.bench.null_engine import flat_jpeg, serve_in_thread
 from livegen.engine import EncodedImage, GenerationRequest
 from livegen.engine.fastpath import Deferred
 from livegen.engine.pipelines import common
@@ -77,7 +77,6 @@ class SimulatedAdapter:
 
     def __call__(self, batch: Sequence[GenerationRequest]) -> Deferred[list[list[EncodedImage]]]:
         rows, largest = common.total_images(batch), max(self.fast.options.buckets)
-        started = time.perf_counter()
         ms = done_at = 0.0
         for start in range(0, rows, largest):  # past the largest bucket: in chunks, as the fast path
             chunk_ms, done_at = self.fast.enqueue(min(rows - start, largest))
@@ -88,7 +87,7 @@ class SimulatedAdapter:
             marks["device_done"] = time.perf_counter()
             return [[self._jpeg(r.width, r.height)] * r.num_images for r in batch]
 
-        marks: dict[str, float] = {"device_s": ms / 1e3, "enqueued": started}
+        marks: dict[str, float] = {"device_s": ms / 1e3}
         return Deferred(finish, ms, marks)
 
 
@@ -112,8 +111,6 @@ class SimulatedWorker(Worker):
 def simulated_server(data_dir: Path, key: str, device: str, **settings: Any) -> Iterator[str]:
     """The real app and worker over a ``SimulatedDevice`` (``DEVICE_MS[device]``), on a free
     loopback port in a thread; yields its URL."""
-    from livegen.bench.null_engine import serve_in_thread
-
     config = Settings(data_dir=data_dir, api_keys=key, models=["stabilityai/sd-turbo"], device="cpu", **settings)  # type: ignore[arg-type]
     worker = SimulatedWorker(config, DEVICE_MS[device])
     worker.open()

@@ -48,6 +48,13 @@ from livegen.settings import Settings
 logger = logging.getLogger(__name__)
 
 
+def abandon(future: Future[GenerationResult], request: GenerationRequest) -> None:
+    """The caller went away: drop the work if it has not started, or stop it at its next step."""
+    future.cancel()
+    if request.cancel is not None:
+        request.cancel.set()
+
+
 class GenerationService:
     def __init__(self, settings: Settings, engine: Engine, files: FileStore) -> None:
         self._settings = settings
@@ -130,9 +137,7 @@ class GenerationService:
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
-            future.cancel()  # the client went away: drop the work if it has not started,
-            if request.cancel is not None:
-                request.cancel.set()  # or stop it at the next step if it has
+            abandon(future, request)
             raise
 
     async def build_request(

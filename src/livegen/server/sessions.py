@@ -48,7 +48,7 @@ from livegen.protocol.errors import (
     PayloadTooLarge,
     QueueFull,
 )
-from livegen.server.generation import GenerationService
+from livegen.server.generation import GenerationService, abandon
 from livegen.server.metrics import Metrics
 from livegen.settings import Settings
 
@@ -284,8 +284,7 @@ class Session:
                 as_bytes=getattr(prepared.body, "image_bytes", None) is not None,
             )
         except LivegenError as exc:
-            internal = error_code(exc) == "INTERNAL_ERROR"
-            await self._send_error(error_code(exc), exc.wire_message, close=internal)
+            await self._send_failure(exc)
             return
         frame = prepared.frame
         request_id = frame.payload.get("request_id")
@@ -309,8 +308,7 @@ class Session:
                 self._endpoint, body, base_url=self._base_url, priority=Priority.REALTIME
             )
         except LivegenError as exc:
-            internal = error_code(exc) == "INTERNAL_ERROR"
-            await self._send_error(error_code(exc), exc.wire_message, close=internal)
+            await self._send_failure(exc)
             return None
         return _Prepared(frame, body, request)
 
@@ -333,8 +331,7 @@ class Session:
                 finally:
                     swap.cancel()
                 if result.done() or not self._inbox:
-                    self._waiting = None
-                    return prepared, await result
+                    break
                 newer = await self._prepare(self._inbox.popleft())
                 if newer is None:
                     continue  # a bad frame supersedes nothing
@@ -345,18 +342,21 @@ class Session:
                         self._metrics.realtime_frames.labels("dropped").inc()
                     else:
                         self._inbox.appendleft(newer.frame)
-                    self._waiting = None
-                    return prepared, await result
+                    break
                 self.dropped += 1  # the frame that waited in the engine is superseded
                 self._metrics.realtime_frames.labels("dropped").inc()
                 prepared, future = newer, replaced
+            self._waiting = None  # started or done: nothing more supersedes it
+            return prepared, await result
         except asyncio.CancelledError:
-            future.cancel()  # the session is closing: drop the work if it has not started,
-            if prepared.request.cancel is not None:
-                prepared.request.cancel.set()  # or stop it at the next step if it has
+            abandon(future, prepared.request)  # the session is closing
             raise
         finally:
             self._waiting = None
+
+    async def _send_failure(self, exc: LivegenError) -> None:
+        """A frame's failure as ``x-fal-error``; an internal one also closes the session."""
+        await self._send_error(error_code(exc), exc.wire_message, close=error_code(exc) == "INTERNAL_ERROR")
 
     async def _send_error(self, code: str, reason: str, *, close: bool = False) -> None:
         self.errors += 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from websockets.sync.client import ClientConnection, connect
 from livegen.bench.null_engine import NullEngine, serve_in_thread
 from livegen.engine import GenerationRequest, GenerationResult
 from livegen.settings import Settings
+from tests.conftest import wait_for
 
 KEY = "test-key-superseding"
 FRAME = {"model_name": "stabilityai/sd-turbo", "image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}
@@ -89,13 +90,6 @@ def results(ws: ClientConnection, timeout: float = 0.5) -> list[str]:
             ids.append(msgpack.unpackb(message, raw=False)["request_id"])
 
 
-def until(condition: Callable[[], Any], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def dropped(url: str) -> float:
     for line in httpx.get(url + "/metrics").text.splitlines():
         if line.startswith('livegen_realtime_frames_total{outcome="dropped"}'):
@@ -107,10 +101,10 @@ def test_with_buffering_1_the_newest_frame_takes_the_waiting_ones_place(gate: tu
     engine, url = gate
     with session(url, 1) as ws:
         send(ws, 0)
-        until(lambda: engine.prompts() == ["f0"])
+        wait_for(lambda: engine.prompts() == ["f0"])
         for n in range(1, 5):
             send(ws, n)
-        until(lambda: engine.prompts() == ["f4"])  # one request in the engine, the newest frame
+        wait_for(lambda: engine.prompts() == ["f4"])  # one request in the engine, the newest frame
         engine.release()
         assert results(ws) == ["4"]
     assert dropped(url) == 4
@@ -123,14 +117,14 @@ def test_with_buffering_2_the_inboxs_oldest_moves_into_the_engine(gate: tuple[Ga
     engine, url = gate
     with session(url, 2) as ws:
         send(ws, 0)
-        until(lambda: engine.prompts() == ["f0"])
+        wait_for(lambda: engine.prompts() == ["f0"])
         for n in range(1, 4):
             send(ws, n)
-        until(lambda: engine.prompts() == ["f2"])
+        wait_for(lambda: engine.prompts() == ["f2"])
         time.sleep(0.1)
         assert engine.prompts() == ["f2"]  # frame 3 stays in the inbox: the buffer holds 2
         engine.release()
-        until(lambda: engine.prompts() == ["f3"])
+        wait_for(lambda: engine.prompts() == ["f3"])
         engine.release()
         assert results(ws) == ["2", "3"]
     assert dropped(url) == 2
@@ -143,13 +137,13 @@ def test_a_frame_already_in_a_batch_is_rendered_and_nothing_newer_is_lost(gate: 
     engine.refuse = True
     with session(url, 2) as ws:
         send(ws, 0)
-        until(lambda: engine.prompts() == ["f0"])
+        wait_for(lambda: engine.prompts() == ["f0"])
         send(ws, 1)
         send(ws, 2)
         time.sleep(0.2)
         engine.release()
         for n in (1, 2):
-            until(lambda n=n: engine.prompts() == [f"f{n}"])  # type: ignore[misc]
+            wait_for(lambda n=n: engine.prompts() == [f"f{n}"])  # type: ignore[misc]
             engine.release()
         assert results(ws) == ["0", "1", "2"]
     assert dropped(url) == 0
@@ -190,14 +184,14 @@ def test_frames_that_come_while_a_swap_is_made_are_swapped_in_next(
 
     with session(url, 1) as ws:
         send_i2i(ws, 0)
-        until(lambda: engine.prompts() == ["f0"])
+        wait_for(lambda: engine.prompts() == ["f0"])
         decoding.clear()
         send_i2i(ws, 1)  # supersedes f0: the worker starts making f1's request, held in the decode
         time.sleep(0.2)
         send_i2i(ws, 2)  # arrives while f1 is being made
         time.sleep(0.2)
         decoding.set()
-        until(lambda: engine.prompts() == ["f2"])
+        wait_for(lambda: engine.prompts() == ["f2"])
         engine.release()
         assert results(ws) == ["2"]
     assert dropped(url) == 2
