@@ -80,6 +80,23 @@ def test_bench_realtime_simulated_device_batches_sessions_frames() -> None:
     assert report["inference_ms"]["p50"] >= 8.3
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--simulated-device", "h200-graph", "--max-batch-size", "0"], "1<=x<=64"),
+        (["--max-batch-size", "4"], "goes with --simulated-device"),
+        (["--simulated-device", "h200-graph", "--null-engine"], "give one"),
+        (["--simulated-device", "h100"], "h200-graph"),
+    ],
+)
+def test_bench_realtime_server_options_are_checked_before_anything_starts(args: list[str], says: str) -> None:
+    """Bad server options end with click's usage error (exit 2) naming the problem, no traceback."""
+    done = subprocess.run([sys.executable, "-m", "livegen", "bench", "realtime", *args],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert says in done.stderr and "Traceback" not in done.stderr
+
+
 def test_bench_engine_smoke_on_cpu(shared_data_dir: object) -> None:
     """CI's check of the engine bench: plain pipelines and the fast path (eager on a CPU) beside
     stock diffusers, every row printed. No speed assertion: CPU numbers are a smoke check."""

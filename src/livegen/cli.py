@@ -402,7 +402,9 @@ def bench(
     "card measured for its bucket (SD-Turbo t2i 512², BENCHMARKS.md) and returns a flat JPEG. The sessions, batching "
     "and scheduling are livegen's own: how frames become batches, measured on any machine.",
 )
-@click.option("--max-batch-size", type=int, help="With --simulated-device: the engine's max batch size.")
+@click.option(
+    "--max-batch-size", type=click.IntRange(1, 64), help="With --simulated-device: the engine's max batch size."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench_realtime(
     url: str | None,
