@@ -149,7 +149,7 @@ def serve(log_level: str, **flags: Any) -> None:
 
     import uvicorn
 
-    from livegen.server.app import create_app, websocket_options
+    from livegen.server.app import connection_options, create_app
     from livegen.server.routes import realtime
 
     server: uvicorn.Server | None = None
@@ -198,7 +198,7 @@ def serve(log_level: str, **flags: Any) -> None:
         port=settings.port,
         access_log=False,  # access lines would carry query strings, and realtime tokens travel there
         log_config=None,
-        **websocket_options(settings),
+        **connection_options(settings),
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
     server = DrainingServer(config)

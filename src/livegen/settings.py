@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     rate_limit_per_key: float = Field(default=0.0, ge=0)
     rate_limit_burst: int = Field(default=20, ge=1)
     drain_timeout_s: float = Field(default=30.0, gt=0, description="How long SIGTERM waits for in-flight requests")
+    keep_alive_timeout_s: int = Field(
+        default=75, ge=1, description="Idle HTTP keep-alive connections are closed after this many seconds"
+    )
     # After SIGTERM, keep the listening socket open this long before draining: /readyz answers 503
     # and new work 503 shutting_down, so a load balancer takes the server out before it goes.
     drain_grace_s: float = Field(default=0.0, ge=0, le=300, description="Seconds /readyz shows 503 before draining")

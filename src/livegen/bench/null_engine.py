@@ -95,13 +95,13 @@ def serve_in_thread(settings: Settings, engine: Any) -> Iterator[str]:
     import uvicorn
 
     from livegen.bench import free_port
-    from livegen.server.app import create_app, websocket_options
+    from livegen.server.app import connection_options, create_app
 
     port = free_port()
     settings = settings.model_copy(update={"port": port})
     app = create_app(settings, engine=engine)
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, **websocket_options(settings)
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, **connection_options(settings)
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="livegen-bench-server", daemon=True)

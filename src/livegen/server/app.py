@@ -122,13 +122,20 @@ async def _open_jobs(app: FastAPI, settings: Settings, db: Database, stack: Asyn
     stack.push_async_callback(jobs.stop)
 
 
-def websocket_options(settings: Settings) -> dict[str, Any]:
-    """uvicorn's WebSocket options for this app: frames are size-checked by the session (a clear
-    error frame), uvicorn's cap is a backstop; permessage-deflate as ``ws_compression`` says."""
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's connection options for this app.
+
+    WebSocket frames are size-checked by the session (a clear error frame); uvicorn's cap is a
+    backstop; permessage-deflate as ``ws_compression`` says. Idle HTTP keep-alive connections stay
+    open ``keep_alive_timeout_s``: longer than the pools of the clients in front of us (httpx,
+    which fal-client uses, expires idle connections after 5 s; nginx upstreams after 60 s), so the
+    client always closes first. With uvicorn's own 5 s both sides close together, and a request
+    sent on a connection the server has just closed fails with a connection reset."""
     return {
         "ws": "websockets-sansio",
         "ws_max_size": 2 * settings.max_ws_message_bytes,
         "ws_per_message_deflate": settings.ws_compression,
+        "timeout_keep_alive": settings.keep_alive_timeout_s,
     }
 
 
