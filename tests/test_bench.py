@@ -174,6 +174,11 @@ def test_bench_refuses_an_unknown_variant() -> None:
         ("compile+dyn-batch", {"torch_compile": "default", "compile_dynamic_batch": True}),
         ("graph+nhwc-gn", {"cuda_graphs": True, "nhwc_group_norm": True}),
         ("graph+split-geglu", {"cuda_graphs": True, "split_geglu": True, "nhwc_group_norm": False}),
+        ("graph+taesd-relu", {"tiny_vae_conv_relu": True, "tiny_vae_fold_upsample": False}),
+        (
+            "eager+taesd-relu+taesd-fold",
+            {"cuda_graphs": False, "tiny_vae_conv_relu": True, "tiny_vae_fold_upsample": True},
+        ),
     ],
 )
 def test_variant_settings(variant: str, expected: dict[str, object]) -> None:

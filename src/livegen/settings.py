@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     # gelu and the product run vectorized on contiguous halves (fastpath.split_geglu). Off until
     # measured on a GPU (BENCHMARKS.md, session 8).
     split_geglu: bool = False
+    # Fast path: the tiny VAE's residual blocks as cuDNN convolutions with the ReLU and residual add
+    # fused in (engine/tiny_vae.py), and its decoder's nearest upsample + convolution pairs as one
+    # transposed convolution. Off until measured on a GPU (BENCHMARKS.md, session 10).
+    tiny_vae_conv_relu: bool = False
+    tiny_vae_fold_upsample: bool = False
     torch_compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
     # Fast path: the diffusers docs' inductor settings for UNets (1x1 convolutions as matmuls,
     # coordinate-descent tuning; compiling takes longer). Only with torch_compile.

@@ -61,7 +61,8 @@ def loaded() -> Iterator[dict[tuple[str, str], Any]]:
 
 def adapter(cache: dict[tuple[str, str], Any], model: str, kind: str) -> Any:
     """kind: fast (graphs), fast-nhwc-gn (and GroupNorms in channels_last), fast-split-geglu (and
-    GEGLU's halves projected apart), eager (fast path, no graphs), plain-tiny, plain-full."""
+    GEGLU's halves projected apart), fast-taesd-rewrites (and the tiny VAE's fused convolutions and
+    folded upsampling), eager (fast path, no graphs), plain-tiny, plain-full."""
     if (model, kind) not in cache:
         if len({m for m, _ in cache} | {model}) > 1:  # one model family in memory at a time
             for key in [k for k in cache if k[0] != model]:
@@ -72,6 +73,12 @@ def adapter(cache: dict[tuple[str, str], Any], model: str, kind: str) -> Any:
             "fast": {"fast_path": "on", "cuda_graphs": True},
             "fast-nhwc-gn": {"fast_path": "on", "cuda_graphs": True, "nhwc_group_norm": True},
             "fast-split-geglu": {"fast_path": "on", "cuda_graphs": True, "split_geglu": True},
+            "fast-taesd-rewrites": {
+                "fast_path": "on",
+                "cuda_graphs": True,
+                "tiny_vae_conv_relu": True,
+                "tiny_vae_fold_upsample": True,
+            },
             "eager": {"fast_path": "on", "cuda_graphs": False},
             "plain-tiny": {"fast_path": "off", "tiny_vae": True},
             "plain-full": {"fast_path": "off", "tiny_vae": False},
@@ -151,6 +158,20 @@ def test_split_geglu_matches_the_plain_pipeline(loaded: dict[tuple[str, str], An
     fast = pixels(adapter(loaded, SD, "fast-split-geglu")(batch))
     plain = pixels(adapter(loaded, SD, "plain-tiny")(batch))
     compare(f"{SD}:split-geglu:tiny:graph-vs-plain", fast, plain)
+
+
+@pytest.mark.parametrize("task", [Task.TEXT_TO_IMAGE, Task.IMAGE_TO_IMAGE], ids=["t2i", "i2i"])
+def test_tiny_vae_rewrites_match_the_plain_pipeline(loaded: dict[tuple[str, str], Any], task: Task) -> None:
+    """``LIVEGEN_TINY_VAE_CONV_RELU`` and ``LIVEGEN_TINY_VAE_FOLD_UPSAMPLE``: TAESD's blocks as cuDNN's
+    fused convolution + ReLU (+ residual) and its upsamplings folded into transposed convolutions
+    (engine/tiny_vae.py), decoding and (image-to-image) encoding, against the plain pipeline."""
+    kw: dict[str, Any] = (
+        {"task": task, "num_inference_steps": 2, "strength": 0.5} if task is Task.IMAGE_TO_IMAGE else {}
+    )
+    batch = [req(SD, seed=s, vae="tiny", **kw) for s in (1, 2)]
+    fast = pixels(adapter(loaded, SD, "fast-taesd-rewrites")(batch))
+    plain = pixels(adapter(loaded, SD, "plain-tiny")(batch))
+    compare(f"{SD}:taesd-rewrites:{task.value}:graph-vs-plain", fast, plain)
 
 
 def test_graph_replay_across_buckets_matches_eager(loaded: dict[tuple[str, str], Any]) -> None:

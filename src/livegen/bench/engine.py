@@ -34,7 +34,7 @@ PROMPT = "a photo of a red fox in the snow, detailed, 4k"
 VARIANTS = ("default", "plain", "eager", "graph", "compile", "compile-ro")
 MODIFIERS = (
     "bf16", "fp16", "fp32", "tiny-vae", "full-vae", "no-cl", "fuse-qkv", "tuned", "dyn-batch", "cudnn-bench",
-    "sdpa-cudnn", "nhwc-gn", "split-geglu",
+    "sdpa-cudnn", "nhwc-gn", "split-geglu", "taesd-relu", "taesd-fold",
 )  # fmt: skip
 
 
@@ -51,6 +51,8 @@ _MODIFIER_SETTINGS: dict[str, tuple[str, Any]] = {
     "sdpa-cudnn": ("sdpa_cudnn", True),
     "nhwc-gn": ("nhwc_group_norm", True),
     "split-geglu": ("split_geglu", True),
+    "taesd-relu": ("tiny_vae_conv_relu", True),
+    "taesd-fold": ("tiny_vae_fold_upsample", True),
 }
 
 
@@ -79,7 +81,8 @@ def variant_settings(settings: Settings, variant: str) -> Settings:
     projections), ``compile+tuned`` (inductor tuning flags), ``compile+dyn-batch`` (one compile for
     batches 2..16), ``graph+cudnn-bench`` (cuDNN times its
     convolution algorithms), ``graph+sdpa-cudnn`` (cuDNN's attention first), ``graph+nhwc-gn``
-    (GroupNorms kept in channels_last), ``graph+split-geglu`` (GEGLU's halves projected apart).
+    (GroupNorms kept in channels_last), ``graph+split-geglu`` (GEGLU's halves projected apart),
+    ``graph+taesd-relu`` / ``graph+taesd-fold`` (the tiny VAE's fused convolutions / folded upsampling).
     BASE: default (what ``livegen serve`` does on this device), plain
     (stock pipelines, no fast path), eager (fast path, no graph), graph (fast path + CUDA
     graphs), compile (torch.compile default mode inside CUDA graphs), compile-ro (torch.compile

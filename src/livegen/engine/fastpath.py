@@ -41,6 +41,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from livegen.engine import DeviceImage, EncodedImage, Task
+from livegen.engine.tiny_vae import fold_upsample_convs, fuse_conv_relu
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class FastOptions:
     channels_last: bool = True
     nhwc_group_norm: bool = False
     split_geglu: bool = False
+    tiny_vae_conv_relu: bool = False
+    tiny_vae_fold_upsample: bool = False
     gpu_jpeg: bool = True
     jpeg_quality: int = 90
     graph_warmup_iters: int = 2
@@ -228,6 +231,11 @@ class FastPath:
                     keep_channels_last_in_group_norms(m)
         if self.options.split_geglu:
             split_geglu(self.unet)
+        if self.tiny_vae is not None:  # after the layout change above: the folded kernels copy it
+            if self.options.tiny_vae_fold_upsample:
+                fold_upsample_convs(self.tiny_vae)
+            if self.options.tiny_vae_conv_relu:
+                fuse_conv_relu(self.tiny_vae)
         if self.options.fuse_qkv:
             try:
                 fuse_qkv(self.unet)

@@ -750,6 +750,8 @@ class Worker:
             channels_last=settings.channels_last,
             nhwc_group_norm=settings.nhwc_group_norm,
             split_geglu=settings.split_geglu,
+            tiny_vae_conv_relu=settings.tiny_vae_conv_relu,
+            tiny_vae_fold_upsample=settings.tiny_vae_fold_upsample,
             compile=settings.torch_compile,
             compile_tuning=settings.compile_tuning,
             compile_dynamic_batch=settings.compile_dynamic_batch,
