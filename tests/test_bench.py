@@ -232,6 +232,8 @@ COPY_KERNEL = (
         ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off",
          "gemm"),
         ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false>>", "attention"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1", "attention"),
+        ("cudnn_generated_oss_kernel_runtime_fusion_conv_bias_relu", "convolution"),  # a made-up runtime-fusion name
         ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half, float>", "normalization"),
         ("void at::native::elementwise_kernel<128, 4, at::native::normal_kernel<...>>", "random"),
         ("triton_per_fused_native_group_norm_silu_0", "compiled (triton)"),

@@ -33,7 +33,9 @@ from livegen.engine.fastpath import REGIONS
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("compiled (triton)", ("triton",)),
     ("attention", ("flash", "fmha", "attention", "sdpa", "scaled_dot_product")),
-    ("convolution", ("conv2d", "convolution", "convolve", "conv_", "fprop", "winograd", "dgrad", "wgrad")),
+    # cuDNN's runtime-fusion kernels ("cudnn_generated_..."): here only its attention (matched above)
+    # and its fused convolutions (engine/tiny_vae.py) run through them.
+    ("convolution", ("conv2d", "convolution", "convolve", "conv_", "fprop", "winograd", "dgrad", "wgrad", "cudnn_gen")),
     ("layout (nchw<->nhwc)", ("nchwtonhwc", "nhwctonchw")),
     # PyTorch's copies between tensors of other strides or dtypes (``x.contiguous()``, ``.to()``,
     # channels_last <-> contiguous): kernels templated on ``direct_copy_kernel_cuda``.
