@@ -416,19 +416,20 @@ def format_stages(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     names = [*STAGES, "handback", "inputs", "launch"]
+    width = max([22, *(len(r.get("variant", "default")) for r in rows)])
     lines = [
         "",
         "livegen batch stages, ms per batch (medians): wait = submitted -> started, enqueue = the adapter's call "
         "(embeddings, inputs, launch), until_done = -> device seen done, encode = -> images ready, "
         "finish = -> futures resolved, handback = -> the caller has them; inputs and launch: the fast path's "
         "parts of enqueue",
-        f"{'variant':<22} {'size':>4} {'batch':>5} {'wall':>8} {'device':>8}" + "".join(f"{n:>11}" for n in names),
+        f"{'variant':<{width}} {'size':>4} {'batch':>5} {'wall':>8} {'device':>8}" + "".join(f"{n:>11}" for n in names),
     ]
     for r in rows:
         st = r["stages"]
         device = st.get("device_ms")
         lines.append(
-            f"{r.get('variant', 'default'):<22} {r['size']:>4} {r['batch']:>5} {st.get('wall_ms', 0):>8.3f}"
+            f"{r.get('variant', 'default'):<{width}} {r['size']:>4} {r['batch']:>5} {st.get('wall_ms', 0):>8.3f}"
             f" {device if device is not None else '-':>8}"
             + "".join(f"{st[f'{n}_ms']:>11.3f}" if st.get(f"{n}_ms") is not None else f"{'-':>11}" for n in names)
         )
@@ -440,16 +441,17 @@ def format_table(report: dict[str, Any]) -> str:
         f"device {report['device']}, torch {report['torch']}, diffusers {report.get('diffusers')}, "
         f"weights {report['weights']}, steps {report['steps']}, {report['iters']} timed iterations per row"
     )
+    width = max([13, *(len(r.get("variant", "default")) for r in report["rows"])])  # the variant column
     lines = [
         head,
         "",
-        "task  model                      size  batch  variant        livegen ms/img  img/s  first call ms"
+        f"task  model                      size  batch  {'variant':<{width}}  livegen ms/img  img/s  first call ms"
         "  diffusers ms/img  img/s  speedup  | livegen, 2 batches in flight: ms/img  img/s",
     ]
     for r in report["rows"]:
         theirs = r.get("diffusers_ms_per_img")
         lines.append(
-            f"{r['task']:<5} {r['model']:<26} {r['size']:>4} {r['batch']:>6}  {r.get('variant', 'default'):<13}"
+            f"{r['task']:<5} {r['model']:<26} {r['size']:>4} {r['batch']:>6}  {r.get('variant', 'default'):<{width}}"
             f"{r['livegen_ms_per_img']:>15.2f} {r['livegen_img_per_s']:>6.1f} {r.get('first_call_ms') or 0:>14.1f}"
             + (f"{theirs:>18.2f} {r['diffusers_img_per_s']:>6.1f} {r['speedup']:>7.2f}x" if theirs else " " * 33)
             + (
