@@ -127,6 +127,45 @@ def test_bench_engine_smoke_on_cpu(shared_data_dir: object) -> None:
     assert report["variants"]["eager"]["fast_path"]["graphs"] == 0  # no CUDA graphs on a CPU
 
 
+@pytest.mark.parametrize("task", ["t2i", "i2i"])
+def test_bench_streamdiffusion_beside_livegen_on_cpu(shared_data_dir: object, task: str) -> None:
+    """--streamdiffusion: StreamDiffusion's own pipeline (the PyPI release scripts/test installs)
+    does the same work in the same process, one row per batch beside livegen's, and the table
+    shows both. CPU numbers are a smoke check."""
+    from livegen.bench.engine import format_table
+
+    cmd = [sys.executable, "-m", "livegen", "bench", "--weights", "tiny-random", "--device", "cpu", "--size", "64",
+           "--batch", "1,2", "--iters", "1", "--task", task, "--steps", "2" if task == "i2i" else "1",
+           "--variant", "eager", "--no-baseline", "--streamdiffusion", "--json",
+           "--data-dir", str(shared_data_dir)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["streamdiffusion"] == "0.1.1"
+    assert [r["batch"] for r in report["rows"]] == [1, 2]
+    for row in report["rows"]:
+        assert row["streamdiffusion_ms_per_img"] > 0 and row["speedup_vs_streamdiffusion"] > 0
+        assert row["diffusers_ms_per_img"] is None
+    assert report["warmup"]["streamdiffusion"]["first_image_s"] > 0
+    table = format_table(report)
+    assert "StreamDiffusion 0.1.1 (its PyTorch pipeline" in table and "warm-up streamdiffusion" in table
+
+
+def test_bench_streamdiffusion_refuses_what_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SDXL-Turbo (StreamDiffusion 0.1.1 has no SDXL pipeline) is a usage error before anything
+    loads; without the package the message says how to install it."""
+    from livegen.bench import streamdiffusion
+
+    done = subprocess.run(
+        [sys.executable, "-m", "livegen", "bench", "--weights", "tiny-random", "--model", "stabilityai/sdxl-turbo",
+         "--streamdiffusion"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "stabilityai/sd-turbo only" in done.stderr, done.stderr[-2000:]
+    monkeypatch.setitem(sys.modules, "streamdiffusion", None)  # import fails
+    with pytest.raises(streamdiffusion.StreamDiffusionUnavailable, match="pip install --no-deps streamdiffusion"):
+        streamdiffusion.check("stabilityai/sd-turbo")
+
+
 def test_bench_table_names_every_variant() -> None:
     from livegen.bench.engine import format_table
 

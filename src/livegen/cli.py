@@ -307,7 +307,8 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
     "(inductor flags, with compile) | dyn-batch (with compile: one compile for batches 2..16) | cudnn-bench "
     "(cuDNN times its convolution algorithms) | sdpa-cudnn (cuDNN's "
     "attention kernels first) | nhwc-gn (GroupNorms kept in channels_last) | split-geglu (GEGLU's value and gate "
-    "projected apart).",
+    "projected apart) | taesd-relu (the tiny VAE's convolutions fused with their ReLU) | taesd-fold (its "
+    "upsamplings folded into transposed convolutions).",
 )
 @click.option(
     "--tiny-vae/--full-vae",
@@ -315,6 +316,12 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
     help="livegen decodes with TAESD/TAESDXL. [default: tiny on the fast path, else full]",
 )
 @click.option("--baseline/--no-baseline", default=True, help="Also time stock diffusers.")
+@click.option(
+    "--streamdiffusion",
+    is_flag=True,
+    help="Also time StreamDiffusion's PyTorch pipeline doing the same work (SD-Turbo; needs "
+    "`pip install --no-deps streamdiffusion==0.1.1`; no TensorRT).",
+)
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Where synthesized checkpoints are cached.")
 @click.option(
     "--profile",
@@ -339,6 +346,7 @@ def bench(
     variant: str,
     tiny_vae: bool | None,
     baseline: bool,
+    streamdiffusion: bool,
     data_dir: Path | None,
     profile: bool,
     as_json: bool,
@@ -359,9 +367,16 @@ def bench(
             variant_settings(settings, v)
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
+    if streamdiffusion:
+        from livegen.bench.streamdiffusion import StreamDiffusionUnavailable, check
+
+        try:
+            check(model)
+        except StreamDiffusionUnavailable as exc:
+            raise click.UsageError(str(exc)) from None
     config = EngineBenchConfig(
         model, task, sizes[0], steps, batches, iters, strength, baseline, sizes=sizes, variants=variants,
-        guidance_scale=guidance, profile=profile,
+        guidance_scale=guidance, profile=profile, streamdiffusion=streamdiffusion,
     )  # fmt: skip
     report = run_engine_bench(settings, config)
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))

@@ -70,6 +70,7 @@ class EngineBenchConfig:
     variants: tuple[str, ...] = ("default",)
     guidance_scale: float = 0.0
     profile: bool = False  # also profile each row (torch.profiler; see livegen.bench.profile)
+    streamdiffusion: bool = False  # also time StreamDiffusion's torch pipeline (livegen.bench.streamdiffusion)
 
     def all_sizes(self) -> tuple[int, ...]:
         return self.sizes or (self.size,)
@@ -122,6 +123,7 @@ class Row:
     # Two batches in the worker at a time, as under a server's steady load (the next batch's host
     # work overlaps this one's device work): ms per image between successive batches' results.
     pipelined_ms_per_img: float | None = None
+    streamdiffusion_ms_per_img: float | None = None  # with --streamdiffusion: its torch pipeline, same work
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -131,6 +133,9 @@ class Row:
         if self.diffusers_ms_per_img is not None:
             out["diffusers_img_per_s"] = 1000 / self.diffusers_ms_per_img
             out["speedup"] = self.diffusers_ms_per_img / self.livegen_ms_per_img
+        if self.streamdiffusion_ms_per_img is not None:
+            out["streamdiffusion_img_per_s"] = 1000 / self.streamdiffusion_ms_per_img
+            out["speedup_vs_streamdiffusion"] = self.streamdiffusion_ms_per_img / self.livegen_ms_per_img
         return out
 
 
@@ -359,8 +364,13 @@ def bench_diffusers(settings: Settings, config: EngineBenchConfig) -> Measured:
 def run_engine_bench(settings: Settings, config: EngineBenchConfig) -> dict[str, Any]:
     for v in config.variants:
         variant_settings(settings, v)  # refuse a typo before minutes of loading
+    if config.streamdiffusion:
+        from livegen.bench import streamdiffusion
+
+        streamdiffusion.check(config.model)
     ours = {v: bench_livegen(settings, config, v) for v in config.variants}
     theirs = bench_diffusers(settings, config) if config.baseline else None
+    stream = streamdiffusion.bench_streamdiffusion(settings, config) if config.streamdiffusion else None
     rows = [
         Row(
             config.task,
@@ -374,6 +384,7 @@ def run_engine_bench(settings: Settings, config: EngineBenchConfig) -> dict[str,
             profile=m.profiles.get((size, b)),
             stages=m.stages.get((size, b)),
             pipelined_ms_per_img=m.pipelined[size, b] / b * 1e3 if (size, b) in m.pipelined else None,
+            streamdiffusion_ms_per_img=stream.per_batch[size, b] / b * 1e3 if stream else None,
         )
         for size in config.all_sizes()
         for b in config.batches
@@ -390,7 +401,12 @@ def run_engine_bench(settings: Settings, config: EngineBenchConfig) -> dict[str,
         "guidance_scale": config.guidance_scale,
         "strength": config.strength if config.task == "i2i" else None,
         "iters": config.iters,
-        "warmup": {"livegen": ours[config.variants[0]].warmup, "diffusers": theirs.warmup if theirs else {}},
+        "warmup": {
+            "livegen": ours[config.variants[0]].warmup,
+            "diffusers": theirs.warmup if theirs else {},
+            **({"streamdiffusion": stream.warmup} if stream else {}),
+        },
+        "streamdiffusion": _version("streamdiffusion") if stream else None,
         "variants": {v: m.warmup for v, m in ours.items()},
         "rows": [r.as_dict() for r in rows],
     }
@@ -460,6 +476,7 @@ def format_table(report: dict[str, Any]) -> str:
                 else ""
             )
         )
+    lines += format_streamdiffusion(report, width)
     lines += format_stages(report["rows"])
     for r in report["rows"]:
         if r.get("profile"):
@@ -487,10 +504,31 @@ def format_table(report: dict[str, Any]) -> str:
             f"warm-up livegen {v} ({w.get('dtype')}): load {w['load_s']:.1f} s, "
             f"first image {w['first_image_s']:.2f} s{extra}{vram}"
         )
-    theirs_w = report["warmup"].get("diffusers")
-    if theirs_w:
-        vram = f", VRAM peak {_gib(theirs_w.get('vram_peak_bytes'))}" if "vram_peak_bytes" in theirs_w else ""
-        lines.append(
-            f"warm-up diffusers: load {theirs_w['load_s']:.1f} s, first image {theirs_w['first_image_s']:.2f} s{vram}"
-        )
+    for name in ("diffusers", "streamdiffusion"):
+        theirs_w = report["warmup"].get(name)
+        if theirs_w:
+            vram = f", VRAM peak {_gib(theirs_w.get('vram_peak_bytes'))}" if "vram_peak_bytes" in theirs_w else ""
+            lines.append(
+                f"warm-up {name}: load {theirs_w['load_s']:.1f} s, first image {theirs_w['first_image_s']:.2f} s{vram}"
+            )
     return "\n".join(lines)
+
+
+def format_streamdiffusion(report: dict[str, Any], width: int) -> list[str]:
+    """With --streamdiffusion: its torch pipeline's rows beside each livegen variant's."""
+    rows = [r for r in report["rows"] if r.get("streamdiffusion_ms_per_img")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"StreamDiffusion {report.get('streamdiffusion')} (its PyTorch pipeline with TAESD, no TensorRT; the same "
+        "work in the same process)",
+        f"size  batch  {'variant':<{width}}  livegen ms/img  StreamDiffusion ms/img  img/s  livegen speedup",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['size']:>4} {r['batch']:>6}  {r.get('variant', 'default'):<{width}}{r['livegen_ms_per_img']:>16.2f}"
+            f"{r['streamdiffusion_ms_per_img']:>24.2f} {r['streamdiffusion_img_per_s']:>6.1f}"
+            f"{r['speedup_vs_streamdiffusion']:>16.2f}x"
+        )
+    return lines
