@@ -30,10 +30,10 @@ from livegen.engine.registry import resolve_source, spec_for
 from livegen.settings import Settings
 
 SUPPORTED = ("stabilityai/sd-turbo",)
-# i2i: the LCM scheduler's index of the one step taken, of 50 (StreamDiffusion's examples use 50
-# and indices from 16 to 45). One UNet pass whichever index: the same work as livegen's 2 × 0.5.
+# Its wrapper prepares 50 LCM timesteps; t2i takes index 0 (t = 999), i2i one index of them (its
+# examples use 16 to 45). One UNet pass whichever index: the same work as livegen's 2 × 0.5.
+INFERENCE_STEPS = 50
 I2I_T_INDEX = 32
-I2I_INFERENCE_STEPS = 50
 
 
 class StreamDiffusionUnavailable(RuntimeError):
@@ -96,12 +96,11 @@ def bench_streamdiffusion(settings: Settings, config: Any) -> Any:
             cfg_type="none",
         )
         stream.vae = tiny
-        stream.prepare(PROMPT, num_inference_steps=1 if t2i else I2I_INFERENCE_STEPS, guidance_scale=0.0)
+        stream.prepare(PROMPT, num_inference_steps=INFERENCE_STEPS, guidance_scale=0.0)
         return stream
 
     def run(stream: Any, size: int, batch: int, image: Image.Image) -> None:
-        # Without autograd, as StreamDiffusion's own __call__ and txt2img run (txt2img_sd_turbo
-        # lacks their @torch.no_grad()).
+        # Without autograd, as its wrapper runs everything (torch.set_grad_enabled(False) at import).
         with torch.no_grad():
             if config.task == "t2i":
                 out = to_pil(stream.txt2img_sd_turbo(batch))
