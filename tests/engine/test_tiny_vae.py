@@ -101,3 +101,26 @@ def test_the_settings_give_the_same_images(shared_data_dir: Path, model: str) ->
     ]
     for request in batch:
         assert_close(pixels(rewritten([request])), pixels(plain([request])))
+
+
+def test_a_refused_fused_convolution_falls_back_to_plain_ones(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where cuDNN has no engine for the fused call (here: a CPU tensor sent down the CUDA path,
+    which PyTorch refuses), the blocks compute unfused from then on, with one warning."""
+    from livegen.engine import tiny_vae
+
+    monkeypatch.setattr(tiny_vae, "_cudnn_failure", [])
+    monkeypatch.setattr(tiny_vae, "_fused_on_cuda", lambda x: not tiny_vae._cudnn_failure)
+    stock = taesd()
+    fast = copy.deepcopy(stock)
+    fuse_conv_relu(fast)
+    latents = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode(), caplog.at_level("WARNING", logger="livegen.engine.tiny_vae"):
+        expected = stock.decode(latents).sample
+        for _ in range(2):
+            got = fast.decode(latents).sample
+            assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    assert len(tiny_vae._cudnn_failure) == 1 and "cudnn_convolution_relu" in tiny_vae._cudnn_failure[0]
+    warnings = [r.message for r in caplog.records if r.name == "livegen.engine.tiny_vae"]
+    assert len(warnings) == 1 and "fall back to plain ones" in warnings[0]

@@ -27,6 +27,7 @@ convolution and ReLU), which is what the CPU tests check; the GPU suite checks t
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import torch
@@ -37,6 +38,8 @@ import torch.nn.functional as F
 # Output 2m takes input m-1 through w[0] and input m through w[1] + w[2] (taps 3 and 1);
 # output 2m+1 takes input m through w[0] + w[1] and input m+1 through w[2] (taps 2 and 0).
 _FOLD = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
+
+logger = logging.getLogger(__name__)
 
 
 def fold_kernel(weight: torch.Tensor) -> torch.Tensor:
@@ -113,16 +116,33 @@ def _output_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format
     return torch.contiguous_format
 
 
+_cudnn_failure: list[str] = []  # set once cuDNN refused a fused call: the plain ops from then on
+
+
 def _fused_on_cuda(x: torch.Tensor) -> bool:
-    return x.is_cuda and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
+    return x.is_cuda and not _cudnn_failure and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
+
+
+def _refused(exc: RuntimeError) -> None:
+    """cuDNN could not run a fused convolution here (no engine for this GPU, dtype or layout):
+    say so once and compute these blocks unfused. The first call of each shape runs eagerly
+    (warm-up) before any CUDA graph is captured, so this happens outside a capture."""
+    _cudnn_failure.append(str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+    logger.warning(
+        "the tiny VAE's fused convolutions fall back to plain ones: cuDNN refused them (%s)", _cudnn_failure[0]
+    )
 
 
 def _conv_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``relu(conv2d(x, weight, bias, padding=1))``; one cuDNN call on CUDA."""
     fmt = _output_format(x, weight)
+    out = None
     if _fused_on_cuda(x):
-        out = torch.cudnn_convolution_relu(x, weight, bias, (1, 1), (1, 1), (1, 1), 1)
-    else:
+        try:
+            out = torch.cudnn_convolution_relu(x, weight, bias, (1, 1), (1, 1), (1, 1), 1)
+        except RuntimeError as exc:
+            _refused(exc)
+    if out is None:
         out = F.relu(F.conv2d(x, weight, bias, padding=1))
     return out.contiguous(memory_format=fmt)
 
@@ -130,9 +150,13 @@ def _conv_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 def _conv_add_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
     """``relu(conv2d(x, weight, bias, padding=1) + z)``; one cuDNN call on CUDA."""
     fmt = _output_format(x, weight)
+    out = None
     if _fused_on_cuda(x):
-        out = torch.cudnn_convolution_add_relu(x, weight, z, 1.0, bias, (1, 1), (1, 1), (1, 1), 1)
-    else:
+        try:
+            out = torch.cudnn_convolution_add_relu(x, weight, z, 1.0, bias, (1, 1), (1, 1), (1, 1), 1)
+        except RuntimeError as exc:
+            _refused(exc)
+    if out is None:
         out = F.relu(F.conv2d(x, weight, bias, padding=1) + z)
     return out.contiguous(memory_format=fmt)
 
