@@ -375,6 +375,25 @@ def test_targets_table_from_the_h200_run() -> None:
     assert "| realtime 1 session: p50 frame latency | ≤ 12 ms | not run | - | - |" in table
 
 
+def test_the_streamdiffusion_target_compares_rows_of_the_same_run() -> None:
+    """The best livegen batch-1 row's speed-up over StreamDiffusion's time in the same report;
+    a report without StreamDiffusion rows leaves it "not run"."""
+    from livegen.bench.targets import evaluate, format_targets
+
+    def row(variant: str, ours: float, theirs: float | None, batch: int = 1) -> dict[str, object]:
+        return {"model": "stabilityai/sd-turbo", "task": "t2i", "size": 512, "batch": batch, "variant": variant,
+                "livegen_ms_per_img": ours, "livegen_img_per_s": 1000 / ours,
+                "streamdiffusion_ms_per_img": theirs}  # fmt: skip
+
+    report = {"steps": 1, "rows": [row("eager", 30.0, 29.0), row("graph", 10.0, 29.0), row("graph", 4.0, 5.0, 16)]}
+    plain = {"steps": 1, "rows": [row("compile", 5.0, None)]}  # no --streamdiffusion: not compared
+    entries = {e["target"]: e for e in evaluate([report, plain])}
+    t2i = entries["SD-Turbo t2i batch 1 vs StreamDiffusion (PyTorch path, same run)"]
+    assert (t2i["measured"], t2i["from"], t2i["met"]) == (2.9, "graph, batch 1", True)
+    assert entries["SD-Turbo i2i batch 1 vs StreamDiffusion (PyTorch path, same run)"]["measured"] is None
+    assert "| ≥ 1 × | 2.9 × | graph, batch 1 | yes |" in format_targets(list(entries.values()))
+
+
 def test_a_best_batch_target_takes_the_two_in_flight_throughput_a_batch_1_target_does_not() -> None:
     from livegen.bench.targets import evaluate
 

@@ -7,6 +7,9 @@ which), at 512², against the issue's bound: a batch-1 target the row's time wit
 time (its latency), a best-batch target the row's images/s either so or with two batches in
 flight (a server's throughput under steady load; the table says which). Each realtime target
 takes the matching realtime report.
+The mission's "faster than StreamDiffusion on the same card" is read off the reports of
+``livegen bench --streamdiffusion`` (its PyTorch pipeline in the same process, no TensorRT): the
+best livegen row's speed-up over StreamDiffusion's row at the same batch 1.
 A target no report covers says so ("not run") rather than passing or failing.
 """
 
@@ -62,6 +65,13 @@ REALTIME_TARGETS = (
 )  # fmt: skip
 
 
+# (what, task, steps): livegen's best batch-1 row against StreamDiffusion's in the same report.
+STREAMDIFFUSION_TARGETS = (
+    ("SD-Turbo t2i batch 1 vs StreamDiffusion (PyTorch path, same run)", "t2i", 1),
+    ("SD-Turbo i2i batch 1 vs StreamDiffusion (PyTorch path, same run)", "i2i", 2),
+)
+
+
 def _engine_rows(reports: Iterable[dict[str, Any]]) -> Iterable[tuple[dict[str, Any], dict[str, Any]]]:
     for report in reports:
         for row in report.get("rows", []):
@@ -94,6 +104,20 @@ def evaluate(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 best = _better(best, row["pipelined_img_per_s"], f"{where}, 2 batches in flight", False)
         unit = "ms/img" if t.batch1 else "img/s"
         out.append(_entry(t.what, t.batch1, t.bound, unit, best))
+    for what, task, steps in STREAMDIFFUSION_TARGETS:
+        best = None
+        for report, row in _engine_rows(reports):
+            if (row["model"], row["task"], row["size"], report.get("steps"), row["batch"]) != (
+                SD_TURBO,
+                task,
+                512,
+                steps,
+                1,
+            ) or not row.get("streamdiffusion_ms_per_img"):
+                continue
+            speedup = row["streamdiffusion_ms_per_img"] / row["livegen_ms_per_img"]
+            best = _better(best, speedup, f"{row.get('variant', 'default')}, batch 1", False)
+        out.append(_entry(what, False, 1.0, "×", best))
     for rt in REALTIME_TARGETS:
         best = None
         for report in reports:
