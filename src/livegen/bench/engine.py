@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from livegen.bench import streamdiffusion
 from livegen.bench.profile import format_profile, profile_batches
 from livegen.engine import GenerationRequest, Priority, Task
 from livegen.engine.registry import resolve_source, spec_for
@@ -365,8 +366,6 @@ def run_engine_bench(settings: Settings, config: EngineBenchConfig) -> dict[str,
     for v in config.variants:
         variant_settings(settings, v)  # refuse a typo before minutes of loading
     if config.streamdiffusion:
-        from livegen.bench import streamdiffusion
-
         streamdiffusion.check(config.model)
     ours = {v: bench_livegen(settings, config, v) for v in config.variants}
     theirs = bench_diffusers(settings, config) if config.baseline else None
@@ -425,6 +424,11 @@ def _gib(n: int | None) -> str:
     return f"{n / 2**30:.2f} GiB" if n else "-"
 
 
+def _variant_width(rows: list[dict[str, Any]], least: int) -> int:
+    """A table's variant column: ``least`` wide, or as wide as its longest variant name."""
+    return max([least, *(len(r.get("variant", "default")) for r in rows)])
+
+
 def format_stages(rows: list[dict[str, Any]]) -> list[str]:
     """Where a livegen batch's wall time went (the worker's stages, medians in ms per batch):
     wall - device is the time the device waited for the host."""
@@ -432,7 +436,7 @@ def format_stages(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     names = [*STAGES, "handback", "inputs", "launch"]
-    width = max([22, *(len(r.get("variant", "default")) for r in rows)])
+    width = _variant_width(rows, 22)
     lines = [
         "",
         "livegen batch stages, ms per batch (medians): wait = submitted -> started, enqueue = the adapter's call "
@@ -457,7 +461,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"device {report['device']}, torch {report['torch']}, diffusers {report.get('diffusers')}, "
         f"weights {report['weights']}, steps {report['steps']}, {report['iters']} timed iterations per row"
     )
-    width = max([13, *(len(r.get("variant", "default")) for r in report["rows"])])  # the variant column
+    width = _variant_width(report["rows"], 13)
     lines = [
         head,
         "",

@@ -62,13 +62,12 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 def bench_streamdiffusion(settings: Settings, config: Any) -> Any:
     """Per (size, batch): build StreamDiffusion for that shape (its buffers are sized at
     ``prepare``), a first call, then ``config.iters`` timed calls. Returns an engine bench
-    ``Measured``."""
+    ``Measured``. ``check`` first: this assumes it passed."""
     from diffusers import AutoencoderTiny, StableDiffusionPipeline
     from streamdiffusion import StreamDiffusion
 
     from livegen.bench.engine import PROMPT, Measured, _cuda, _input_image, _timed
 
-    check(config.model)
     spec = spec_for(config.model)
     device = torch.device("cuda" if _cuda(settings) else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32

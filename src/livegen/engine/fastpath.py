@@ -41,7 +41,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from livegen.engine import DeviceImage, EncodedImage, Task
-from livegen.engine.tiny_vae import fold_upsample_convs, fuse_conv_relu
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +231,8 @@ class FastPath:
         if self.options.split_geglu:
             split_geglu(self.unet)
         if self.tiny_vae is not None:  # after the layout change above: the folded kernels copy it
+            from livegen.engine.tiny_vae import fold_upsample_convs, fuse_conv_relu  # it builds on this module
+
             if self.options.tiny_vae_fold_upsample:
                 fold_upsample_convs(self.tiny_vae)
             if self.options.tiny_vae_conv_relu:
@@ -806,7 +807,7 @@ def split_geglu(module: torch.nn.Module) -> int:
     else (an unfused LoRA layer) is left as it is. Returns the GEGLUs changed."""
     from diffusers.models.activations import GEGLU
 
-    return _replace_forwards(
+    return replace_forwards(
         module, lambda m: isinstance(m, GEGLU) and type(m.proj) is torch.nn.Linear, geglu_two_matmuls
     )
 
@@ -828,10 +829,10 @@ def keep_channels_last_in_group_norms(module: torch.nn.Module) -> int:
     PyTorch's CUDA GroupNorm makes its input contiguous (NCHW) and returns NCHW
     (pytorch/pytorch#111824): in a channels_last UNet each GroupNorm then costs a layout copy in
     and one back before the next convolution. Returns the GroupNorms changed."""
-    return _replace_forwards(module, lambda m: isinstance(m, torch.nn.GroupNorm), group_norm_nhwc)
+    return replace_forwards(module, lambda m: isinstance(m, torch.nn.GroupNorm), group_norm_nhwc)
 
 
-def _replace_forwards(
+def replace_forwards(
     module: torch.nn.Module, match: Callable[[torch.nn.Module], bool], forward: Callable[..., torch.Tensor]
 ) -> int:
     """``forward(m, ...)`` as the forward of each submodule ``m`` that ``match``es and has not had

@@ -26,12 +26,13 @@ convolution and ReLU), which is what the CPU tests check; the GPU suite checks t
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from livegen.engine.fastpath import replace_forwards
 
 # Nearest x2 upsampling then a 3x3 convolution (padding 1), along one axis, as a stride-2
 # transposed convolution with 4 taps: tap k takes the 3x3 kernel's taps FOLD[k] (summed).
@@ -133,42 +134,34 @@ def _refused(exc: RuntimeError) -> None:
     )
 
 
-def _conv_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``relu(conv2d(x, weight, bias, padding=1))``; one cuDNN call on CUDA."""
+def _conv3x3_relu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``relu(conv2d(x, weight, bias, padding=1) [+ z])``; one cuDNN call on CUDA."""
     fmt = _output_format(x, weight)
     out = None
     if _fused_on_cuda(x):
         try:
-            out = torch.cudnn_convolution_relu(x, weight, bias, (1, 1), (1, 1), (1, 1), 1)
+            if z is None:
+                out = torch.cudnn_convolution_relu(x, weight, bias, (1, 1), (1, 1), (1, 1), 1)
+            else:
+                out = torch.cudnn_convolution_add_relu(x, weight, z, 1.0, bias, (1, 1), (1, 1), (1, 1), 1)
         except RuntimeError as exc:
             _refused(exc)
     if out is None:
-        out = F.relu(F.conv2d(x, weight, bias, padding=1))
-    return out.contiguous(memory_format=fmt)
-
-
-def _conv_add_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
-    """``relu(conv2d(x, weight, bias, padding=1) + z)``; one cuDNN call on CUDA."""
-    fmt = _output_format(x, weight)
-    out = None
-    if _fused_on_cuda(x):
-        try:
-            out = torch.cudnn_convolution_add_relu(x, weight, z, 1.0, bias, (1, 1), (1, 1), (1, 1), 1)
-        except RuntimeError as exc:
-            _refused(exc)
-    if out is None:
-        out = F.relu(F.conv2d(x, weight, bias, padding=1) + z)
+        out = F.conv2d(x, weight, bias, padding=1)
+        out = F.relu(out if z is None else out + z)
     return out.contiguous(memory_format=fmt)
 
 
 @torch.library.custom_op("livegen::conv3x3_relu", mutates_args=())
 def conv3x3_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _conv_relu(x, weight, bias)
+    return _conv3x3_relu(x, weight, bias)
 
 
 @torch.library.custom_op("livegen::conv3x3_add_relu", mutates_args=())
 def conv3x3_add_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
-    return _conv_add_relu(x, weight, bias, z)
+    return _conv3x3_relu(x, weight, bias, z)
 
 
 def _fake_output(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -192,12 +185,7 @@ def fuse_conv_relu(module: torch.nn.Module) -> int:
     convolutions (``tiny_block_fused``). Returns the blocks changed."""
     from diffusers.models.unets.unet_2d_blocks import AutoencoderTinyBlock
 
-    changed = 0
-    for block in module.modules():
-        if isinstance(block, AutoencoderTinyBlock) and "forward" not in vars(block) and _fusable(block):
-            block.forward = functools.partial(tiny_block_fused, block)  # type: ignore[method-assign]
-            changed += 1
-    return changed
+    return replace_forwards(module, lambda m: isinstance(m, AutoencoderTinyBlock) and _fusable(m), tiny_block_fused)
 
 
 def _fusable(block: Any) -> bool:
@@ -219,8 +207,8 @@ def tiny_block_fused(block: Any, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled():
         return block.fuse(block.conv(x) + block.skip(x))  # type: ignore[no-any-return]
     compiling = torch.compiler.is_compiling()
-    relu = conv3x3_relu if compiling else _conv_relu
-    add_relu = conv3x3_add_relu if compiling else _conv_add_relu
+    relu = conv3x3_relu if compiling else _conv3x3_relu
+    add_relu = conv3x3_add_relu if compiling else _conv3x3_relu
     c0, c1, c2 = block.conv[0], block.conv[2], block.conv[4]
     h = relu(x, c0.weight, c0.bias)
     h = relu(h, c1.weight, c1.bias)

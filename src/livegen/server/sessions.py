@@ -233,16 +233,18 @@ class Session:
         self.received += 1
         self._metrics.realtime_frames.labels("received").inc()
         if self._finishing is not None:  # closing: only the frame in flight is still answered
-            self.dropped += 1
-            self._metrics.realtime_frames.labels("dropped").inc()
+            self._count_dropped()
             return
         if len(self._inbox) == self._inbox.maxlen:
-            self.dropped += 1  # the oldest waiting frame is superseded
-            self._metrics.realtime_frames.labels("dropped").inc()
+            self._count_dropped()  # the oldest waiting frame is superseded
         elif len(self._inbox) + 1 == self._inbox.maxlen and self._waiting_in_engine():
             self._supersede.set()  # the frame waiting in the engine is the oldest: the worker swaps it
         self._inbox.append(frame)
         self._inbox_ready.set()
+
+    def _count_dropped(self) -> None:
+        self.dropped += 1
+        self._metrics.realtime_frames.labels("dropped").inc()
 
     def _waiting_in_engine(self) -> bool:
         waiting = self._waiting
@@ -338,13 +340,11 @@ class Session:
                 replaced = self._service.replace(future, newer.request)
                 if replaced is None:  # in a batch meanwhile: the newer frame waits its turn
                     if len(self._inbox) == self._inbox.maxlen:
-                        self.dropped += 1  # newer frames came meanwhile: it is the oldest
-                        self._metrics.realtime_frames.labels("dropped").inc()
+                        self._count_dropped()  # newer frames came meanwhile: it is the oldest
                     else:
                         self._inbox.appendleft(newer.frame)
                     break
-                self.dropped += 1  # the frame that waited in the engine is superseded
-                self._metrics.realtime_frames.labels("dropped").inc()
+                self._count_dropped()  # the frame that waited in the engine is superseded
                 prepared, future = newer, replaced
             self._waiting = None  # started or done: nothing more supersedes it
             return prepared, await result
