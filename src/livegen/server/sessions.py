@@ -119,7 +119,9 @@ class Session:
         self._settings = settings
         self._metrics = metrics
         self._base_url = base_url
-        self._inbox: deque[Frame] = deque(maxlen=max_buffering)
+        # Frames, and frames already prepared (a swap that lost its race to a batch, see
+        # _generate_newest): those are not validated and decoded a second time.
+        self._inbox: deque[Frame | _Prepared] = deque(maxlen=max_buffering)
         self._inbox_ready = asyncio.Event()
         self._outbox: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=2 * max_buffering)
         self.received = self.dropped = self.results = self.errors = 0
@@ -273,8 +275,8 @@ class Session:
                 self._frame_done.set()
                 self._last_activity = time.monotonic()
 
-    async def _process(self, frame: Frame) -> None:
-        prepared = await self._prepare(frame)
+    async def _process(self, item: Frame | _Prepared) -> None:
+        prepared = await self._prepare(item)
         if prepared is None:
             return
         try:
@@ -298,8 +300,11 @@ class Session:
         timing = time.perf_counter() - frame.received_at
         await self._outbox.put(Outgoing(json.dumps({"type": "x-fal-message", "action": "timings", "timing": timing})))
 
-    async def _prepare(self, frame: Frame) -> _Prepared | None:
-        """Validate ``frame`` and build its engine request; None when it was bad (its error sent)."""
+    async def _prepare(self, item: Frame | _Prepared) -> _Prepared | None:
+        """Validate a frame and build its engine request; None when it was bad (its error sent)."""
+        if isinstance(item, _Prepared):
+            return item
+        frame = item
         try:
             body = self._input_model.model_validate(frame.payload)
         except ValidationError as exc:
@@ -342,7 +347,7 @@ class Session:
                     if len(self._inbox) == self._inbox.maxlen:
                         self._count_dropped()  # newer frames came meanwhile: it is the oldest
                     else:
-                        self._inbox.appendleft(newer.frame)
+                        self._inbox.appendleft(newer)  # as prepared: its input is not decoded again
                     break
                 self._count_dropped()  # the frame that waited in the engine is superseded
                 prepared, future = newer, replaced

@@ -149,6 +149,56 @@ def test_a_frame_already_in_a_batch_is_rendered_and_nothing_newer_is_lost(gate: 
     assert dropped(url) == 0
 
 
+def i2i_frame(n: int) -> dict[str, Any]:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(buf, "JPEG")
+    image = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {
+        **FRAME,
+        "prompt": f"f{n}",
+        "request_id": str(n),
+        "image_url": image,
+        "strength": 0.5,
+        "num_inference_steps": 2,
+    }
+
+
+def test_a_swap_that_loses_the_race_keeps_its_decoded_input(
+    gate: tuple[GateEngine, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The newer frame was prepared (its input image decoded) for a swap the engine refused: it
+    goes back to the inbox as prepared, so each frame's image is decoded once."""
+    from livegen.server import generation
+
+    engine, url = gate
+    engine.refuse = True
+    decoded: list[int] = []
+    real_decode = generation.decode_image
+
+    def counted_decode(*args: Any, **kwargs: Any) -> Any:
+        decoded.append(1)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "decode_image", counted_decode)
+    with session(url, 1) as ws:
+        ws.send(msgpack.packb(i2i_frame(0), use_bin_type=True))
+        wait_for(lambda: engine.prompts() == ["f0"])
+        ws.send(msgpack.packb(i2i_frame(1), use_bin_type=True))  # tries to supersede f0, refused
+        wait_for(lambda: len(decoded) == 2)
+        time.sleep(0.2)
+        engine.release()
+        wait_for(lambda: engine.prompts() == ["f1"])
+        engine.release()
+        assert results(ws) == ["0", "1"]
+    assert len(decoded) == 2
+    assert dropped(url) == 0
+
+
 def test_frames_that_come_while_a_swap_is_made_are_swapped_in_next(
     gate: tuple[GateEngine, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -156,11 +206,6 @@ def test_frames_that_come_while_a_swap_is_made_are_swapped_in_next(
     test). A frame that arrives meanwhile overfills the buffer again: once the first swap is
     made, the worker swaps again at once, so the engine ends up with the newest frame, not with
     one that the buffer has no room for."""
-    import base64
-    import io
-
-    from PIL import Image
-
     from livegen.server import generation
 
     engine, url = gate
@@ -173,14 +218,9 @@ def test_frames_that_come_while_a_swap_is_made_are_swapped_in_next(
         return real_decode(*args, **kwargs)
 
     monkeypatch.setattr(generation, "decode_image", held_decode)
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (10, 20, 30)).save(buf, "JPEG")
-    image = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
     def send_i2i(ws: ClientConnection, n: int) -> None:
-        frame = {**FRAME, "prompt": f"f{n}", "request_id": str(n), "image_url": image, "strength": 0.5}
-        frame["num_inference_steps"] = 2
-        ws.send(msgpack.packb(frame, use_bin_type=True))
+        ws.send(msgpack.packb(i2i_frame(n), use_bin_type=True))
 
     with session(url, 1) as ws:
         send_i2i(ws, 0)
