@@ -34,11 +34,11 @@ APP = "fal-ai/fast-turbo-diffusion"
 MODEL = "stabilityai/sd-turbo"
 ARGS = ("--weights", "tiny-random", "--device", "cpu", "--models", MODEL)
 SMALL = {"prompt": "x", "model_name": MODEL, "image_size": {"width": 64, "height": 64}, "num_inference_steps": 1}
-# Slow on a CPU, so they are still in flight when SIGTERM comes: MEDIUM about 2 s on a 2-core VM,
-# SLOW about 15 s (4 images, ~0.3 s a step). SLOW must outlast the 1 s sleep and the 1 s drain
-# timeout by far: at 512², 25 steps, 1 image it took 2.3 s on a fast 2-core VM and finished
-# inside the drain (a 200 where the cut's 503 was expected).
-MEDIUM = {**SMALL, "image_size": {"width": 256, "height": 256}, "num_inference_steps": 50}
+# Slow on a CPU, so they are still in flight when SIGTERM comes (timed on a fast 2-core VM): MEDIUM
+# about 2.3 s, SLOW about 15 s (4 images, ~0.3 s a step). SLOW must outlast the 1 s sleep and the
+# 1 s drain timeout by far: at 512², 25 steps, 1 image (today's MEDIUM) it finished inside the
+# drain (a 200 where the cut's 503 was expected).
+MEDIUM = {**SMALL, "image_size": {"width": 512, "height": 512}, "num_inference_steps": 25}
 SLOW = {**SMALL, "image_size": {"width": 512, "height": 512}, "num_inference_steps": 50, "num_images": 4}
 
 

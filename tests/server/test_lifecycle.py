@@ -43,7 +43,7 @@ def test_rate_limit_per_key_and_sigterm_drain(tmp_path: Path, shared_data_dir: P
 
         worker = threading.Thread(target=slow_request)
         worker.start()
-        time.sleep(1.0)  # the request is in the engine (50 steps at 512x512: ~4.5 s on a fast 2-core VM)
+        time.sleep(1.0)  # the request is in the engine (50 steps at 512x512: ~4 s on a fast 2-core VM)
         assert "status" not in outcome
         server.process.send_signal(signal.SIGTERM)
         worker.join(180)
