@@ -248,8 +248,11 @@ def test_realtime_soak_with_a_stuck_reader(load_server: LiveServer, soak_seconds
     assert stuck_report["frames_sent"] - stuck_report["results"] - others_dropped == 0, figures
     assert stuck_report["results"] > 0
 
-    # Memory: bounded after warm-up, stuck reader included.
-    assert max(rss_soak, rss_end) < 1.10 * rss_warm, figures
+    # Memory: bounded after warm-up, stuck reader included. Plus 64 MiB of allocator noise: on a
+    # faster VM (~2,700 results per phase instead of ~800) RSS grew 1.0, 7.9 and 8.1 % in three runs
+    # of session 10's code, 4.2 and 6.4 % with session 11's, and once 12.0 % (62 MB, a CI run).
+    # Keeping each frame's decoded input (~200 KB) would add hundreds of MB.
+    assert max(rss_soak, rss_end) < 1.10 * rss_warm + 64 * 1024, figures
 
 
 # -- sync overload -----------------------------------------------------------------------------
