@@ -240,7 +240,7 @@ def test_bench_profile_on_cpu(shared_data_dir: object) -> None:
         assert p["total_ms"] > 0 and p["ops_per_batch"] > 100
         assert {"convolution", "gemm", "normalization"} <= set(p["by_category_ms"]), p["by_category_ms"]
         assert abs(sum(p["by_category_ms"].values()) - p["total_ms"]) < 1e-6
-        assert p["top_ms"] and all(ms > 0 for _, ms in p["top_ms"])
+        assert p["top_ms"] and all(ms > 0 and calls >= 1 for _, ms, calls in p["top_ms"])
     assert profiles["plain"]["by_region_ms"] == {}
     regions = profiles["eager"]["by_region_ms"]
     assert list(regions) == ["inputs", "vae_encode", "unet", "vae_decode"]  # in the order a batch runs them
@@ -314,17 +314,18 @@ def test_profile_summary_of_gpu_events() -> None:
     from livegen.bench.profile import Event, summarize
 
     events = [
-        Event("sm90_xmma_fprop_implicit_gemm_f16", True, 3000.0, 3000.0),
+        Event("sm90_xmma_fprop_implicit_gemm_f16", True, 1000.0, 1000.0),
+        Event("sm90_xmma_fprop_implicit_gemm_f16", True, 2000.0, 2000.0),
         Event("nvjet_hsh_128x256", True, 1000.0, 1000.0),
         Event("livegen.unet", True, 4200.0, 4200.0),  # the annotation spanning the kernels above
         Event("aten::conv2d", False, 50.0, 900.0),
         Event("cudaLaunchKernel", False, 10.0, 10.0),
     ]
     p = summarize(events, batches=2, device=True)
-    assert p.where == "gpu kernels" and p.ops == 1.0
+    assert p.where == "gpu kernels" and p.ops == 1.5
     assert p.by_category == {"convolution": 1.5, "gemm": 0.5}
     assert p.total_ms == 2.0 and p.by_region == {"unet": 2.1}
-    assert p.top[0] == ("sm90_xmma_fprop_implicit_gemm_f16", 1.5)
+    assert p.top == [("sm90_xmma_fprop_implicit_gemm_f16", 1.5, 1.0), ("nvjet_hsh_128x256", 0.5, 0.5)]
 
 
 def test_a_failing_profiler_keeps_the_timings(shared_data_dir: object, monkeypatch: pytest.MonkeyPatch) -> None:

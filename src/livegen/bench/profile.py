@@ -102,7 +102,7 @@ class ProfileSummary:
     ops: float  # kernels (GPU) or ops (CPU) per batch
     by_category: dict[str, float] = field(default_factory=dict)
     by_region: dict[str, float] = field(default_factory=dict)
-    top: list[tuple[str, float]] = field(default_factory=list)
+    top: list[tuple[str, float, float]] = field(default_factory=list)  # (name, ms, calls) per batch
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -116,12 +116,15 @@ class ProfileSummary:
         }
 
 
-def summarize(events: Iterable[Event], batches: int, device: bool, top: int = 6) -> ProfileSummary:
+def summarize(events: Iterable[Event], batches: int, device: bool, top: int = 10) -> ProfileSummary:
     """Aggregate one profile of ``batches`` batches. ``device``: count GPU events (True) or CPU
-    ops (False). Regions are device annotations on a GPU, CPU ranges on a CPU."""
+    ops (False). Regions are device annotations on a GPU, CPU ranges on a CPU. The top kernels
+    come with their calls per batch: one compiled kernel serves every layer of the same shape,
+    so its time per call, beside the layer's bytes, says how near the memory bandwidth it runs."""
     per_category: dict[str, float] = defaultdict(float)
     per_region: dict[str, float] = defaultdict(float)
     per_name: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
     count = 0
     for e in events:
         if e.on_device != device:
@@ -134,6 +137,7 @@ def summarize(events: Iterable[Event], batches: int, device: bool, top: int = 6)
         count += 1
         per_category[kernel_category(e.name)] += e.self_us
         per_name[e.name] += e.self_us
+        calls[e.name] += 1
     n = max(batches, 1)
     ms = {k: v / 1e3 / n for k, v in per_category.items()}
     return ProfileSummary(
@@ -143,7 +147,10 @@ def summarize(events: Iterable[Event], batches: int, device: bool, top: int = 6)
         ops=count / n,
         by_category=dict(sorted(ms.items(), key=lambda kv: -kv[1])),
         by_region={short: per_region[short] / 1e3 / n for short in map(_short, REGIONS) if short in per_region},
-        top=[(kernel_label(name), us / 1e3 / n) for name, us in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]],
+        top=[
+            (kernel_label(name), us / 1e3 / n, calls[name] / n)
+            for name, us in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
+        ],
     )
 
 
@@ -192,6 +199,6 @@ def format_profile(label: str, p: dict[str, Any], wall_ms: float | None = None) 
     lines.append(f"    by category: {cats or '-'}")
     if p["by_region_ms"]:
         lines.append("    by region: " + ", ".join(f"{k} {v:.2f}" for k, v in p["by_region_ms"].items()))
-    for name, ms in p["top_ms"]:
-        lines.append(f"    {ms:8.3f} ms  {name}")
+    for name, ms, calls in p["top_ms"]:
+        lines.append(f"    {ms:8.3f} ms  {calls:5.0f} x {ms / calls:.3f} ms  {name}")
     return lines
