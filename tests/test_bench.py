@@ -240,7 +240,8 @@ def test_bench_profile_on_cpu(shared_data_dir: object) -> None:
         assert p["total_ms"] > 0 and p["ops_per_batch"] > 100
         assert {"convolution", "gemm", "normalization"} <= set(p["by_category_ms"]), p["by_category_ms"]
         assert abs(sum(p["by_category_ms"].values()) - p["total_ms"]) < 1e-6
-        assert p["top_ms"] and all(ms > 0 and calls >= 1 for _, ms, calls in p["top_ms"])
+        assert p["top_ms"] and all(ms > 0 and calls >= 1 and gb is None for _, ms, calls, gb in p["top_ms"])
+        assert p["triton_kernels"] == []  # a CPU compiles no Triton kernels
     assert profiles["plain"]["by_region_ms"] == {}
     regions = profiles["eager"]["by_region_ms"]
     assert list(regions) == ["inputs", "vae_encode", "unet", "vae_decode"]  # in the order a batch runs them
@@ -325,7 +326,66 @@ def test_profile_summary_of_gpu_events() -> None:
     assert p.where == "gpu kernels" and p.ops == 1.5
     assert p.by_category == {"convolution": 1.5, "gemm": 0.5}
     assert p.total_ms == 2.0 and p.by_region == {"unet": 2.1}
-    assert p.top == [("sm90_xmma_fprop_implicit_gemm_f16", 1.5, 1.0), ("nvjet_hsh_128x256", 0.5, 0.5)]
+    assert p.top == [("sm90_xmma_fprop_implicit_gemm_f16", 1.5, 1.0, None), ("nvjet_hsh_128x256", 0.5, 0.5, None)]
+    assert p.triton == []
+
+
+def test_profile_gives_compiled_kernels_bytes_and_bandwidth() -> None:
+    """With the bytes recorded per launch, each compiled kernel gets GB per batch (bytes per launch
+    times launches per batch) and the bandwidth its time makes of them; other kernels get none."""
+    from livegen.bench.profile import Event, format_profile, summarize
+
+    events = [
+        Event("triton_poi_fused_add_0", True, 100.0, 100.0),  # 4 launches in 2 batches, 100 MB each
+        Event("triton_poi_fused_add_0", True, 100.0, 100.0),
+        Event("triton_poi_fused_add_0", True, 100.0, 100.0),
+        Event("triton_poi_fused_add_0", True, 100.0, 100.0),
+        Event("triton_red_fused_native_group_norm_1", True, 50.0, 50.0),  # launched, never recorded
+        Event("sm90_xmma_fprop_implicit_gemm_f16", True, 1000.0, 1000.0),
+    ]
+    p = summarize(events, batches=2, device=True, bytes_per_launch={"triton_poi_fused_add_0": 1e8})
+    assert p.top[0] == ("sm90_xmma_fprop_implicit_gemm_f16", 0.5, 0.5, None)
+    assert p.triton == [
+        ("triton_poi_fused_add_0", 0.2, 2.0, 0.2),
+        ("triton_red_fused_native_group_norm_1", 0.025, 0.5, None),
+    ]
+    lines = format_profile("compile 512 batch 2", p.as_dict())
+    assert "    compiled kernels: 0.20 GB per batch in 0.20 ms, 1.00 TB/s (1 of 2 kernels counted)" in lines
+    assert "       0.200 ms      2 x 0.100 ms  0.200 GB, 1.00 TB/s  triton_poi_fused_add_0" in lines
+    assert "       0.500 ms    0.5 x 1.000 ms  sm90_xmma_fprop_implicit_gemm_f16" in lines  # no bytes: a cuDNN kernel
+
+
+def test_launch_bytes_counts_each_launch_and_never_stops_one() -> None:
+    """``LaunchBytes.recording`` wraps a kernel class's ``run``: each launch adds its tensors'
+    bytes (in-place ones twice) under the kernel's name, runs as before, and the class is put back
+    after. A kernel whose bytes cannot be counted still launches."""
+    import torch
+
+    from livegen.bench.profile import LaunchBytes
+
+    launched: list[str] = []
+
+    class Kernel:  # what the recorder reads of inductor's CachingAutotuner
+        def __init__(self, name: str, mutated: list[str] | None) -> None:
+            self.name = name
+            self.inductor_meta = {"kernel_name": name, "mutated_arg_names": mutated} if mutated is not None else None
+
+        def run(self, *args: object, stream: int) -> str:
+            launched.append(self.name)
+            return "ran"
+
+    original = Kernel.run
+    record = LaunchBytes()
+    x = torch.zeros(4, 8, dtype=torch.float16)  # 64 bytes
+    with record.recording(Kernel) as hooked:
+        assert hooked
+        assert Kernel("triton_poi_fused_add_0", ["in_out_ptr0"]).run(x, x, 32, stream=0) == "ran"
+        assert Kernel("triton_poi_fused_add_0", ["in_out_ptr0"]).run(x[:2], x[:2], 16, stream=0) == "ran"
+        assert Kernel("triton_poi_fused_relu_1", []).run(x, x, stream=0) == "ran"
+        assert Kernel("no_metadata", None).run(x, stream=0) == "ran"  # uncountable: launched all the same
+    assert Kernel.run is original
+    assert launched == ["triton_poi_fused_add_0", "triton_poi_fused_add_0", "triton_poi_fused_relu_1", "no_metadata"]
+    assert record.per_launch() == {"triton_poi_fused_add_0": (192 + 96) / 2, "triton_poi_fused_relu_1": 128}
 
 
 def test_a_failing_profiler_keeps_the_timings(shared_data_dir: object, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ CPU are a smoke check; the ones that count come from a GPU with ``--weights rand
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -23,7 +24,7 @@ import torch
 from PIL import Image
 
 from livegen.bench import streamdiffusion
-from livegen.bench.profile import format_profile, profile_batches
+from livegen.bench.profile import LaunchBytes, format_profile, profile_batches
 from livegen.engine import GenerationRequest, Priority, Task
 from livegen.engine.registry import resolve_source, spec_for
 from livegen.engine.worker import STAGES, Worker, stage_summary
@@ -231,8 +232,13 @@ def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = 
             image = _input_image(size) if config.task == "i2i" else None
             for batch in config.batches:
                 requests = _requests(config, size, batch, image)
+                # With --profile: the compiled Triton kernels' bytes as the first call launches them
+                # (a CPU compiles C++ kernels instead and records none).
+                launches = LaunchBytes()
+                recording = launches.recording() if config.profile else contextlib.nullcontext()
                 t0 = time.perf_counter()
-                run(requests)  # warm-up at this shape
+                with recording:
+                    run(requests)  # warm-up at this shape
                 measured.first_call[size, batch] = time.perf_counter() - t0
                 worker.stages.clear()
                 seen.clear()
@@ -242,7 +248,10 @@ def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = 
                 if config.profile:
                     try:
                         summary = profile_batches(
-                            functools.partial(worker.run_here, requests), config.iters, worker.device.type == "cuda"
+                            functools.partial(worker.run_here, requests),
+                            config.iters,
+                            worker.device.type == "cuda",
+                            bytes_per_launch=launches.per_launch(),
                         )
                         measured.profiles[size, batch] = summary.as_dict()
                     except Exception as exc:  # noqa: BLE001 - the profiler (CUPTI) is optional; keep the timings

@@ -14,13 +14,20 @@ started it, while CUPTI records every GPU kernel). The report gives, per batch:
 
 The timed rows stay the numbers that count: profiling slows the host side (each op is recorded),
 so wall times under the profiler are not reported.
+
+For torch.compile's Triton kernels the report also gives the bytes each moves and so the bandwidth
+it reached: ``LaunchBytes`` records, while the row's first call compiles and captures its shape,
+each launch's tensor arguments (inductor's own measure, ``get_num_bytes``: every input and output
+once, in-place ones twice); the profile's time per kernel divides them. A graph replay launches
+nothing from Python, so this needs the first call, not the profiled ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +109,10 @@ class ProfileSummary:
     ops: float  # kernels (GPU) or ops (CPU) per batch
     by_category: dict[str, float] = field(default_factory=dict)
     by_region: dict[str, float] = field(default_factory=dict)
-    top: list[tuple[str, float, float]] = field(default_factory=list)  # (name, ms, calls) per batch
+    # (name, ms, calls, GB or None) per batch: GB for compiled kernels whose launches were recorded
+    top: list[tuple[str, float, float, float | None]] = field(default_factory=list)
+    # Every compiled (Triton) kernel the same way, slowest first; empty without recorded launches.
+    triton: list[tuple[str, float, float, float | None]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -113,14 +123,82 @@ class ProfileSummary:
             "by_category_ms": self.by_category,
             "by_region_ms": self.by_region,
             "top_ms": [list(t) for t in self.top],
+            "triton_kernels": [list(t) for t in self.triton],
         }
 
 
-def summarize(events: Iterable[Event], batches: int, device: bool, top: int = 10) -> ProfileSummary:
+class LaunchBytes:
+    """Bytes per launch of each compiled Triton kernel, by kernel name (``recording``)."""
+
+    def __init__(self) -> None:
+        self._bytes: dict[str, float] = defaultdict(float)
+        self._launches: dict[str, int] = defaultdict(int)
+
+    def add(self, name: str, nbytes: float) -> None:
+        self._bytes[name] += nbytes
+        self._launches[name] += 1
+
+    def per_launch(self) -> dict[str, float]:
+        """Mean bytes per launch. One name may be several kernels (each compiled graph numbers its
+        own), each launched as often per batch as when recorded: the mean times the profile's
+        launches per batch is still the batch's bytes."""
+        return {name: self._bytes[name] / self._launches[name] for name in self._bytes}
+
+    @contextlib.contextmanager
+    def recording(self, kernel_class: Any = None) -> Iterator[bool]:
+        """While inside, each launch of a kernel inductor compiled (``CachingAutotuner.run``, on any
+        thread) is recorded before it runs. Yields False, recording nothing, where inductor's Triton
+        runtime cannot be imported. A failure to count never stops a launch."""
+        if kernel_class is None:
+            try:
+                from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+            except Exception:  # noqa: BLE001 - no Triton runtime (CPU builds): nothing to record
+                yield False
+                return
+            kernel_class = CachingAutotuner
+        original = kernel_class.run
+        record = self
+
+        def run(kernel: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                meta = kernel.inductor_meta
+                name = meta.get("kernel_name") or kernel.fn.__name__
+                in_out = sum(1 for a in meta.get("mutated_arg_names", ()) if a.startswith("in_out_ptr"))
+                record.add(name, launch_bytes(args, in_out))
+            except Exception:  # noqa: BLE001, S110 - counting is optional, the launch is not
+                pass
+            return original(kernel, *args, **kwargs)
+
+        kernel_class.run = run
+        try:
+            yield True
+        finally:
+            kernel_class.run = original
+
+
+def launch_bytes(args: Iterable[Any], in_out: int) -> int:
+    """The bytes a launch moves as inductor counts them (``runtime_utils.get_num_bytes``): each
+    tensor argument once, the first ``in_out`` (read and written in place) twice. Whole buffers:
+    a kernel that reads part of one (a chunk, a slice) is counted high, so its bandwidth too."""
+    return sum(
+        a.numel() * a.element_size() * (2 if i < in_out else 1)
+        for i, a in enumerate(args)
+        if isinstance(a, torch.Tensor)
+    )
+
+
+def summarize(
+    events: Iterable[Event],
+    batches: int,
+    device: bool,
+    top: int = 10,
+    bytes_per_launch: Mapping[str, float] | None = None,
+) -> ProfileSummary:
     """Aggregate one profile of ``batches`` batches. ``device``: count GPU events (True) or CPU
     ops (False). Regions are device annotations on a GPU, CPU ranges on a CPU. The top kernels
-    come with their calls per batch: one compiled kernel serves every layer of the same shape,
-    so its time per call, beside the layer's bytes, says how near the memory bandwidth it runs."""
+    come with their calls per batch: one compiled kernel serves every layer of the same shape.
+    ``bytes_per_launch`` (``LaunchBytes.per_launch``) adds the GB per batch of the kernels it
+    names, so their time says how near the memory bandwidth they run."""
     per_category: dict[str, float] = defaultdict(float)
     per_region: dict[str, float] = defaultdict(float)
     per_name: dict[str, float] = defaultdict(float)
@@ -140,6 +218,14 @@ def summarize(events: Iterable[Event], batches: int, device: bool, top: int = 10
         calls[e.name] += 1
     n = max(batches, 1)
     ms = {k: v / 1e3 / n for k, v in per_category.items()}
+    known = bytes_per_launch or {}
+
+    def row(name: str, us: float) -> tuple[str, float, float, float | None]:
+        per_launch = known.get(name)
+        gb = per_launch * calls[name] / n / 1e9 if per_launch is not None else None
+        return (kernel_label(name), us / 1e3 / n, calls[name] / n, gb)
+
+    slowest = sorted(per_name.items(), key=lambda kv: -kv[1])
     return ProfileSummary(
         where="gpu kernels" if device else "cpu ops",
         batches=batches,
@@ -147,10 +233,8 @@ def summarize(events: Iterable[Event], batches: int, device: bool, top: int = 10
         ops=count / n,
         by_category=dict(sorted(ms.items(), key=lambda kv: -kv[1])),
         by_region={short: per_region[short] / 1e3 / n for short in map(_short, REGIONS) if short in per_region},
-        top=[
-            (kernel_label(name), us / 1e3 / n, calls[name] / n)
-            for name, us in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
-        ],
+        top=[row(name, us) for name, us in slowest[:top]],
+        triton=[row(name, us) for name, us in slowest if known and kernel_category(name) == "compiled (triton)"],
     )
 
 
@@ -168,7 +252,9 @@ def _events(prof: torch.profiler.profile) -> Iterator[Event]:
             yield Event(e.name, False, float(e.self_cpu_time_total), float(e.cpu_time_total))
 
 
-def profile_batches(run: Callable[[], Any], batches: int, cuda: bool) -> ProfileSummary:
+def profile_batches(
+    run: Callable[[], Any], batches: int, cuda: bool, bytes_per_launch: Mapping[str, float] | None = None
+) -> ProfileSummary:
     """Run ``run`` (one batch, on this thread) ``batches`` times under the profiler."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
@@ -179,7 +265,7 @@ def profile_batches(run: Callable[[], Any], batches: int, cuda: bool) -> Profile
             run()
         if cuda:
             torch.cuda.synchronize()
-    return summarize(_events(prof), batches, device=cuda)
+    return summarize(_events(prof), batches, device=cuda, bytes_per_launch=bytes_per_launch)
 
 
 def format_profile(label: str, p: dict[str, Any], wall_ms: float | None = None) -> list[str]:
@@ -199,6 +285,20 @@ def format_profile(label: str, p: dict[str, Any], wall_ms: float | None = None) 
     lines.append(f"    by category: {cats or '-'}")
     if p["by_region_ms"]:
         lines.append("    by region: " + ", ".join(f"{k} {v:.2f}" for k, v in p["by_region_ms"].items()))
-    for name, ms, calls in p["top_ms"]:
-        lines.append(f"    {ms:8.3f} ms  {calls:5.0f} x {ms / calls:.3f} ms  {name}")
+    triton = p.get("triton_kernels") or []
+    counted = [(ms, gb) for _, ms, _, gb in triton if gb is not None]
+    if counted:
+        ms_sum, gb_sum = sum(ms for ms, _ in counted), sum(gb for _, gb in counted)
+        lines.append(
+            f"    compiled kernels: {gb_sum:.2f} GB per batch in {ms_sum:.2f} ms, {_tb_per_s(gb_sum, ms_sum)} "
+            f"({len(counted)} of {len(triton)} kernels counted)"
+        )
+    for name, ms, calls, gb in p["top_ms"]:
+        moved = f"  {gb:.3f} GB, {_tb_per_s(gb, ms)}" if gb is not None else ""
+        count = f"{calls:5.0f}" if calls == int(calls) else f"{calls:5.1f}"  # fractional: not in every batch
+        lines.append(f"    {ms:8.3f} ms  {count} x {ms / calls:.3f} ms{moved}  {name}")
     return lines
+
+
+def _tb_per_s(gb: float, ms: float) -> str:
+    return f"{gb / ms:.2f} TB/s" if ms > 0 else "-"
