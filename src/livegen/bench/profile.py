@@ -220,10 +220,10 @@ def summarize(
     ms = {k: v / 1e3 / n for k, v in per_category.items()}
     known = bytes_per_launch or {}
 
-    def row(name: str, us: float) -> tuple[str, float, float, float | None]:
+    def row(name: str, us: float, label: str) -> tuple[str, float, float, float | None]:
         per_launch = known.get(name)
         gb = per_launch * calls[name] / n / 1e9 if per_launch is not None else None
-        return (kernel_label(name), us / 1e3 / n, calls[name] / n, gb)
+        return (label, us / 1e3 / n, calls[name] / n, gb)
 
     slowest = sorted(per_name.items(), key=lambda kv: -kv[1])
     return ProfileSummary(
@@ -233,8 +233,8 @@ def summarize(
         ops=count / n,
         by_category=dict(sorted(ms.items(), key=lambda kv: -kv[1])),
         by_region={short: per_region[short] / 1e3 / n for short in map(_short, REGIONS) if short in per_region},
-        top=[row(name, us) for name, us in slowest[:top]],
-        triton=[row(name, us) for name, us in slowest if known and kernel_category(name) == "compiled (triton)"],
+        top=[row(name, us, kernel_label(name)) for name, us in slowest[:top]],
+        triton=[row(name, us, name) for name, us in slowest if known and kernel_category(name) == "compiled (triton)"],
     )
 
 
@@ -285,7 +285,7 @@ def format_profile(label: str, p: dict[str, Any], wall_ms: float | None = None) 
     lines.append(f"    by category: {cats or '-'}")
     if p["by_region_ms"]:
         lines.append("    by region: " + ", ".join(f"{k} {v:.2f}" for k, v in p["by_region_ms"].items()))
-    triton = p.get("triton_kernels") or []
+    triton = p["triton_kernels"]
     counted = [(ms, gb) for _, ms, _, gb in triton if gb is not None]
     if counted:
         ms_sum, gb_sum = sum(ms for ms, _ in counted), sum(gb for _, gb in counted)
