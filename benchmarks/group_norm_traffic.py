@@ -19,9 +19,7 @@ import torch
 
 
 def main() -> None:
-    from diffusers import UNet2DConditionModel
-
-    from livegen.engine.synth import unet_config
+    import meta_unet
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="stabilityai/sd-turbo")
@@ -30,9 +28,7 @@ def main() -> None:
     ap.add_argument("--tb-per-s", type=float, default=3.5, help="memory bandwidth for the time column")
     args = ap.parse_args()
 
-    config = unet_config(args.model, tiny=False)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config).half()
+    unet, config = meta_unet.build(args.model)
     shapes: collections.Counter[tuple[int, ...]] = collections.Counter()
 
     def count(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
@@ -41,15 +37,7 @@ def main() -> None:
     for module in unet.modules():
         if isinstance(module, torch.nn.GroupNorm):
             module.register_forward_hook(count)
-    side = args.size // 8
-    latents = torch.empty(args.batch, 4, side, side, device="meta", dtype=torch.half)
-    embeds = torch.empty(args.batch, 77, config["cross_attention_dim"], device="meta", dtype=torch.half)
-    added = None
-    if config.get("addition_embed_type") == "text_time":
-        added = {"text_embeds": torch.empty(args.batch, 1280, device="meta", dtype=torch.half),
-                 "time_ids": torch.empty(args.batch, 6, device="meta", dtype=torch.half)}  # fmt: skip
-    with torch.inference_mode():
-        unet(latents, torch.tensor(999, device="meta"), encoder_hidden_states=embeds, added_cond_kwargs=added)
+    meta_unet.call(unet, config, args.batch, args.size)
 
     def moved(item: tuple[tuple[int, ...], int]) -> int:
         shape, calls = item

@@ -70,10 +70,9 @@ class StridedOps(TorchDispatchMode):
 
 
 def main() -> None:
-    from diffusers import UNet2DConditionModel
+    import meta_unet
 
     from livegen.engine.fastpath import split_geglu
-    from livegen.engine.synth import unet_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="stabilityai/sd-turbo")
@@ -83,9 +82,7 @@ def main() -> None:
     ap.add_argument("--split-geglu", action="store_true")
     args = ap.parse_args()
 
-    config = unet_config(args.model, tiny=False)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config).half()
+    unet, config = meta_unet.build(args.model)
     unet = unet.to(memory_format=torch.channels_last)
     if args.split_geglu:
         split_geglu(unet)
@@ -96,16 +93,9 @@ def main() -> None:
         return out if args.nhwc_gn else out.contiguous()
 
     torch.nn.functional.group_norm = cuda_group_norm  # type: ignore[assignment]
-    side = args.size // 8
-    latents = torch.empty(args.batch, 4, side, side, device="meta", dtype=torch.half)
-    embeds = torch.empty(args.batch, 77, config["cross_attention_dim"], device="meta", dtype=torch.half)
-    added = None
-    if config.get("addition_embed_type") == "text_time":
-        added = {"text_embeds": torch.empty(args.batch, 1280, device="meta", dtype=torch.half),
-                 "time_ids": torch.empty(args.batch, 6, device="meta", dtype=torch.half)}  # fmt: skip
     mode = StridedOps()
-    with torch.inference_mode(), mode:
-        unet(latents, torch.tensor(999, device="meta"), encoder_hidden_states=embeds, added_cond_kwargs=added)
+    with mode:
+        meta_unet.call(unet, config, args.batch, args.size)
     total = sum(mode.bytes.values())
     flags = " ".join(f for f, on in (("--nhwc-gn", args.nhwc_gn), ("--split-geglu", args.split_geglu)) if on)
     print(f"{args.model} {args.size}² batch {args.batch} {flags}: {total / 1e9:.2f} GB moved by "

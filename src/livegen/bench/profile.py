@@ -147,8 +147,12 @@ class LaunchBytes:
     @contextlib.contextmanager
     def recording(self, kernel_class: Any = None) -> Iterator[bool]:
         """While inside, each launch of a kernel inductor compiled (``CachingAutotuner.run``, on any
-        thread) is recorded before it runs. Yields False, recording nothing, where inductor's Triton
-        runtime cannot be imported. A failure to count never stops a launch."""
+        thread) is recorded before it runs, with the bytes inductor's own bandwidth profiler counts
+        (``get_num_bytes``: each tensor argument once, in-place ones twice; whole buffers, so a
+        kernel that reads a slice of one counts high). Yields False, recording nothing, where
+        inductor's Triton runtime cannot be imported. A failure to count never stops a launch."""
+        from torch._inductor.runtime.runtime_utils import get_num_bytes
+
         if kernel_class is None:
             try:
                 from torch._inductor.runtime.triton_heuristics import CachingAutotuner
@@ -157,14 +161,13 @@ class LaunchBytes:
                 return
             kernel_class = CachingAutotuner
         original = kernel_class.run
-        record = self
 
         def run(kernel: Any, *args: Any, **kwargs: Any) -> Any:
             try:
                 meta = kernel.inductor_meta
                 name = meta.get("kernel_name") or kernel.fn.__name__
                 in_out = sum(1 for a in meta.get("mutated_arg_names", ()) if a.startswith("in_out_ptr"))
-                record.add(name, launch_bytes(args, in_out))
+                self.add(name, get_num_bytes(*args, num_in_out_args=in_out))
             except Exception:  # noqa: BLE001, S110 - counting is optional, the launch is not
                 pass
             return original(kernel, *args, **kwargs)
@@ -174,17 +177,6 @@ class LaunchBytes:
             yield True
         finally:
             kernel_class.run = original
-
-
-def launch_bytes(args: Iterable[Any], in_out: int) -> int:
-    """The bytes a launch moves as inductor counts them (``runtime_utils.get_num_bytes``): each
-    tensor argument once, the first ``in_out`` (read and written in place) twice. Whole buffers:
-    a kernel that reads part of one (a chunk, a slice) is counted high, so its bandwidth too."""
-    return sum(
-        a.numel() * a.element_size() * (2 if i < in_out else 1)
-        for i, a in enumerate(args)
-        if isinstance(a, torch.Tensor)
-    )
 
 
 def summarize(
