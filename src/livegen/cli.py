@@ -308,7 +308,8 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
     "(cuDNN times its convolution algorithms) | sdpa-cudnn (cuDNN's "
     "attention kernels first) | nhwc-gn (GroupNorms kept in channels_last) | split-geglu (GEGLU's value and gate "
     "projected apart) | taesd-relu (the tiny VAE's convolutions fused with their ReLU) | taesd-fold (its "
-    "upsamplings folded into transposed convolutions).",
+    "upsamplings folded into transposed convolutions) | keep-cl (activations kept channels_last: no NCHW "
+    "transformer outputs, compiled skip concatenations laid out channels_last).",
 )
 @click.option(
     "--tiny-vae/--full-vae",

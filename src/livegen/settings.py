@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     # PyTorch's CUDA GroupNorm, which converts to NCHW and back around each one. Off: on an H200 (session 8,
     # BENCHMARKS.md) 3 % less device time at batch 16 and 13 % more at batch 1.
     nhwc_group_norm: bool = False
+    # Fast path with channels_last: the UNet's activations stay channels_last end to end (engine/layout.py):
+    # its transformer blocks return channels_last views instead of diffusers' NCHW copies, and under
+    # torch_compile its skip concatenations are laid out channels_last, so no compiled kernel reads or
+    # writes across layouts. Off until measured on a GPU (BENCHMARKS.md, session 13).
+    keep_channels_last: bool = False
     # Fast path: the UNet's GEGLU feed-forwards project value and gate with two matmuls, so the
     # gelu and the product run vectorized on contiguous halves (fastpath.split_geglu). Off until
     # measured on a GPU (BENCHMARKS.md, session 8).

@@ -36,7 +36,7 @@ PROMPT = "a photo of a red fox in the snow, detailed, 4k"
 VARIANTS = ("default", "plain", "eager", "graph", "compile", "compile-ro")
 MODIFIERS = (
     "bf16", "fp16", "fp32", "tiny-vae", "full-vae", "no-cl", "fuse-qkv", "tuned", "dyn-batch", "cudnn-bench",
-    "sdpa-cudnn", "nhwc-gn", "split-geglu", "taesd-relu", "taesd-fold",
+    "sdpa-cudnn", "nhwc-gn", "split-geglu", "taesd-relu", "taesd-fold", "keep-cl",
 )  # fmt: skip
 
 
@@ -55,6 +55,7 @@ _MODIFIER_SETTINGS: dict[str, tuple[str, Any]] = {
     "split-geglu": ("split_geglu", True),
     "taesd-relu": ("tiny_vae_conv_relu", True),
     "taesd-fold": ("tiny_vae_fold_upsample", True),
+    "keep-cl": ("keep_channels_last", True),
 }
 
 
@@ -85,7 +86,8 @@ def variant_settings(settings: Settings, variant: str) -> Settings:
     batches 2..16), ``graph+cudnn-bench`` (cuDNN times its
     convolution algorithms), ``graph+sdpa-cudnn`` (cuDNN's attention first), ``graph+nhwc-gn``
     (GroupNorms kept in channels_last), ``graph+split-geglu`` (GEGLU's halves projected apart),
-    ``graph+taesd-relu`` / ``graph+taesd-fold`` (the tiny VAE's fused convolutions / folded upsampling).
+    ``graph+taesd-relu`` / ``graph+taesd-fold`` (the tiny VAE's fused convolutions / folded upsampling),
+    ``compile+keep-cl`` (activations kept channels_last: engine/layout.py).
     BASE: default (what ``livegen serve`` does on this device), plain
     (stock pipelines, no fast path), eager (fast path, no graph), graph (fast path + CUDA
     graphs), compile (torch.compile default mode inside CUDA graphs), compile-ro (torch.compile

@@ -40,7 +40,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from livegen.engine import DeviceImage, EncodedImage, Task
+from livegen.engine import DeviceImage, EncodedImage, Task, layout
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class FastOptions:
     buckets: tuple[int, ...] = BUCKETS
     channels_last: bool = True
     nhwc_group_norm: bool = False
+    keep_channels_last: bool = False  # engine/layout.py: no NCHW transformer outputs or compiled cats
     split_geglu: bool = False
     tiny_vae_conv_relu: bool = False
     tiny_vae_fold_upsample: bool = False
@@ -160,6 +161,9 @@ class FastStats:
     compile_s: float = 0.0  # first runs of compiled shapes: compiling (and capturing) them
     uncompiled_shapes: int = 0  # shapes first seen after warm-up, with compiling closed: graphs only
     compile_reused_shapes: int = 0  # compile_dynamic_batch: buckets that ran another bucket's compiled code
+    # keep_channels_last: concatenations pinned channels_last by the graphs inductor compiled in this
+    # process (a graph loaded from inductor's cache runs no pass and adds none)
+    channels_last_cats: int = 0
     padded_rows: int = 0
     gpu_jpeg_images: int = 0
     graph_failures: int = 0
@@ -202,6 +206,7 @@ class FastPath:
         self._compiled_unet: Callable[..., Any] | None = None
         self._compiled_decode: dict[int, Callable[..., Any]] = {}
         self._compiled_keys: set[tuple[Any, ...]] = set()
+        self._cat_pass: Any = None  # keep_channels_last: the post-grad pass the compiled graphs run
         self._uncompiled_keys: set[tuple[Any, ...]] = set()
         # Compile shapes not seen before? On at first; the worker turns it off after warm-up
         # (unless LIVEGEN_COMPILE_ON_DEMAND): compiling a new shape costs ~100 s on an H100, a
@@ -228,6 +233,8 @@ class FastPath:
                 m.to(memory_format=torch.channels_last)
                 if self.options.nhwc_group_norm:
                     keep_channels_last_in_group_norms(m)
+        if self.options.keep_channels_last:
+            layout.transformer_outputs_channels_last(self.unet)
         if self.options.split_geglu:
             split_geglu(self.unet)
         if self.tiny_vae is not None:  # after the layout change above: the folded kernels copy it
@@ -608,6 +615,8 @@ class FastPath:
             out = fn(**inputs)
             if first:
                 self.stats.compile_s += time.perf_counter() - started
+                if self._cat_pass is not None:
+                    self.stats.channels_last_cats = self._cat_pass.pinned
                 logger.info("compiled %s in %.1f s", key, time.perf_counter() - started)
             return out
         if key not in self._graphs:
@@ -630,7 +639,10 @@ class FastPath:
             # this, every capture's warm-up peak stays reserved for the life of the process.
             torch.cuda.empty_cache()
         graph = self._graphs[key]
-        return fn(**inputs) if graph is None else graph.replay(inputs)
+        out = fn(**inputs) if graph is None else graph.replay(inputs)
+        if first and self._cat_pass is not None:
+            self.stats.channels_last_cats = self._cat_pass.pinned
+        return out
 
     def _compiles(self, key: tuple[Any, ...]) -> bool:
         """Whether the shape ``key`` runs torch.compile'd code (compiling it on its first run)."""
@@ -676,11 +688,15 @@ class FastPath:
             import torch._dynamo.config as dynamo_config
 
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-            self._compiled_unet = torch.compile(self.unet.forward, mode=mode, dynamic=False)
+            how: dict[str, Any] = {"mode": mode}
+            if self.options.keep_channels_last:
+                self._cat_pass = layout.channels_last_cat_pass()
+                how = {"options": layout.compile_options(mode, self._cat_pass)}
+            self._compiled_unet = torch.compile(self.unet.forward, dynamic=False, **how)
             vaes: list[Any] = [self.tiny_vae, self.full_vae, self._full_vae_fp32]
             for vae in vaes:
                 if vae is not None:
-                    self._compiled_decode[id(vae)] = torch.compile(vae.decode, mode=mode, dynamic=False)
+                    self._compiled_decode[id(vae)] = torch.compile(vae.decode, dynamic=False, **how)
 
     def _collect(
         self,

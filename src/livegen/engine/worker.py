@@ -749,6 +749,7 @@ class Worker:
             cuda_graphs=settings.cuda_graphs,
             channels_last=settings.channels_last,
             nhwc_group_norm=settings.nhwc_group_norm,
+            keep_channels_last=settings.keep_channels_last,
             split_geglu=settings.split_geglu,
             tiny_vae_conv_relu=settings.tiny_vae_conv_relu,
             tiny_vae_fold_upsample=settings.tiny_vae_fold_upsample,
