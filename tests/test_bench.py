@@ -215,6 +215,10 @@ def test_bench_refuses_an_unknown_variant() -> None:
         ("graph+split-geglu", {"cuda_graphs": True, "split_geglu": True, "nhwc_group_norm": False}),
         ("graph+taesd-relu", {"tiny_vae_conv_relu": True, "tiny_vae_fold_upsample": False}),
         (
+            "compile+dyn-batch+keep-cl",
+            {"torch_compile": "default", "compile_dynamic_batch": True, "keep_channels_last": True},
+        ),
+        (
             "eager+taesd-relu+taesd-fold",
             {"cuda_graphs": False, "tiny_vae_conv_relu": True, "tiny_vae_fold_upsample": True},
         ),

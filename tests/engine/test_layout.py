@@ -16,7 +16,6 @@ import torch
 from livegen.engine import layout
 from livegen.engine.worker import Worker
 from livegen.settings import Settings
-
 from tests.engine.test_fastpath import SD, assert_close, pixels, req, tiny_unet
 
 CL = torch.channels_last
@@ -99,7 +98,9 @@ def test_cat_pass_pins_channels_last_cats_and_computes_the_same(dynamic: bool, t
     try:
         with inductor_config.patch(force_disable_caches=True), torch.inference_mode():
             expected = block(x, skip)
-            compiled = torch.compile(block.forward, dynamic=dynamic, options=layout.compile_options("default", cat_pass))
+            compiled = torch.compile(
+                block.forward, dynamic=dynamic, options=layout.compile_options("default", cat_pass)
+            )
             got = compiled(x, skip)
             assert cat_pass.pinned == 1
             nchw = torch.compile(block.forward, options=layout.compile_options("default", cat_pass))

@@ -61,7 +61,8 @@ def loaded() -> Iterator[dict[tuple[str, str], Any]]:
 
 def adapter(cache: dict[tuple[str, str], Any], model: str, kind: str) -> Any:
     """kind: fast (graphs), fast-nhwc-gn (and GroupNorms in channels_last), fast-split-geglu (and
-    GEGLU's halves projected apart), fast-taesd-rewrites (and the tiny VAE's fused convolutions and
+    GEGLU's halves projected apart), fast-keep-cl (and transformer outputs kept channels_last),
+    fast-taesd-rewrites (and the tiny VAE's fused convolutions and
     folded upsampling), eager (fast path, no graphs), plain-tiny, plain-full."""
     if (model, kind) not in cache:
         if len({m for m, _ in cache} | {model}) > 1:  # one model family in memory at a time
@@ -73,6 +74,7 @@ def adapter(cache: dict[tuple[str, str], Any], model: str, kind: str) -> Any:
             "fast": {"fast_path": "on", "cuda_graphs": True},
             "fast-nhwc-gn": {"fast_path": "on", "cuda_graphs": True, "nhwc_group_norm": True},
             "fast-split-geglu": {"fast_path": "on", "cuda_graphs": True, "split_geglu": True},
+            "fast-keep-cl": {"fast_path": "on", "cuda_graphs": True, "keep_channels_last": True},
             "fast-taesd-rewrites": {
                 "fast_path": "on",
                 "cuda_graphs": True,
@@ -158,6 +160,16 @@ def test_split_geglu_matches_the_plain_pipeline(loaded: dict[tuple[str, str], An
     fast = pixels(adapter(loaded, SD, "fast-split-geglu")(batch))
     plain = pixels(adapter(loaded, SD, "plain-tiny")(batch))
     compare(f"{SD}:split-geglu:tiny:graph-vs-plain", fast, plain)
+
+
+def test_channels_last_transformer_outputs_match_the_plain_pipeline(loaded: dict[tuple[str, str], Any]) -> None:
+    """``LIVEGEN_KEEP_CHANNELS_LAST``: the transformer blocks' channels_last outputs (engine/layout.py;
+    under CUDA graphs, no compile: its concatenation pass runs only in inductor) against the plain
+    pipeline, within the same bounds."""
+    batch = [req(SD, seed=s, vae="tiny") for s in (1, 2)]
+    fast = pixels(adapter(loaded, SD, "fast-keep-cl")(batch))
+    plain = pixels(adapter(loaded, SD, "plain-tiny")(batch))
+    compare(f"{SD}:keep-cl:tiny:graph-vs-plain", fast, plain)
 
 
 @pytest.mark.parametrize("task", [Task.TEXT_TO_IMAGE, Task.IMAGE_TO_IMAGE], ids=["t2i", "i2i"])

@@ -508,6 +508,8 @@ def format_table(report: dict[str, Any]) -> str:
             extra += f", {fast['graph_failures']} CAPTURES FAILED (ran eagerly): {fast.get('graph_error')}"
         if fast.get("compiled_shapes") or fast.get("uncompiled_shapes"):
             extra += f", {fast.get('compiled_shapes', 0)} shapes compiled"
+            if fast.get("channels_last_cats"):
+                extra += f", {fast['channels_last_cats']} concatenations pinned channels_last"
             if fast.get("uncompiled_shapes"):
                 extra += f", {fast['uncompiled_shapes']} NOT COMPILED (ran as plain graphs)"
         vram = (

@@ -50,7 +50,13 @@ def transformer_outputs_channels_last(module: torch.nn.Module) -> int:
 
 
 def transformer_output(
-    block: Any, hidden_states: torch.Tensor, residual: torch.Tensor, batch_size: int, height: int, width: int, inner_dim: int
+    block: Any,
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor,
+    batch_size: int,
+    height: int,
+    width: int,
+    inner_dim: int,
 ) -> torch.Tensor:
     """diffusers' ``Transformer2DModel._get_output_for_continuous_inputs`` without its
     ``.contiguous()``: ``(b, h*w, c)`` rows reshaped to ``(b, h, w, c)`` and permuted to
@@ -107,7 +113,7 @@ def channels_last_cat_pass() -> Any:
                 with graph.inserting_after(node):
                     pinned = graph.call_function(force, (node, stride))
                 pinned.meta.update(node.meta)
-                node.replace_all_uses_with(pinned, delete_user_cb=lambda user: user is not pinned)
+                node.replace_all_uses_with(pinned, delete_user_cb=lambda user, p=pinned: user is not p)
                 self.pinned += 1
 
         def uuid(self) -> str:

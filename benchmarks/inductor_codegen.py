@@ -1,0 +1,200 @@
+"""The Triton code inductor generates for a UNet on a CUDA GPU, generated on a machine without one.
+
+The real architecture's UNet (livegen's synthesized configs, fp16, channels_last weights, as the
+fast path holds it) on fake CUDA tensors is exported and handed to inductor, which lowers it and
+writes its wrapper module (every Triton kernel's source and the launches) for an H100/H200-class
+device (132 SMs, sm_90). The run stops there: nothing is compiled or launched. Read the result
+with ``python -m livegen.bench.kernel_access OUT --skip _safe_softmax,transpose``.
+
+Needs a CUDA build of torch (its convolution meta functions pick cuDNN's layouts only when
+cuDNN is present) and triton; no GPU. What the project measured with (session 13):
+
+    python -m venv /tmp/cuda-torch && /tmp/cuda-torch/bin/pip install torch==2.11.0 \\
+        diffusers==0.42.1 transformers==5.24.0     # torch 2.11.0+cu130 from PyPI, ~3 GB with CUDA libs
+    PYTHONPATH=src /tmp/cuda-torch/bin/python benchmarks/inductor_codegen.py --batch 16 [--dynamic-batch] \\
+        [--keep-cl] --out /tmp/unet.py
+
+Where this differs from a GPU run's code, and why:
+- attention: without a device, ``scaled_dot_product_attention`` picks its math kernel, which
+  inductor decomposes (softmax, transposes). A GPU runs cuDNN's/flash attention as one extern
+  kernel: leave the ``_safe_softmax`` and ``transpose`` kernels out of any comparison.
+- inductor's pattern-matcher replacements are traced on the CPU (they trace on the input's
+  device); uniform-value constant folding and matmul padding (both benchmark on the device) are
+  off. No autotuning: launch configurations (block sizes) are chosen on the GPU at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+H200 = types.SimpleNamespace(
+    name="NVIDIA H200", major=9, minor=0, multi_processor_count=132, regs_per_multiprocessor=65536,
+    max_threads_per_multi_processor=2048, max_threads_per_block=1024, warp_size=32,
+    total_memory=150 * 2**30, L2_cache_size=50 * 2**20, shared_memory_per_block_optin=232448, gcnArchName="",
+)  # fmt: skip
+
+
+class Generated(Exception):
+    """Raised once inductor has written the wrapper: stops before anything compiles."""
+
+
+def pretend_a_device() -> list[str]:
+    """Point torch's device queries at an H200-class GPU and keep inductor's on-device steps
+    (pattern tracing, benchmarks) off it. Returns the wrapper sources, filled as inductor writes
+    them."""
+    import torch._inductor.config as inductor
+    import torch._inductor.fx_passes.joint_graph as joint_graph
+    import torch._inductor.fx_passes.post_grad as post_grad
+    import torch._inductor.graph as graph
+    import torch.utils._triton as triton_utils
+    from torch._dynamo import device_interface
+
+    torch.cuda.get_device_properties = lambda device=None: H200
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.device_count = lambda: 1
+    cuda = device_interface.CudaInterface
+    cuda.get_device_properties = staticmethod(lambda device=None: H200)
+    cuda.get_compute_capability = staticmethod(lambda device=None: 90)
+    cuda.current_device = staticmethod(lambda: 0)
+    cuda.device_count = staticmethod(lambda: 1)
+    cuda.is_available = staticmethod(lambda: True)
+    triton_utils.triton_hash_with_backend = lambda: "no-device"
+    inductor.force_disable_caches = True
+    inductor.shape_padding = False
+    inductor.compile_threads = 1
+    joint_init, post_init = joint_graph.lazy_init, post_grad.lazy_init
+    joint_graph.lazy_init = lambda input_device=None: joint_init(torch.device("cpu"))
+    post_grad.lazy_init = lambda input_device=None: post_init(torch.device("cpu"))
+    joint_graph.constant_fold_uniform_value = lambda gm: None
+
+    sources: list[str] = []
+    codegen = graph.GraphLowering.codegen
+
+    def capture(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = codegen(self, *args, **kwargs)
+        code = out[0]
+        sources.append(getattr(code, "value", code))
+        raise Generated
+
+    graph.GraphLowering.codegen = capture
+    return sources
+
+
+def fake_cuda_module(module: torch.nn.Module, mode: Any) -> None:
+    """Replace ``module``'s (meta) parameters and buffers with fake CUDA tensors, 4-D weights in
+    channels_last."""
+    with mode:
+        for m in module.modules():
+            for name, p in list(m.named_parameters(recurse=False)):
+                t = torch.empty(p.shape, device="cuda", dtype=p.dtype)
+                if t.dim() == 4:
+                    t = t.to(memory_format=torch.channels_last)
+                setattr(m, name, torch.nn.Parameter(t, requires_grad=False))
+            for name, b in list(m.named_buffers(recurse=False)):
+                m._buffers[name] = torch.empty(b.shape, device="cuda", dtype=b.dtype)
+
+
+class Step(torch.nn.Module):
+    """The UNet call the fast path compiles: latents, a timestep, text embeddings (SDXL: pooled
+    embeddings and time ids)."""
+
+    def __init__(self, unet: torch.nn.Module, sdxl: bool) -> None:
+        super().__init__()
+        self.unet = unet
+        self.sdxl = sdxl
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        embeds: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> Any:
+        extra = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}} if self.sdxl else {}
+        return self.unet(latents, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="stabilityai/sd-turbo")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--dynamic-batch", action="store_true", help="as LIVEGEN_COMPILE_DYNAMIC_BATCH compiles it")
+    ap.add_argument("--keep-cl", action="store_true", help="with LIVEGEN_KEEP_CHANNELS_LAST (engine/layout.py)")
+    ap.add_argument("--out", required=True, help="where to write inductor's wrapper module")
+    args = ap.parse_args()
+    if torch.version.cuda is None or not torch.backends.cudnn.is_available():
+        sys.exit("needs a CUDA build of torch with cuDNN (no GPU): see this script's docstring")
+
+    import meta_unet
+    import torch._inductor.config as inductor
+    from torch._dynamo.source import ConstantSource
+    from torch._inductor.compile_fx import compile_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from livegen.engine import layout
+
+    sources = pretend_a_device()
+    unet, config = meta_unet.build(args.model)
+    sdxl = config.get("addition_embed_type") == "text_time"
+    if args.keep_cl:
+        layout.transformer_outputs_channels_last(unet)
+        inductor.post_grad_custom_post_pass = layout.channels_last_cat_pass()
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env)
+    fake_cuda_module(unet, mode)
+
+    def inputs(batch: Any) -> list[torch.Tensor]:
+        side = args.size // 8
+        with mode:
+            out = [
+                torch.empty(batch, 4, side, side, device="cuda", dtype=torch.half).to(
+                    memory_format=torch.channels_last
+                ),
+                torch.empty(1, device="cuda", dtype=torch.long),
+                torch.empty(batch, 77, config["cross_attention_dim"], device="cuda", dtype=torch.half),
+            ]
+            if sdxl:
+                out += [torch.empty(batch, 1280, device="cuda", dtype=torch.half),
+                        torch.empty(batch, 6, device="cuda", dtype=torch.half)]  # fmt: skip
+        return out
+
+    started = time.perf_counter()
+    step = Step(unet, sdxl)
+    example = inputs(args.batch)
+    dims = None
+    if args.dynamic_batch:
+        b = torch.export.Dim("batch", min=2, max=16)  # the batch buckets above 1
+        dims = ({0: b}, None, {0: b}, *([{0: b}] * (2 if sdxl else 0)))
+    with mode, torch.no_grad():
+        exported = torch.export.export(step, tuple(example), dynamic_shapes=dims)
+    if args.dynamic_batch:  # the compile sees a symbolic batch, as dynamo's mark_dynamic gives it
+        symbol = env.create_symbol(args.batch, ConstantSource("batch"), dynamic_dim=DimDynamic.DYNAMIC)
+        example = inputs(env.create_symintnode(symbol, hint=args.batch))
+    try:
+        with mode, torch.no_grad():
+            compile_fx(exported.module(), example)
+    except Exception as exc:  # inductor wraps what its code generation raises
+        if not isinstance(getattr(exc, "inner_exception", exc), Generated):
+            raise
+    if not sources:
+        sys.exit("inductor wrote no wrapper")
+    Path(args.out).write_text(sources[-1])
+    kernels = sources[-1].count("async_compile.triton(")
+    print(f"{args.out}: {kernels} Triton kernels, generated in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
