@@ -4,7 +4,7 @@ The real architecture's UNet (livegen's synthesized configs, fp16, channels_last
 fast path holds it) on fake CUDA tensors is exported and handed to inductor, which lowers it and
 writes its wrapper module (every Triton kernel's source and the launches) for an H100/H200-class
 device (132 SMs, sm_90). The run stops there: nothing is compiled or launched. Read the result
-with ``python -m livegen.bench.kernel_access OUT --skip _safe_softmax,transpose``.
+with ``python -m livegen.bench.kernel_access OUT``.
 
 Needs a CUDA build of torch (its convolution meta functions pick cuDNN's layouts only when
 cuDNN is present) and triton; no GPU. What the project measured with (session 13):
@@ -15,9 +15,9 @@ cuDNN is present) and triton; no GPU. What the project measured with (session 13
         [--keep-cl] --out /tmp/unet.py
 
 Where this differs from a GPU run's code, and why:
-- attention: without a device, ``scaled_dot_product_attention`` picks its math kernel, which
-  inductor decomposes (softmax, transposes). A GPU runs cuDNN's/flash attention as one extern
-  kernel: leave the ``_safe_softmax`` and ``transpose`` kernels out of any comparison.
+- attention: without a device, ``scaled_dot_product_attention`` would pick its math kernel
+  (which inductor decomposes into softmax and transpose kernels); ``--attention`` makes it pick
+  what the device picks (default cuDNN's, as session 8's H200 profile shows).
 - inductor's pattern-matcher replacements are traced on the CPU (they trace on the input's
   device); uniform-value constant folding and matmul padding (both benchmark on the device) are
   off. No autotuning: launch configurations (block sizes) are chosen on the GPU at run time.
@@ -47,10 +47,24 @@ class Generated(Exception):
     """Raised once inductor has written the wrapper: stops before anything compiles."""
 
 
-def pretend_a_device() -> list[str]:
+def pretend_a_device(attention: str) -> list[str]:
     """Point torch's device queries at an H200-class GPU and keep inductor's on-device steps
-    (pattern tracing, benchmarks) off it. Returns the wrapper sources, filled as inductor writes
-    them."""
+    (pattern tracing, benchmarks) off it; ``scaled_dot_product_attention`` runs ``attention``'s
+    kernel (cudnn, flash or math), as it would pick on the device. Returns the wrapper sources, filled as inductor
+    writes them."""
+    if attention != "math":  # without a device, torch's own choice is its math kernel
+        math_attention = torch.nn.functional.scaled_dot_product_attention
+
+        def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, **kw: Any) -> Any:
+            if attn_mask is not None or kw.get("dropout_p") or kw.get("is_causal") or kw.get("enable_gqa"):
+                return math_attention(q, k, v, attn_mask=attn_mask, **kw)
+            if attention == "cudnn":
+                out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, scale=kw.get("scale"))
+            else:
+                out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=kw.get("scale"))
+            return out[0]
+
+        torch.nn.functional.scaled_dot_product_attention = sdpa
     import torch._inductor.config as inductor
     import torch._inductor.fx_passes.joint_graph as joint_graph
     import torch._inductor.fx_passes.post_grad as post_grad
@@ -125,14 +139,32 @@ class Step(torch.nn.Module):
         return self.unet(latents, t, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
 
 
+class Decode(torch.nn.Module):
+    """The tiny VAE's decode the fast path compiles: latents to pixels."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor) -> Any:
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="stabilityai/sd-turbo")
+    ap.add_argument("--part", default="unet", choices=["unet", "taesd"], help="the UNet, or the tiny VAE's decoder")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--dynamic-batch", action="store_true", help="as LIVEGEN_COMPILE_DYNAMIC_BATCH compiles it")
     ap.add_argument("--keep-cl", action="store_true", help="with LIVEGEN_KEEP_CHANNELS_LAST (engine/layout.py)")
     ap.add_argument("--out", required=True, help="where to write inductor's wrapper module")
+    ap.add_argument(
+        "--attention",
+        default="cudnn",
+        choices=["cudnn", "flash", "math"],
+        help="the kernel scaled_dot_product_attention picks (session 8's H200 profile: cuDNN's)",
+    )
     args = ap.parse_args()
     if torch.version.cuda is None or not torch.backends.cudnn.is_available():
         sys.exit("needs a CUDA build of torch with cuDNN (no GPU): see this script's docstring")
@@ -146,7 +178,7 @@ def main() -> None:
 
     from livegen.engine import layout
 
-    sources = pretend_a_device()
+    sources = pretend_a_device(args.attention)
     unet, config = meta_unet.build(args.model)
     sdxl = config.get("addition_embed_type") == "text_time"
     if args.keep_cl:
@@ -154,11 +186,21 @@ def main() -> None:
         inductor.post_grad_custom_post_pass = layout.channels_last_cat_pass()
     env = ShapeEnv()
     mode = FakeTensorMode(shape_env=env)
-    fake_cuda_module(unet, mode)
+    step: torch.nn.Module = Step(unet, sdxl)
+    if args.part == "taesd":
+        from diffusers import AutoencoderTiny
+
+        from livegen.engine.synth import _taesd_config
+
+        with torch.device("meta"):
+            step = Decode(AutoencoderTiny.from_config(_taesd_config(tiny=False)).half())
+    fake_cuda_module(step, mode)
 
     def inputs(batch: Any) -> list[torch.Tensor]:
         side = args.size // 8
         with mode:
+            if args.part == "taesd":
+                return [torch.empty(batch, 4, side, side, device="cuda", dtype=torch.half).to(memory_format=torch.channels_last)]
             out = [
                 torch.empty(batch, 4, side, side, device="cuda", dtype=torch.half).to(
                     memory_format=torch.channels_last
@@ -172,12 +214,11 @@ def main() -> None:
         return out
 
     started = time.perf_counter()
-    step = Step(unet, sdxl)
     example = inputs(args.batch)
-    dims = None
+    dims: Any = None
     if args.dynamic_batch:
         b = torch.export.Dim("batch", min=2, max=16)  # the batch buckets above 1
-        dims = ({0: b}, None, {0: b}, *([{0: b}] * (2 if sdxl else 0)))
+        dims = ({0: b},) if args.part == "taesd" else ({0: b}, None, {0: b}, *([{0: b}] * (2 if sdxl else 0)))
     with mode, torch.no_grad():
         exported = torch.export.export(step, tuple(example), dynamic_shapes=dims)
     if args.dynamic_batch:  # the compile sees a symbolic batch, as dynamo's mark_dynamic gives it

@@ -6,8 +6,9 @@ a Triton kernel that reads or writes across the layouts: one 2-byte element per 
 sector, 1/16 of the bandwidth (counted from inductor's generated code, ``benchmarks/kernel_access.py``):
 
 1. diffusers' ``Transformer2DModel`` returns ``(b, h*w, c) -> (b, h, w, c) -> permute -> .contiguous()``:
-   an NCHW copy of a tensor whose permuted view is already channels_last. Its residual add then
-   produces NCHW, and so do the up blocks' ``torch.cat`` of skip connections that take it in.
+   an NCHW copy of a tensor whose permuted view is already channels_last. In the graph inductor
+   is handed, its residual add then comes out NCHW, and so do the up blocks' ``torch.cat`` of
+   skip connections that take it in.
    ``transformer_outputs_channels_last`` drops the copy: the same values, as the channels_last view.
 2. Inductor lowers such a ``cat`` as a fused pointwise node whose memory layout is left open; the
    GroupNorm after it reshapes it to ``(n, groups, -1)``, which fixes it as NCHW, and the 1x1
