@@ -131,8 +131,8 @@ def test_compile_options_keep_the_mode_and_add_the_pass() -> None:
 def test_keep_channels_last_setting_gives_the_same_images_and_compiles_with_the_pass(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``LIVEGEN_KEEP_CHANNELS_LAST``: the transformer blocks are rewritten and the fast path's
-    images match those without it (CPU, fp32); with torch_compile the UNet and the decodes are
+    """``LIVEGEN_KEEP_CHANNELS_LAST``: the transformer blocks are rewritten (not without
+    channels_last) and the fast path's images match those without it (CPU, fp32); with torch_compile the UNet and the decodes are
     compiled with inductor's mode options plus the pass (torch.compile is recorded, not run)."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
@@ -142,6 +142,8 @@ def test_keep_channels_last_setting_gives_the_same_images_and_compiles_with_the_
     assert blocks and all("_get_output_for_continuous_inputs" in vars(m) for m in blocks)
     batch = [req(SD, seed=s, vae="tiny") for s in (5, 6)]
     assert_close(pixels(kept(batch)), pixels(plain(batch)))
+    nchw = Worker(settings.model_copy(update={"keep_channels_last": True, "channels_last": False}))._load(SD)
+    assert not any("_get_output_for_continuous_inputs" in vars(m) for m in nchw.fast.unet.modules())
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)

@@ -76,7 +76,7 @@ class FastOptions:
     buckets: tuple[int, ...] = BUCKETS
     channels_last: bool = True
     nhwc_group_norm: bool = False
-    keep_channels_last: bool = False  # engine/layout.py: no NCHW transformer outputs or compiled cats
+    keep_channels_last: bool = False  # with channels_last (engine/layout.py): no NCHW transformer outputs or cats
     split_geglu: bool = False
     tiny_vae_conv_relu: bool = False
     tiny_vae_fold_upsample: bool = False
@@ -233,7 +233,7 @@ class FastPath:
                 m.to(memory_format=torch.channels_last)
                 if self.options.nhwc_group_norm:
                     keep_channels_last_in_group_norms(m)
-        if self.options.keep_channels_last:
+        if self.options.keep_channels_last and self.options.channels_last:
             layout.transformer_outputs_channels_last(self.unet)
         if self.options.split_geglu:
             split_geglu(self.unet)
@@ -689,7 +689,7 @@ class FastPath:
 
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
             how: dict[str, Any] = {"mode": mode}
-            if self.options.keep_channels_last:
+            if self.options.keep_channels_last and self.options.channels_last:
                 self._cat_pass = layout.channels_last_cat_pass()
                 how = {"options": layout.compile_options(mode, self._cat_pass)}
             self._compiled_unet = torch.compile(self.unet.forward, dynamic=False, **how)

@@ -3,7 +3,8 @@
 The fast path keeps its UNet's weights in channels_last (NHWC) on CUDA, where cuDNN's convolutions
 are fastest. Two places still produce NCHW activations, and under ``torch.compile`` every one costs
 a Triton kernel that reads or writes across the layouts: one 2-byte element per 32-byte memory
-sector, 1/16 of the bandwidth (counted from inductor's generated code, ``benchmarks/kernel_access.py``):
+sector, 1/16 of the bandwidth (counted from inductor's generated code: ``livegen.bench.kernel_access``,
+BENCHMARKS.md session 13):
 
 1. diffusers' ``Transformer2DModel`` returns ``(b, h*w, c) -> (b, h, w, c) -> permute -> .contiguous()``:
    an NCHW copy of a tensor whose permuted view is already channels_last. In the graph inductor
@@ -22,12 +23,9 @@ Layout only: the values are the same (a GroupNorm's sums may add up in another o
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 PASS_VERSION = "livegen-channels-last-cat-1"  # part of inductor's cache key: change it with the pass
 
@@ -73,9 +71,9 @@ def transformer_output(
 
 
 def _channels_last_strides(val: Any) -> list[int] | None:
-    """``val``'s strides if it is a 4-D channels_last tensor that is not also NCHW-contiguous,
-    known without guessing at symbolic sizes (a dynamic batch only scales the unused dim-0
-    stride check away); else None."""
+    """``val``'s strides if it is a 4-D channels_last tensor that is not also NCHW-contiguous;
+    else None. Decided from static sizes only: a dynamic batch leaves c, h, w and the strides
+    (dim 0's is h*w*c) static, and anything symbolic there is left alone rather than guarded."""
     if not isinstance(val, torch.Tensor) or val.dim() != 4:
         return None
     size, stride = val.shape, val.stride()
