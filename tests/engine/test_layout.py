@@ -27,8 +27,8 @@ def test_transformer_blocks_stop_copying_their_output_to_nchw(
 ) -> None:
     """On a (tiny) channels_last UNet, for both projection kinds (SD 2.x/XL's linear, SD 1.5's 1x1
     convolution): each transformer block's output used to be copied to NCHW (``.contiguous()`` on
-    its channels_last view); after the rewrite those copies are gone, a second call changes
-    nothing, and the UNet's output is unchanged. (Whether the add after it then comes out NCHW
+    its channels_last view); after the rewrite those copies are gone at batch 2 and kept at batch
+    1, a second call changes nothing, and the UNet's output is unchanged. (Whether the add after it then comes out NCHW
     depends on the device's rule for mixed layouts: on a CPU it does not, in inductor's traced
     graph for CUDA it does; the compile test below checks what inductor is handed.)"""
     from diffusers import UNet2DConditionModel
@@ -58,8 +58,12 @@ def test_transformer_blocks_stop_copying_their_output_to_nchw(
         assert layout.transformer_outputs_channels_last(unet) == blocks
         assert layout.transformer_outputs_channels_last(unet) == 0
         after = unet(latents, 999, encoder_hidden_states=embeds).sample
-    assert len(copies) == copied - blocks
+        assert len(copies) == copied - blocks
+        copies.clear()
+        one = unet(latents[:1], 999, encoder_hidden_states=embeds[:1]).sample  # batch 1: diffusers' copies
+    assert len(copies) == copied
     assert (before - after).abs().max().item() <= 1e-5 * before.abs().max().item()
+    assert (before[:1] - one).abs().max().item() <= 1e-5 * before.abs().max().item()
 
 
 class SkipBlock(torch.nn.Module):
@@ -112,13 +116,15 @@ def test_cat_pass_pins_channels_last_cats_and_computes_the_same(dynamic: bool, t
 
 
 def test_channels_last_strides_are_read_without_guessing() -> None:
-    """The pass pins only what is channels_last and not NCHW at once: C or H*W of 1 is both."""
+    """The pass pins only what is channels_last and not NCHW at once (C or H*W of 1 is both), and
+    only batches of more than one image."""
     strides = layout._channels_last_strides
     assert strides(torch.empty(2, 6, 4, 5).to(memory_format=CL)) == [120, 1, 30, 6]
     assert strides(torch.empty(2, 6, 4, 5)) is None
     assert strides(torch.empty(2, 1, 4, 5).to(memory_format=CL)) is None
     assert strides(torch.empty(2, 6, 1, 1).to(memory_format=CL)) is None
     assert strides(torch.empty(6, 4, 5)) is None
+    assert strides(torch.empty(1, 6, 4, 5).to(memory_format=CL)) is None  # a batch of one is left as traced
 
 
 def test_compile_options_keep_the_mode_and_add_the_pass() -> None:
@@ -132,8 +138,9 @@ def test_keep_channels_last_setting_gives_the_same_images_and_compiles_with_the_
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``LIVEGEN_KEEP_CHANNELS_LAST``: the transformer blocks are rewritten (not without
-    channels_last) and the fast path's images match those without it (CPU, fp32); with torch_compile the UNet and the decodes are
-    compiled with inductor's mode options plus the pass (torch.compile is recorded, not run)."""
+    channels_last) and the fast path's images match those without it (CPU, fp32); with
+    torch_compile the UNet and the decodes are compiled with inductor's mode options plus the pass
+    (torch.compile is recorded, not run)."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     plain = Worker(settings)._load(SD)

@@ -60,7 +60,19 @@ def transformer_output(
     """diffusers' ``Transformer2DModel._get_output_for_continuous_inputs`` without its
     ``.contiguous()``: ``(b, h*w, c)`` rows reshaped to ``(b, h, w, c)`` and permuted to
     ``(b, c, h, w)`` are already a channels_last tensor, so the projection (a 1x1 convolution) or
-    the residual add reads them where they are."""
+    the residual add reads them where they are.
+
+    A batch of one keeps diffusers' NCHW copy (and ``ChannelsLastCat`` leaves its concatenations
+    alone). There inductor splits each GroupNorm's reduction into short pieces, and in
+    channels_last a piece reads 10 channels of each pixel, half of every sector: SD-Turbo's and
+    SD 1.5's generated code at batch 1 have 9 launches and ~0.15 GB of sectors more in
+    channels_last, and save nothing (BENCHMARKS.md, session 13).
+    Under torch.compile the batch size is known when the graph is traced (a dynamic batch is at
+    least 2), so this choice costs nothing at run time."""
+    if batch_size == 1:
+        return type(block)._get_output_for_continuous_inputs(
+            block, hidden_states, residual, batch_size, height, width, inner_dim
+        )
     if not block.use_linear_projection:
         hidden_states = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
         hidden_states = block.proj_out(hidden_states)
@@ -71,12 +83,14 @@ def transformer_output(
 
 
 def _channels_last_strides(val: Any) -> list[int] | None:
-    """``val``'s strides if it is a 4-D channels_last tensor that is not also NCHW-contiguous;
-    else None. Decided from static sizes only: a dynamic batch leaves c, h, w and the strides
+    """``val``'s strides if it is a 4-D channels_last tensor of more than one image that is not
+    also NCHW-contiguous; else None. Decided from static sizes only: a dynamic batch leaves c, h, w and the strides
     (dim 0's is h*w*c) static, and anything symbolic there is left alone rather than guarded."""
     if not isinstance(val, torch.Tensor) or val.dim() != 4:
         return None
     size, stride = val.shape, val.stride()
+    if isinstance(size[0], int) and size[0] == 1:  # a batch of one: see transformer_output
+        return None
     c, h, w = size[1], size[2], size[3]
     if not all(isinstance(v, int) for v in (c, h, w, *stride[1:])):
         return None
