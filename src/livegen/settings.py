@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     # PyTorch's CUDA GroupNorm, which converts to NCHW and back around each one. Off: on an H200 (session 8,
     # BENCHMARKS.md) 3 % less device time at batch 16 and 13 % more at batch 1.
     nhwc_group_norm: bool = False
-    # Fast path with channels_last: the UNet's activations stay channels_last end to end (engine/layout.py):
+    # Fast path with channels_last, batches of 2+: the UNet's activations stay channels_last (engine/layout.py):
     # its transformer blocks return channels_last views instead of diffusers' NCHW copies, and under
     # torch_compile its skip concatenations are laid out channels_last, so no compiled kernel reads or
     # writes across layouts. Off until measured on a GPU (BENCHMARKS.md, session 13).
