@@ -158,6 +158,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--dynamic-batch", action="store_true", help="as LIVEGEN_COMPILE_DYNAMIC_BATCH compiles it")
     ap.add_argument("--keep-cl", action="store_true", help="with LIVEGEN_KEEP_CHANNELS_LAST (engine/layout.py)")
+    ap.add_argument("--split-geglu", action="store_true", help="with LIVEGEN_SPLIT_GEGLU (fastpath.split_geglu)")
     ap.add_argument("--out", required=True, help="where to write inductor's wrapper module")
     ap.add_argument(
         "--attention",
@@ -181,6 +182,10 @@ def main() -> None:
     sources = pretend_a_device(args.attention)
     unet, config = meta_unet.build(args.model)
     sdxl = config.get("addition_embed_type") == "text_time"
+    if args.split_geglu:
+        from livegen.engine.fastpath import split_geglu
+
+        split_geglu(unet)
     if args.keep_cl:
         layout.transformer_outputs_channels_last(unet)
         inductor.post_grad_custom_post_pass = layout.channels_last_cat_pass()
