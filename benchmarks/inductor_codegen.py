@@ -159,6 +159,11 @@ def main() -> None:
     ap.add_argument("--dynamic-batch", action="store_true", help="as LIVEGEN_COMPILE_DYNAMIC_BATCH compiles it")
     ap.add_argument("--keep-cl", action="store_true", help="with LIVEGEN_KEEP_CHANNELS_LAST (engine/layout.py)")
     ap.add_argument("--split-geglu", action="store_true", help="with LIVEGEN_SPLIT_GEGLU (fastpath.split_geglu)")
+    ap.add_argument(
+        "--taesd-rewrites",
+        action="store_true",
+        help="with --part taesd: LIVEGEN_TINY_VAE_FOLD_UPSAMPLE and LIVEGEN_TINY_VAE_CONV_RELU (engine/tiny_vae.py)",
+    )
     ap.add_argument("--out", required=True, help="where to write inductor's wrapper module")
     ap.add_argument(
         "--attention",
@@ -200,6 +205,12 @@ def main() -> None:
         with torch.device("meta"):
             step = Decode(AutoencoderTiny.from_config(_taesd_config(tiny=False)).half())
     fake_cuda_module(step, mode)
+    if args.part == "taesd" and args.taesd_rewrites:
+        from livegen.engine.tiny_vae import fold_upsample_convs, fuse_conv_relu
+
+        with mode:  # in the fast path's order: fold, then fuse
+            fold_upsample_convs(step)
+            fuse_conv_relu(step)
 
     def inputs(batch: Any) -> list[torch.Tensor]:
         side = args.size // 8
