@@ -1,7 +1,7 @@
 """The Triton code inductor generates for a UNet on a CUDA GPU, generated on a machine without one.
 
-The real architecture's UNet (livegen's synthesized configs, fp16, channels_last weights, as the
-fast path holds it) on fake CUDA tensors is exported and handed to inductor, which lowers it and
+The real architecture's UNet or tiny VAE decoder (livegen's synthesized configs, fp16, channels_last
+weights, as the fast path holds them) on fake CUDA tensors is exported and handed to inductor, which lowers it and
 writes its wrapper module (every Triton kernel's source and the launches) for an H100/H200-class
 device (132 SMs, sm_90). The run stops there: nothing is compiled or launched. Read the result
 with ``python -m livegen.bench.kernel_access OUT``.
@@ -16,8 +16,8 @@ cuDNN is present) and triton; no GPU. What the project measured with (session 13
 
 Where this differs from a GPU run's code, and why:
 - attention: without a device, ``scaled_dot_product_attention`` would pick its math kernel
-  (which inductor decomposes into softmax and transpose kernels); ``--attention`` makes it pick
-  what the device picks (default cuDNN's, as session 8's H200 profile shows).
+  (which inductor decomposes into softmax and transpose kernels), so the script calls the op the
+  device picks directly (``--attention``, default cuDNN's, as session 8's H200 profile shows).
 - inductor's pattern-matcher replacements are traced on the CPU (they trace on the input's
   device); uniform-value constant folding and matmul padding (both benchmark on the device) are
   off. No autotuning: launch configurations (block sizes) are chosen on the GPU at run time.
@@ -50,8 +50,8 @@ class Generated(Exception):
 def pretend_a_device(attention: str) -> list[str]:
     """Point torch's device queries at an H200-class GPU and keep inductor's on-device steps
     (pattern tracing, benchmarks) off it; ``scaled_dot_product_attention`` runs ``attention``'s
-    kernel (cudnn, flash or math), as it would pick on the device. Returns the wrapper sources, filled as inductor
-    writes them."""
+    kernel (cudnn, flash or math), as it would pick on the device. Returns the wrapper sources,
+    filled as inductor writes them."""
     if attention != "math":  # without a device, torch's own choice is its math kernel
         math_attention = torch.nn.functional.scaled_dot_product_attention
 
