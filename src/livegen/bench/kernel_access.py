@@ -212,7 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     sizes.update({k: int(v) for k, v in (s.split("=") for s in args.sym)})
     skip = tuple(s for s in args.skip.split(",") if s)
     for path in args.paths:
-        print(report(path, sizes, args.top, skip))
+        try:
+            print(report(path, sizes, args.top, skip))
+        except Exception as exc:  # one unreadable wrapper does not hide the others' reports
+            print(f"{path}: not read ({type(exc).__name__}: {exc})")
 
 
 if __name__ == "__main__":
