@@ -185,18 +185,10 @@ def main() -> None:
     from livegen.engine import layout
 
     sources = pretend_a_device(args.attention)
-    unet, config = meta_unet.build(args.model)
-    sdxl = config.get("addition_embed_type") == "text_time"
-    if args.split_geglu:
-        from livegen.engine.fastpath import split_geglu
-
-        split_geglu(unet)
-    if args.keep_cl:
-        layout.transformer_outputs_channels_last(unet)
-        inductor.post_grad_custom_post_pass = layout.channels_last_cat_pass()
     env = ShapeEnv()
     mode = FakeTensorMode(shape_env=env)
-    step: torch.nn.Module = Step(unet, sdxl)
+    config: dict[str, Any] = {}
+    step: torch.nn.Module
     if args.part == "taesd":
         from diffusers import AutoencoderTiny
 
@@ -204,6 +196,18 @@ def main() -> None:
 
         with torch.device("meta"):
             step = Decode(AutoencoderTiny.from_config(_taesd_config(tiny=False)).half())
+    else:
+        unet, config = meta_unet.build(args.model)
+        if args.split_geglu:
+            from livegen.engine.fastpath import split_geglu
+
+            split_geglu(unet)
+        if args.keep_cl:
+            layout.transformer_outputs_channels_last(unet)
+        step = Step(unet, config.get("addition_embed_type") == "text_time")
+    if args.keep_cl:
+        inductor.post_grad_custom_post_pass = layout.channels_last_cat_pass()
+    sdxl = config.get("addition_embed_type") == "text_time"
     fake_cuda_module(step, mode)
     if args.part == "taesd" and args.taesd_rewrites:
         from livegen.engine.tiny_vae import fold_upsample_convs, fuse_conv_relu

@@ -184,14 +184,13 @@ def launches(source: str, sizes: dict[str, int], skip: tuple[str, ...] = ()) -> 
 
 def report(path: str, sizes: dict[str, int], top: int, skip: tuple[str, ...]) -> str:
     with open(path) as f:
-        rows = list(launches(f.read(), sizes, skip))
-    useful = sum(r.bytes()[0] for r in rows)
-    cost = sum(r.bytes()[1] for r in rows)
+        rows = [(r, *r.bytes()) for r in launches(f.read(), sizes, skip)]
+    useful = sum(moved for _, moved, _ in rows)
+    cost = sum(sectors for _, _, sectors in rows)
     lines = [f"{path}: {len(rows)} launches, full-size accesses move {useful / 1e9:.2f} GB, "
              f"cost {cost / 1e9:.2f} GB of sectors ({cost - useful:+.2e} B over)"]  # fmt: skip
-    rows.sort(key=lambda r: r.bytes()[0] - r.bytes()[1])
-    for r in rows[:top]:
-        moved, sectors = r.bytes()
+    rows.sort(key=lambda row: row[1] - row[2])
+    for r, moved, sectors in rows[:top]:
         if sectors <= moved * 1.001:
             break
         effs = ", ".join(f"{a.kind} {a.pointer} {a.efficiency:.2f}" for a in r.accesses if a.full_size and a.efficiency)

@@ -615,8 +615,6 @@ class FastPath:
             out = fn(**inputs)
             if first:
                 self.stats.compile_s += time.perf_counter() - started
-                if self._cat_pass is not None:
-                    self.stats.channels_last_cats = self._cat_pass.pinned
                 logger.info("compiled %s in %.1f s", key, time.perf_counter() - started)
             return out
         if key not in self._graphs:
@@ -639,10 +637,7 @@ class FastPath:
             # this, every capture's warm-up peak stays reserved for the life of the process.
             torch.cuda.empty_cache()
         graph = self._graphs[key]
-        out = fn(**inputs) if graph is None else graph.replay(inputs)
-        if first and self._cat_pass is not None:
-            self.stats.channels_last_cats = self._cat_pass.pinned
-        return out
+        return fn(**inputs) if graph is None else graph.replay(inputs)
 
     def _compiles(self, key: tuple[Any, ...]) -> bool:
         """Whether the shape ``key`` runs torch.compile'd code (compiling it on its first run)."""
@@ -690,7 +685,7 @@ class FastPath:
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
             how: dict[str, Any] = {"mode": mode}
             if self.options.keep_channels_last and self.options.channels_last:
-                self._cat_pass = layout.channels_last_cat_pass()
+                self._cat_pass = layout.channels_last_cat_pass(self.stats)
                 how = {"options": layout.compile_options(mode, self._cat_pass)}
             self._compiled_unet = torch.compile(self.unet.forward, dynamic=False, **how)
             vaes: list[Any] = [self.tiny_vae, self.full_vae, self._full_vae_fp32]

@@ -101,9 +101,9 @@ def _channels_last_strides(val: Any) -> list[int] | None:
     return list(stride)
 
 
-def channels_last_cat_pass() -> Any:
+def channels_last_cat_pass(stats: Any = None) -> Any:
     """The post-grad pass (an inductor ``CustomGraphPass``: it needs torch._inductor, imported
-    only when compiling)."""
+    only when compiling). ``stats``: a ``FastStats`` whose ``channels_last_cats`` it counts in."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     class ChannelsLastCat(CustomGraphPass):
@@ -128,6 +128,8 @@ def channels_last_cat_pass() -> Any:
                 pinned.meta.update(node.meta)
                 node.replace_all_uses_with(pinned, delete_user_cb=lambda user, p=pinned: user is not p)
                 self.pinned += 1
+                if stats is not None:
+                    stats.channels_last_cats += 1
 
         def uuid(self) -> str:
             return PASS_VERSION
