@@ -26,6 +26,7 @@ Where this differs from a GPU run's code, and why:
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 import time
 import types
@@ -90,6 +91,18 @@ def pretend_a_device(attention: str) -> list[str]:
     joint_graph.lazy_init = lambda input_device=None: joint_init(torch.device("cpu"))
     post_grad.lazy_init = lambda input_device=None: post_init(torch.device("cpu"))
     joint_graph.constant_fold_uniform_value = lambda gm: None
+    select_conv_backend = torch._C._select_conv_backend
+
+    def conv_backend(*args: Any, **kwargs: Any) -> Any:
+        # torch.export traces with cuDNN switched off (export/_trace.py, _ignore_backend_decomps),
+        # so its convolutions pick the CPU's backend and trace NCHW outputs where torch.compile on
+        # the device sees cuDNN's channels_last (inductor's own lowering asks again, with cuDNN
+        # on). Code that looks at strides (.contiguous(), reshape, group_norm_nhwc) must see what
+        # it sees on the GPU, so the trace gets cuDNN's answer too.
+        with torch.backends.cudnn.flags(enabled=True):
+            return select_conv_backend(*args, **kwargs)
+
+    torch._C._select_conv_backend = conv_backend
 
     sources: list[str] = []
     codegen = graph.GraphLowering.codegen
@@ -159,12 +172,20 @@ def main() -> None:
     ap.add_argument("--dynamic-batch", action="store_true", help="as LIVEGEN_COMPILE_DYNAMIC_BATCH compiles it")
     ap.add_argument("--keep-cl", action="store_true", help="with LIVEGEN_KEEP_CHANNELS_LAST (engine/layout.py)")
     ap.add_argument("--split-geglu", action="store_true", help="with LIVEGEN_SPLIT_GEGLU (fastpath.split_geglu)")
+    ap.add_argument("--nhwc-gn", action="store_true", help="with LIVEGEN_NHWC_GROUP_NORM (fastpath.group_norm_nhwc)")
     ap.add_argument(
         "--taesd-rewrites",
         action="store_true",
         help="with --part taesd: LIVEGEN_TINY_VAE_FOLD_UPSAMPLE and LIVEGEN_TINY_VAE_CONV_RELU (engine/tiny_vae.py)",
     )
     ap.add_argument("--out", required=True, help="where to write inductor's wrapper module")
+    ap.add_argument(
+        "--inductor",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an inductor config setting (Python literal), e.g. triton.tile_reductions=True; repeatable",
+    )
     ap.add_argument(
         "--attention",
         default="cudnn",
@@ -195,7 +216,7 @@ def main() -> None:
         from livegen.engine.synth import _taesd_config
 
         with torch.device("meta"):
-            step = Decode(AutoencoderTiny.from_config(_taesd_config(tiny=False)).half())
+            step = Decode(AutoencoderTiny.from_config(_taesd_config(tiny=False)).half().eval())
     else:
         unet, config = meta_unet.build(args.model)
         if args.split_geglu:
@@ -204,9 +225,22 @@ def main() -> None:
             split_geglu(unet)
         if args.keep_cl:
             layout.transformer_outputs_channels_last(unet)
+        if args.nhwc_gn:
+            from livegen.engine.fastpath import keep_channels_last_in_group_norms
+
+            keep_channels_last_in_group_norms(unet)
         step = Step(unet, config.get("addition_embed_type") == "text_time")
     if args.keep_cl:
         inductor.post_grad_custom_post_pass = layout.channels_last_cat_pass()
+    for setting in args.inductor:
+        key, _, value = setting.partition("=")
+        *path, name = key.split(".")
+        section: Any = inductor
+        for part in path:
+            section = getattr(section, part)
+        if not hasattr(section, name):
+            sys.exit(f"inductor has no setting {key!r}")
+        setattr(section, name, ast.literal_eval(value))
     sdxl = config.get("addition_embed_type") == "text_time"
     fake_cuda_module(step, mode)
     if args.part == "taesd" and args.taesd_rewrites:
@@ -220,7 +254,8 @@ def main() -> None:
         side = args.size // 8
         with mode:
             if args.part == "taesd":
-                return [torch.empty(batch, 4, side, side, device="cuda", dtype=torch.half).to(memory_format=torch.channels_last)]
+                latents = torch.empty(batch, 4, side, side, device="cuda", dtype=torch.half)
+                return [latents.to(memory_format=torch.channels_last)]
             out = [
                 torch.empty(batch, 4, side, side, device="cuda", dtype=torch.half).to(
                     memory_format=torch.channels_last

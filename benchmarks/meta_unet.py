@@ -10,14 +10,17 @@ import torch
 
 
 def build(model: str) -> tuple[Any, dict[str, Any]]:
-    """The UNet of ``model`` (real architecture, fp16, on the meta device) and its config."""
+    """The UNet of ``model`` (real architecture, fp16, on the meta device, in eval mode) and its config."""
     from diffusers import UNet2DConditionModel
 
     from livegen.engine.synth import unet_config
 
     config = unet_config(model, tiny=False)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config).half()
+        # eval(), as from_pretrained leaves it: from_config builds a module in training mode, where
+        # diffusers' ResnetBlock2D copies its shortcut's input with .contiguous() (an NCHW copy of a
+        # channels_last tensor) and dropout is live, neither of which the served UNet does
+        unet = UNet2DConditionModel.from_config(config).half().eval()
     return unet, config
 
 

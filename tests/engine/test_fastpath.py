@@ -491,6 +491,26 @@ def tiny_unet() -> torch.nn.Module:
     ).eval()  # fmt: skip
 
 
+def test_the_fast_path_runs_its_modules_in_eval_mode() -> None:
+    """A UNet and VAE handed over in training mode (as from_config builds them) are put in eval
+    mode: in training mode diffusers copies each resnet shortcut's input (.contiguous()), and
+    dropout is live."""
+    import types
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+
+    from livegen.engine.fastpath import FastOptions, FastPath
+
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4)  # fmt: skip
+    pipe = types.SimpleNamespace(unet=tiny_unet().train(), vae=vae.train(), scheduler=EulerDiscreteScheduler())
+    assert pipe.unet.training and pipe.vae.training
+    fast = FastPath(pipe, sdxl=False, tiny_vae=None, device=torch.device("cpu"), dtype=torch.float32,
+                    options=FastOptions())  # fmt: skip
+    assert not any(m.training for m in fast.unet.modules())
+    assert not any(m.training for m in fast.full_vae.modules())
+
+
 def test_keep_channels_last_in_group_norms_changes_every_group_norm_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a (tiny) UNet in half precision and channels_last: every GroupNorm computes in NHWC (each
     one's input arrives channels_last), the UNet's output stays within half-precision noise of the

@@ -227,6 +227,10 @@ class FastPath:
         for m in modules:
             if m is None:
                 continue
+            # Inference, as from_pretrained leaves a model: a module built with from_config is in
+            # training mode, where diffusers' ResnetBlock2D copies its shortcut's input with
+            # .contiguous() (an NCHW copy of each channels_last activation) and dropout draws.
+            m.eval()
             if hasattr(m, "set_attn_processor") and getattr(m, "attn_processors", None):
                 m.set_attn_processor(AttnProcessor2_0())  # torch's SDPA (flash / memory-efficient kernels)
             if self.device.type == "cuda" and self.options.channels_last:
