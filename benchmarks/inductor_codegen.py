@@ -14,6 +14,11 @@ cuDNN is present) and triton; no GPU. What the project measured with (session 13
     PYTHONPATH=src /tmp/cuda-torch/bin/python benchmarks/inductor_codegen.py --batch 16 [--dynamic-batch] \\
         [--keep-cl] --out /tmp/unet.py
 
+Where the trace is made to match torch.compile in the server (session 14): the modules are in
+eval mode (from_pretrained's; from_config builds them in training mode), the latents arrive
+NCHW-contiguous (fastpath._forward, _decode), and convolutions trace cuDNN's output layouts
+(torch.export switches cuDNN off while it traces; dynamo does not).
+
 Where this differs from a GPU run's code, and why:
 - attention: without a device, ``scaled_dot_product_attention`` would pick its math kernel
   (which inductor decomposes into softmax and transpose kernels), so the script calls the op the
@@ -251,15 +256,15 @@ def main() -> None:
             fuse_conv_relu(step)
 
     def inputs(batch: Any) -> list[torch.Tensor]:
+        # NCHW-contiguous latents, as the fast path hands them to its compiled UNet and decode
+        # (fastpath._forward and _decode: one layout for every call)
         side = args.size // 8
         with mode:
+            latents = torch.empty(batch, 4, side, side, device="cuda", dtype=torch.half)
             if args.part == "taesd":
-                latents = torch.empty(batch, 4, side, side, device="cuda", dtype=torch.half)
-                return [latents.to(memory_format=torch.channels_last)]
+                return [latents]
             out = [
-                torch.empty(batch, 4, side, side, device="cuda", dtype=torch.half).to(
-                    memory_format=torch.channels_last
-                ),
+                latents,
                 torch.empty(1, device="cuda", dtype=torch.long),
                 torch.empty(batch, 77, config["cross_attention_dim"], device="cuda", dtype=torch.half),
             ]

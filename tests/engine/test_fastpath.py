@@ -492,12 +492,12 @@ def tiny_unet() -> torch.nn.Module:
 
 
 def test_the_fast_path_runs_its_modules_in_eval_mode() -> None:
-    """A UNet and VAE handed over in training mode (as from_config builds them) are put in eval
+    """A UNet and VAEs handed over in training mode (as from_config builds them) are put in eval
     mode: in training mode diffusers copies each resnet shortcut's input (.contiguous()), and
     dropout is live."""
     import types
 
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+    from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler
 
     from livegen.engine.fastpath import FastOptions, FastPath
 
@@ -505,10 +505,11 @@ def test_the_fast_path_runs_its_modules_in_eval_mode() -> None:
                         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4)  # fmt: skip
     pipe = types.SimpleNamespace(unet=tiny_unet().train(), vae=vae.train(), scheduler=EulerDiscreteScheduler())
     assert pipe.unet.training and pipe.vae.training
-    fast = FastPath(pipe, sdxl=False, tiny_vae=None, device=torch.device("cpu"), dtype=torch.float32,
-                    options=FastOptions())  # fmt: skip
-    assert not any(m.training for m in fast.unet.modules())
-    assert not any(m.training for m in fast.full_vae.modules())
+    options = FastOptions(tiny_vae_fold_upsample=True, tiny_vae_conv_relu=True)  # its rewrites' new modules too
+    fast = FastPath(pipe, sdxl=False, tiny_vae=AutoencoderTiny().train(), device=torch.device("cpu"),
+                    dtype=torch.float32, options=options)  # fmt: skip
+    for module in (fast.unet, fast.full_vae, fast.tiny_vae):
+        assert not any(m.training for m in module.modules())
 
 
 def test_keep_channels_last_in_group_norms_changes_every_group_norm_once(monkeypatch: pytest.MonkeyPatch) -> None:

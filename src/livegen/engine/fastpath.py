@@ -227,10 +227,6 @@ class FastPath:
         for m in modules:
             if m is None:
                 continue
-            # Inference, as from_pretrained leaves a model: a module built with from_config is in
-            # training mode, where diffusers' ResnetBlock2D copies its shortcut's input with
-            # .contiguous() (an NCHW copy of each channels_last activation) and dropout draws.
-            m.eval()
             if hasattr(m, "set_attn_processor") and getattr(m, "attn_processors", None):
                 m.set_attn_processor(AttnProcessor2_0())  # torch's SDPA (flash / memory-efficient kernels)
             if self.device.type == "cuda" and self.options.channels_last:
@@ -253,6 +249,12 @@ class FastPath:
                 fuse_qkv(self.unet)
             except ValueError as exc:  # e.g. added KV projections, which diffusers does not fuse
                 logger.warning("attention projections stay unfused: %s", exc)
+        for m in modules:  # the rewrites above included
+            # Inference, as from_pretrained leaves a model: a module built with from_config is in
+            # training mode, where diffusers' ResnetBlock2D copies its shortcut's input with
+            # .contiguous() (an NCHW copy of each channels_last activation) and dropout draws.
+            if m is not None:
+                m.eval()
         if self.device.type == "cuda":
             self._pool = torch.cuda.graph_pool_handle()
 
