@@ -49,6 +49,31 @@ H200 = types.SimpleNamespace(
 )  # fmt: skip
 
 
+def force_keep_cl_at_batch_1() -> None:
+    """layout.py as if it treated a batch of one like any other: the transformer outputs as
+    channels_last views and the concatenations pinned at every batch size."""
+    from livegen.engine import layout
+
+    def transformer_output(block: Any, hidden_states: Any, residual: Any, **shape: int) -> Any:
+        nhwc = (shape["batch_size"], shape["height"], shape["width"], shape["inner_dim"])
+        if not block.use_linear_projection:
+            return block.proj_out(hidden_states.reshape(nhwc).permute(0, 3, 1, 2)) + residual
+        return block.proj_out(hidden_states).reshape(nhwc).permute(0, 3, 1, 2) + residual
+
+    strides = layout._channels_last_strides
+
+    def channels_last_strides(val: Any) -> list[int] | None:
+        if isinstance(val, torch.Tensor) and val.dim() == 4 and val.shape[0] == 1:
+            c, h, w = val.shape[1:]
+            if c > 1 and h * w > 1 and val.stride()[1:] == (1, w * c, c):
+                return list(val.stride())
+            return None
+        return strides(val)
+
+    layout.transformer_output = transformer_output
+    layout._channels_last_strides = channels_last_strides
+
+
 class Generated(Exception):
     """Raised once inductor has written the wrapper: stops before anything compiles."""
 
@@ -176,6 +201,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--dynamic-batch", action="store_true", help="as LIVEGEN_COMPILE_DYNAMIC_BATCH compiles it")
     ap.add_argument("--keep-cl", action="store_true", help="with LIVEGEN_KEEP_CHANNELS_LAST (engine/layout.py)")
+    ap.add_argument(
+        "--keep-cl-at-batch-1",
+        action="store_true",
+        help="--keep-cl without layout.py's batch-1 exceptions (what session 13 decided against)",
+    )
     ap.add_argument("--split-geglu", action="store_true", help="with LIVEGEN_SPLIT_GEGLU (fastpath.split_geglu)")
     ap.add_argument("--nhwc-gn", action="store_true", help="with LIVEGEN_NHWC_GROUP_NORM (fastpath.group_norm_nhwc)")
     ap.add_argument(
@@ -198,6 +228,9 @@ def main() -> None:
         help="the kernel scaled_dot_product_attention picks (session 8's H200 profile: cuDNN's)",
     )
     args = ap.parse_args()
+    if args.keep_cl_at_batch_1:
+        args.keep_cl = True
+        force_keep_cl_at_batch_1()
     if torch.version.cuda is None or not torch.backends.cudnn.is_available():
         sys.exit("needs a CUDA build of torch with cuDNN (no GPU): see this script's docstring")
 
