@@ -106,6 +106,15 @@ def test_bad_weights_value_is_a_usage_error() -> None:
     assert result.exit_code == 2 and "--weights must be" in result.output
 
 
+def test_bad_inductor_options_are_a_usage_error() -> None:
+    """LIVEGEN_INDUCTOR_OPTIONS gets torch.compile's own check of names and types at start, not
+    in the first compile."""
+    for value, said in (('{"no_such_knob": true}', "inductor has no such setting"),
+                        ('{"split_reductions": 3}', "should be bool")):  # fmt: skip
+        result = CliRunner().invoke(main, ["serve"], env={"LIVEGEN_INDUCTOR_OPTIONS": value})
+        assert result.exit_code == 2 and said in result.output, result.output
+
+
 def test_weights_path_loads_a_local_folder(tmp_path: Path, shared_data_dir: Path) -> None:
     # A folder of diffusers folders, laid out as a user would mirror them (PATH/org/name).
     from livegen.engine import synth

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     # compile per (size, steps, CFG, VAE) instead of one each (batch 1 is always its own); a bucket
     # first seen after warm-up reuses it rather than running uncompiled.
     compile_dynamic_batch: bool = False
+    # With torch_compile: more inductor settings for the fast path's compiles, a JSON object such as
+    # {"split_reductions": false} (torch.compile's options, on top of the mode's; part of inductor's
+    # cache key). For trying inductor's knobs on a GPU without a code change; checked at start
+    # against inductor's own settings (name and type).
+    inductor_options: dict[str, bool | int | float | str] = Field(default_factory=dict)
     # Fast path: one fused QKV (self-attention) / KV (cross-attention) projection per attention
     # layer instead of three or two matmuls; the weights are shared, no extra memory.
     fuse_qkv: bool = False
@@ -165,6 +170,23 @@ class Settings(BaseSettings):
         """Lists come from flags and env vars as comma-separated strings."""
         if isinstance(v, str):
             return [item.strip() for item in v.split(",") if item.strip()]
+        return v
+
+    @field_validator("inductor_options")
+    @classmethod
+    def _check_inductor_options(cls, v: dict[str, object]) -> dict[str, object]:
+        """torch.compile's own check of its options (names and types), here at start rather than at
+        the first compile, in the warm-up."""
+        if not v:
+            return v
+        import torch  # only when set
+
+        for key, value in v.items():
+            try:
+                torch._TorchCompileInductorWrapper(None, {key: value}, False)
+            except RuntimeError as exc:
+                why = "inductor has no such setting" if "Unexpected optimization option" in str(exc) else str(exc)
+                raise ValueError(f"LIVEGEN_INDUCTOR_OPTIONS {key!r}: {why}") from None
         return v
 
     @field_validator("weights")

@@ -207,6 +207,22 @@ def test_compile_allows_a_shape_per_bucket_size_and_step_count(settings: Setting
         assert not hasattr(fast.unet.forward, "_torchdynamo_orig_callable")  # the module itself stays eager
 
 
+def test_inductor_options_reach_torch_compile(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LIVEGEN_INDUCTOR_OPTIONS: the UNet and the decodes are compiled with the mode's options plus
+    these (torch.compile is recorded, not run); without them, with the mode alone."""
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    options = {"split_reductions": False}
+    Worker(settings.model_copy(update={"torch_compile": "reduce-overhead", "inductor_options": options}))._load(
+        SD
+    ).fast._compile()
+    assert len(calls) >= 2
+    assert all(kw["options"]["split_reductions"] is False and kw["options"]["triton.cudagraphs"] for kw in calls)
+    calls.clear()
+    Worker(settings.model_copy(update={"torch_compile": "reduce-overhead"}))._load(SD).fast._compile()
+    assert calls and all(kw == {"dynamic": False, "mode": "reduce-overhead"} for kw in calls)
+
+
 @pytest.mark.parametrize("on_demand", [False, True])
 def test_compiled_shapes_are_the_warm_up_shapes_unless_on_demand(
     settings: Settings, counted_compile: list[int], on_demand: bool

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from livegen.engine import layout
+from livegen.engine.fastpath import compile_options
 from livegen.engine.worker import Worker
 from livegen.settings import Settings
 from tests.engine.test_fastpath import SD, assert_close, pixels, req, tiny_unet
@@ -98,16 +99,15 @@ def test_cat_pass_pins_channels_last_cats_and_computes_the_same(dynamic: bool, t
         torch._dynamo.mark_dynamic(x, 0)
         torch._dynamo.mark_dynamic(skip, 0)
     cat_pass = layout.channels_last_cat_pass()
+    options = compile_options("default", {"post_grad_custom_post_pass": cat_pass})
     torch._dynamo.reset()
     try:
         with inductor_config.patch(force_disable_caches=True), torch.inference_mode():
             expected = block(x, skip)
-            compiled = torch.compile(
-                block.forward, dynamic=dynamic, options=layout.compile_options("default", cat_pass)
-            )
+            compiled = torch.compile(block.forward, dynamic=dynamic, options=options)
             got = compiled(x, skip)
             assert cat_pass.pinned == 1
-            nchw = torch.compile(block.forward, options=layout.compile_options("default", cat_pass))
+            nchw = torch.compile(block.forward, options=options)
             nchw(x.contiguous(), skip.contiguous())
             assert cat_pass.pinned == 1  # traced NCHW: nothing to pin
     finally:
@@ -129,8 +129,10 @@ def test_channels_last_strides_are_read_without_guessing() -> None:
 
 def test_compile_options_keep_the_mode_and_add_the_pass() -> None:
     cat_pass = layout.channels_last_cat_pass()
-    assert layout.compile_options("default", cat_pass) == {"post_grad_custom_post_pass": cat_pass}
-    assert layout.compile_options("reduce-overhead", cat_pass)["triton.cudagraphs"] is True
+    extra = {"post_grad_custom_post_pass": cat_pass, "split_reductions": False}
+    assert compile_options("default", extra) == extra
+    assert compile_options("reduce-overhead", extra)["triton.cudagraphs"] is True
+    assert compile_options("reduce-overhead", extra)["split_reductions"] is False
     assert cat_pass.uuid() == layout.PASS_VERSION
 
 

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -265,6 +266,8 @@ def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = 
             "fast_path": status.get("fast_path", {}).get(config.model),
             "dtype": status["dtype"],
         }
+        if settings.inductor_options and settings.torch_compile != "off":
+            measured.warmup["inductor_options"] = settings.inductor_options
         if cuda:
             measured.warmup["vram_model_bytes"] = status["vram_bytes_by_model"].get(config.model)
             measured.warmup["vram_peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -512,6 +515,8 @@ def format_table(report: dict[str, Any]) -> str:
                 extra += f", {fast['channels_last_cats']} concatenations pinned channels_last"
             if fast.get("uncompiled_shapes"):
                 extra += f", {fast['uncompiled_shapes']} NOT COMPILED (ran as plain graphs)"
+        if w.get("inductor_options"):
+            extra += f", inductor options {json.dumps(w['inductor_options'], sort_keys=True)}"
         vram = (
             f", VRAM model {_gib(w.get('vram_model_bytes'))} peak {_gib(w.get('vram_peak_bytes'))}"
             if "vram_peak_bytes" in w

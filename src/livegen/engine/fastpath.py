@@ -70,6 +70,7 @@ class FastOptions:
     compile: CompileMode = "off"
     compile_tuning: bool = False
     compile_dynamic_batch: bool = False
+    inductor_options: tuple[tuple[str, Any], ...] = ()  # torch.compile's options, on top of the mode's
     fuse_qkv: bool = False
     cudnn_benchmark: bool = False
     sdpa_cudnn: bool = False
@@ -689,10 +690,11 @@ class FastPath:
             import torch._dynamo.config as dynamo_config
 
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
-            how: dict[str, Any] = {"mode": mode}
+            extra: dict[str, Any] = dict(self.options.inductor_options)
             if self.options.keep_channels_last and self.options.channels_last:
                 self._cat_pass = layout.channels_last_cat_pass(self.stats)
-                how = {"options": layout.compile_options(mode, self._cat_pass)}
+                extra["post_grad_custom_post_pass"] = self._cat_pass
+            how: dict[str, Any] = {"options": compile_options(mode, extra)} if extra else {"mode": mode}
             self._compiled_unet = torch.compile(self.unet.forward, dynamic=False, **how)
             vaes: list[Any] = [self.tiny_vae, self.full_vae, self._full_vae_fp32]
             for vae in vaes:
@@ -894,6 +896,14 @@ def group_norm_nhwc(norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(rows)
     torch.addcmul(shift, rows, scale, out=out)  # computed in float32, stored in x's dtype
     return out.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def compile_options(mode: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """``torch.compile`` options: inductor's ``mode`` plus ``extra`` (torch.compile takes a mode
+    or options, not both)."""
+    import torch._inductor
+
+    return {**torch._inductor.list_mode_options(mode), **extra}
 
 
 def _tune_inductor() -> None:

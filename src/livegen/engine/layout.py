@@ -135,13 +135,3 @@ def channels_last_cat_pass(stats: Any = None) -> Any:
             return PASS_VERSION
 
     return ChannelsLastCat()
-
-
-def compile_options(mode: str, cat_pass: Any) -> dict[str, Any]:
-    """``torch.compile`` options for inductor's ``mode`` plus the post-grad pass (torch.compile
-    takes a mode or options, not both)."""
-    import torch._inductor
-
-    options = dict(torch._inductor.list_mode_options(mode))
-    options["post_grad_custom_post_pass"] = cat_pass
-    return options

@@ -756,6 +756,7 @@ class Worker:
             compile=settings.torch_compile,
             compile_tuning=settings.compile_tuning,
             compile_dynamic_batch=settings.compile_dynamic_batch,
+            inductor_options=tuple(sorted(settings.inductor_options.items())),
             fuse_qkv=settings.fuse_qkv,
             cudnn_benchmark=settings.cudnn_benchmark,
             sdpa_cudnn=settings.sdpa_cudnn,
