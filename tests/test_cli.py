@@ -110,7 +110,8 @@ def test_bad_inductor_options_are_a_usage_error() -> None:
     """LIVEGEN_INDUCTOR_OPTIONS gets torch.compile's own check of names and types at start, not
     in the first compile."""
     for value, said in (('{"no_such_knob": true}', "inductor has no such setting"),
-                        ('{"split_reductions": 3}', "should be bool")):  # fmt: skip
+                        ('{"split_reductions": 3}', "should be bool"),
+                        ("split_reductions=false", "must be a JSON object")):  # fmt: skip
         result = CliRunner().invoke(main, ["serve"], env={"LIVEGEN_INDUCTOR_OPTIONS": value})
         assert result.exit_code == 2 and said in result.output, result.output
 

@@ -8,6 +8,7 @@ passes the object down; tests build ``Settings(...)`` directly::
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -75,7 +76,7 @@ class Settings(BaseSettings):
     # {"split_reductions": false} (torch.compile's options, on top of the mode's; part of inductor's
     # cache key). For trying inductor's knobs on a GPU without a code change; checked at start
     # against inductor's own settings (name and type).
-    inductor_options: dict[str, bool | int | float | str] = Field(default_factory=dict)
+    inductor_options: Annotated[dict[str, bool | int | float | str], NoDecode] = Field(default_factory=dict)
     # Fast path: one fused QKV (self-attention) / KV (cross-attention) projection per attention
     # layer instead of three or two matmuls; the weights are shared, no extra memory.
     fuse_qkv: bool = False
@@ -170,6 +171,18 @@ class Settings(BaseSettings):
         """Lists come from flags and env vars as comma-separated strings."""
         if isinstance(v, str):
             return [item.strip() for item in v.split(",") if item.strip()]
+        return v
+
+    @field_validator("inductor_options", mode="before")
+    @classmethod
+    def _parse_inductor_options(cls, v: object) -> object:
+        """From the environment: a JSON object (parsed here, so that a malformed one is a validation
+        error like any other, not pydantic-settings' parse failure)."""
+        if isinstance(v, str):
+            try:
+                v = json.loads(v) if v.strip() else {}
+            except ValueError:
+                raise ValueError('must be a JSON object, e.g. {"split_reductions": false}') from None
         return v
 
     @field_validator("inductor_options")
