@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -492,6 +493,37 @@ def test_the_compile_variant_compiles_the_shapes_it_benches(
     assert calls[0] > 0
     assert fast["compiled_shapes"] == 2 and fast["uncompiled_shapes"] == 0
     assert "2 shapes compiled" in format_table(report) and "NOT COMPILED" not in format_table(report)
+
+
+def test_the_compile_variant_counts_every_graph_dynamo_compiles(
+    shared_data_dir: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warm-up line's "dynamo graphs" is every graph dynamo handed its backend during the
+    variant, recompiles included (the fast path's own "shapes compiled" cannot see a guard that
+    fails). Real dynamo tracing, with a backend that counts and runs the graphs as traced."""
+    import torch
+
+    from livegen.bench.engine import EngineBenchConfig, format_table, run_engine_bench
+
+    graphs: list[object] = []
+    real_compile = torch.compile
+
+    def counting_backend(gm: Any, example_inputs: list[Any]) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counting_backend, dynamic=False))
+    settings = Settings(weights="tiny-random", device="cpu", data_dir=shared_data_dir)
+    config = EngineBenchConfig("stabilityai/sd-turbo", "t2i", 64, 1, (1, 2), iters=1, baseline=False,
+                               variants=("compile",))  # fmt: skip
+    torch._dynamo.reset()
+    try:
+        report = run_engine_bench(settings, config)
+    finally:
+        torch._dynamo.reset()
+    counted = report["variants"]["compile"]["dynamo_graphs"]
+    assert counted == len(graphs) >= 4  # the UNet and the decode, at batch 1 and at batch 2
+    assert f", {counted} dynamo graphs" in format_table(report)
 
 
 def test_a_warming_server_reports_its_progress(live_server: LiveServer) -> None:

@@ -218,6 +218,7 @@ def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     measured = Measured(warmup={}, per_batch={})
+    graphs_before = _dynamo_graphs()
     started = time.perf_counter()
     with Worker.start(settings) as worker:
         worker.startup.result()
@@ -266,12 +267,24 @@ def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = 
             "fast_path": status.get("fast_path", {}).get(config.model),
             "dtype": status["dtype"],
         }
-        if settings.inductor_options and settings.torch_compile != "off":
-            measured.warmup["inductor_options"] = settings.inductor_options
+        if settings.torch_compile != "off":
+            # Every graph dynamo compiled, recompiles included: a shape the fast path counts as
+            # reusing a dynamic-batch compile ("compile_reused_shapes") but that failed a guard
+            # shows up here, and TORCH_LOGS=recompiles says which guard.
+            measured.warmup["dynamo_graphs"] = _dynamo_graphs() - graphs_before
+            if settings.inductor_options:
+                measured.warmup["inductor_options"] = settings.inductor_options
         if cuda:
             measured.warmup["vram_model_bytes"] = status["vram_bytes_by_model"].get(config.model)
             measured.warmup["vram_peak_bytes"] = torch.cuda.max_memory_allocated()
     return measured
+
+
+def _dynamo_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (each compile and recompile)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 PIPELINE_DEPTH = 2  # batches submitted and not yet back: the worker's two batch slots
@@ -515,6 +528,8 @@ def format_table(report: dict[str, Any]) -> str:
                 extra += f", {fast['channels_last_cats']} concatenations pinned channels_last"
             if fast.get("uncompiled_shapes"):
                 extra += f", {fast['uncompiled_shapes']} NOT COMPILED (ran as plain graphs)"
+        if "dynamo_graphs" in w:
+            extra += f", {w['dynamo_graphs']} dynamo graphs"
         if w.get("inductor_options"):
             extra += f", inductor options {json.dumps(w['inductor_options'], sort_keys=True)}"
         vram = (
