@@ -54,24 +54,11 @@ def force_keep_cl_at_batch_1() -> None:
     channels_last views and the concatenations pinned at every batch size."""
     from livegen.engine import layout
 
-    def transformer_output(block: Any, hidden_states: Any, residual: Any, **shape: int) -> Any:
-        nhwc = (shape["batch_size"], shape["height"], shape["width"], shape["inner_dim"])
-        if not block.use_linear_projection:
-            return block.proj_out(hidden_states.reshape(nhwc).permute(0, 3, 1, 2)) + residual
-        return block.proj_out(hidden_states).reshape(nhwc).permute(0, 3, 1, 2) + residual
+    def any_batch(val: Any) -> list[int] | None:
+        return layout.channels_last_layout(val) if isinstance(val, torch.Tensor) and val.dim() == 4 else None
 
-    strides = layout._channels_last_strides
-
-    def channels_last_strides(val: Any) -> list[int] | None:
-        if isinstance(val, torch.Tensor) and val.dim() == 4 and val.shape[0] == 1:
-            c, h, w = val.shape[1:]
-            if c > 1 and h * w > 1 and val.stride()[1:] == (1, w * c, c):
-                return list(val.stride())
-            return None
-        return strides(val)
-
-    layout.transformer_output = transformer_output
-    layout._channels_last_strides = channels_last_strides
+    layout.transformer_output = layout.channels_last_output
+    layout._channels_last_strides = any_batch
 
 
 class Generated(Exception):

@@ -73,6 +73,19 @@ def transformer_output(
         return type(block)._get_output_for_continuous_inputs(
             block, hidden_states, residual, batch_size, height, width, inner_dim
         )
+    return channels_last_output(block, hidden_states, residual, batch_size, height, width, inner_dim)
+
+
+def channels_last_output(
+    block: Any,
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor,
+    batch_size: int,
+    height: int,
+    width: int,
+    inner_dim: int,
+) -> torch.Tensor:
+    """The transformer block's output as a channels_last view, at any batch size."""
     if not block.use_linear_projection:
         hidden_states = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
         hidden_states = block.proj_out(hidden_states)
@@ -88,9 +101,15 @@ def _channels_last_strides(val: Any) -> list[int] | None:
     (dim 0's is h*w*c) static, and anything symbolic there is left alone rather than guarded."""
     if not isinstance(val, torch.Tensor) or val.dim() != 4:
         return None
-    size, stride = val.shape, val.stride()
-    if isinstance(size[0], int) and size[0] == 1:  # a batch of one: see transformer_output
+    if isinstance(val.shape[0], int) and val.shape[0] == 1:  # a batch of one: see transformer_output
         return None
+    return channels_last_layout(val)
+
+
+def channels_last_layout(val: torch.Tensor) -> list[int] | None:
+    """A 4-D ``val``'s strides if it is channels_last and not also NCHW-contiguous, at any batch
+    size; else None (static sizes only, as ``_channels_last_strides``)."""
+    size, stride = val.shape, val.stride()
     c, h, w = size[1], size[2], size[3]
     if not all(isinstance(v, int) for v in (c, h, w, *stride[1:])):
         return None
