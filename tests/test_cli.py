@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -11,8 +12,8 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from livegen.cli import main
-from tests.conftest import start_server, stop_server
+from livegen.cli import QuietNoOpCasts, main
+from tests.conftest import LiveServer, start_server, stop_server
 
 
 def test_keys_create_list_revoke(tmp_path: Path) -> None:
@@ -148,3 +149,19 @@ def test_serve_fast_path_flag() -> None:
     assert "--fast-path [auto|on|off]" in runner.invoke(main, ["serve", "--help"]).output
     refused = runner.invoke(main, ["serve", "--fast-path", "maybe"])
     assert refused.exit_code == 2 and "'maybe' is not one of" in refused.output
+
+
+def test_a_model_load_logs_no_empty_float32_warnings(live_server: LiveServer) -> None:
+    """diffusers' from_pipe casts the img2img and inpaint views to their own dtype, and each
+    cast warned that modules "should be kept in float32: []" (four lines per load, about
+    nothing). The server drops those; a warning that names modules still shows."""
+    log = live_server.log()
+    assert "loaded stabilityai/sd-turbo" in log
+    assert "should be kept in float32" not in log
+
+
+@pytest.mark.parametrize(("modules", "shown"), [("[]", False), ("['norm_out']", True)])
+def test_the_float32_warning_filter_keeps_real_lists(modules: str, shown: bool) -> None:
+    message = f"There are modules in UNet2DConditionModel that should be kept in float32: {modules}. Casting …"
+    record = logging.LogRecord("diffusers.models.modeling_utils", logging.WARNING, __file__, 1, message, (), None)
+    assert QuietNoOpCasts().filter(record) is shown

@@ -74,6 +74,17 @@ class QuietRefusedHandshakes(logging.Filter):
         return not (record.name == "uvicorn.error" and record.msg == _REFUSED_HANDSHAKE)
 
 
+class QuietNoOpCasts(logging.Filter):
+    """diffusers warns on every module ``.to(dtype)`` that some modules "should be kept in
+    float32", even when it lists none. ``from_pipe`` (the img2img and inpaint views of a loaded
+    pipeline) always casts its modules to a dtype, their own, so each load printed four such
+    warnings about nothing. Drop them when the list is empty; a real list still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("There are modules in ") and "should be kept in float32: []." in message)
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", force=True)
     for handler in logging.getLogger().handlers:
@@ -82,6 +93,9 @@ def setup_logging(level: str = "INFO") -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+    casts = logging.getLogger("diffusers.models.modeling_utils")
+    if not any(isinstance(f, QuietNoOpCasts) for f in casts.filters):
+        casts.addFilter(QuietNoOpCasts())
 
 
 @click.group()
