@@ -9,19 +9,23 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 from PIL import Image
 
 from livegen.bench import free_port
+
+if TYPE_CHECKING:
+    import torch
 
 API_KEY = "test-key-0123456789"
 ALL_MODELS = (
@@ -157,3 +161,41 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.005)
+
+
+# ---- checkpoints in the layouts the hub has ----
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+def copy_checkpoint(src: Path, dest: Path) -> Path:
+    """A copy of a synthesized checkpoint folder, without livegen's completion marker."""
+    from livegen.engine import synth
+
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(synth.MARKER))
+    return dest
+
+
+def write_fp16_files(component: Path, *, keep_plain: bool, offset: float = 0.0) -> dict[str, torch.Tensor]:
+    """Save ``component``'s weights as its ``fp16`` variant file (``name.fp16.safetensors``, what
+    ``save_pretrained(variant="fp16")`` writes), each shifted by ``offset`` so that a test can tell
+    which file was read; drop the plain file unless ``keep_plain``. Returns the fp16 weights."""
+    from safetensors.torch import load_file, save_file
+
+    (plain,) = [component / f for f in WEIGHT_FILES if (component / f).exists()]
+    weights = {k: (v + offset).half() if v.is_floating_point() else v for k, v in load_file(plain).items()}
+    stem = plain.name.removesuffix(".safetensors")
+    save_file(weights, component / f"{stem}.fp16.safetensors", metadata={"format": "pt"})
+    if not keep_plain:
+        plain.unlink()
+    return weights
+
+
+def hub_cache(root: Path, repo_id: str, checkpoint: Path) -> Path:
+    """``checkpoint`` as the hub cache holds a downloaded repository (refs/main -> a snapshot)."""
+    repo = root / "hub" / f"models--{repo_id.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    copy_checkpoint(checkpoint, repo / "snapshots" / revision)
+    return root

@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from livegen.cli import QuietNoOpCasts, main
-from tests.conftest import LiveServer, start_server, stop_server
+from livegen.engine import synth
+from tests.conftest import LiveServer, copy_checkpoint, hub_cache, start_server, stop_server, write_fp16_files
 
 
 def test_keys_create_list_revoke(tmp_path: Path) -> None:
@@ -165,3 +166,32 @@ def test_the_float32_warning_filter_keeps_real_lists(modules: str, shown: bool) 
     message = f"There are modules in UNet2DConditionModel that should be kept in float32: {modules}. Casting …"
     record = logging.LogRecord("diffusers.models.modeling_utils", logging.WARNING, __file__, 1, message, (), None)
     assert QuietNoOpCasts().filter(record) is shown
+
+
+def test_serve_from_the_hub_cache_offline(tmp_path: Path) -> None:
+    """The quickstart's `livegen serve` (hub weights) with no network, from the hub cache as
+    downloads leave it: SD-Turbo with only its fp16 files (what the model card's
+    `variant="fp16"` fetches), SD 1.5 under the re-upload RunwayML's deleted repository moved
+    to, and the LCM-LoRA. Both generate over HTTP."""
+    built = tmp_path / "synth"
+    sd_turbo = copy_checkpoint(synth.ensure_synthesized(synth.SD_TURBO, built, tiny=True), tmp_path / "sd-turbo")
+    for component in ("unet", "vae", "text_encoder"):
+        write_fp16_files(sd_turbo / component, keep_plain=False)
+    hf = tmp_path / "hf"
+    hub_cache(hf, synth.SD_TURBO, sd_turbo)
+    hub_cache(hf, "stable-diffusion-v1-5/stable-diffusion-v1-5", synth.ensure_synthesized(synth.SD15, built, tiny=True))
+    for repo in (synth.LCM_LORA_SD15, synth.TAESD):
+        hub_cache(hf, repo, synth.ensure_synthesized(repo, built, tiny=True))
+
+    models = f"{synth.SD_TURBO},{synth.SD15}"
+    server = start_server(tmp_path / "data", "--weights", "hub", "--models", models, env={"HF_HOME": str(hf)})
+    try:
+        with server.client() as client:
+            for app, model in (("fast-turbo-diffusion", synth.SD_TURBO), ("fast-lcm-diffusion", synth.SD15)):
+                body = {"prompt": "a fox", "model_name": model, "image_size": {"width": 64, "height": 64}}
+                answer = client.post(f"/fal-ai/{app}", json=body)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["images"][0]["width"] == 64
+        assert "should be kept in float32" not in server.log()
+    finally:
+        stop_server(server)

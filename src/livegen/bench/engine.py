@@ -3,9 +3,10 @@
 For each batch size, livegen's worker gets ``batch`` requests at once (it renders them as one
 batch and encodes each image to JPEG, which is what a user receives), and stock diffusers does
 what its docs show: ``AutoPipelineFor{Text2Image,Image2Image}.from_pretrained`` in fp16 on a
-GPU (fp32 on a CPU), default VAE, a list of ``batch`` prompts, PIL output. Warm-up runs are
-excluded from the timings and reported on their own (time to the first image). Numbers from a
-CPU are a smoke check; the ones that count come from a GPU with ``--weights random``.
+GPU (with the checkpoint's fp16 files, where it has them; fp32 on a CPU), default VAE, a list
+of ``batch`` prompts, PIL output. Warm-up runs are excluded from the timings and reported on
+their own (time to the first image). Numbers from a CPU are a smoke check; the ones that count
+come from a GPU with ``--weights random``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from PIL import Image
 from livegen.bench import streamdiffusion
 from livegen.bench.profile import LaunchBytes, format_profile, profile_batches
 from livegen.engine import GenerationRequest, Priority, Task
+from livegen.engine.pipelines import common
 from livegen.engine.registry import resolve_source, spec_for
 from livegen.engine.worker import STAGES, Worker, stage_summary
 from livegen.settings import Settings
@@ -351,11 +353,15 @@ def bench_diffusers(settings: Settings, config: EngineBenchConfig) -> Measured:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     cls = AutoPipelineForText2Image if config.task == "t2i" else AutoPipelineForImage2Image
-    pipe = cls.from_pretrained(source, torch_dtype=dtype).to(device)
+    # As the model cards load it: float16 with the checkpoint's fp16 files (variant="fp16") where it has them.
+    pipe = common.from_pretrained(cls, source, dtype=dtype).to(device)
     if spec.lora_repo is not None:
         from diffusers import LCMScheduler
 
-        pipe.load_lora_weights(resolve_source(spec.lora_repo, settings))
+        from livegen.engine.pipelines.lcm import lora_file
+
+        lora = resolve_source(spec.lora_repo, settings)
+        pipe.load_lora_weights(lora, **lora_file(lora))
         pipe.fuse_lora()
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -67,6 +67,23 @@ def alternatives_hint(model_id: str) -> str:
     )
 
 
+# Checkpoints whose hub repository went away, by the name fal's API (and livegen) use for them,
+# and where the same files are now. RunwayML deleted runwayml/stable-diffusion-v1-5 in 2024;
+# stable-diffusion-v1-5/stable-diffusion-v1-5 is the re-upload diffusers' docs now load.
+MOVED_ON_THE_HUB = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+
+
+def hub_repo(repo_id: str) -> str:
+    """Where ``repo_id``'s files are on the hub: a moved repository's new home, unless the old one
+    is in the local hub cache (downloaded before it went away), which loads as it always did."""
+    moved = MOVED_ON_THE_HUB.get(repo_id)
+    if moved is None:
+        return repo_id
+    from huggingface_hub import try_to_load_from_cache
+
+    return repo_id if isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str) else moved
+
+
 def resolve_source(repo_id: str, settings: Settings) -> str:
     """What to hand to ``from_pretrained`` for ``repo_id`` under ``settings.weights``.
 
@@ -74,17 +91,21 @@ def resolve_source(repo_id: str, settings: Settings) -> str:
     """
     weights = settings.weights
     if weights == "hub":
-        return repo_id
+        return hub_repo(repo_id)
     if weights in ("random", "tiny-random"):
         from livegen.engine import synth
 
         path = synth.ensure_synthesized(repo_id, settings.synth_dir, tiny=weights == "tiny-random")
         return str(path)
     root = Path(weights)
-    for candidate in (root / repo_id, root / repo_id.replace("/", "--"), root / repo_id.split("/")[-1]):
-        if candidate.is_dir():
-            return str(candidate)
+    names = [repo_id] + ([MOVED_ON_THE_HUB[repo_id]] if repo_id in MOVED_ON_THE_HUB else [])
+    # Whole names before short ones: PATH/stable-diffusion-v1-5/ may be the re-upload's owner folder.
+    forms = [*names] + [n.replace("/", "--") for n in names] + [n.split("/")[-1] for n in names]
+    looked = list(dict.fromkeys(forms))
+    for candidate in looked:
+        if (root / candidate).is_dir():
+            return str(root / candidate)
     raise ModelUnavailable(
-        f"Checkpoint {repo_id} not found under {root} (looked for {repo_id}/, "
-        f"{repo_id.replace('/', '--')}/ and {repo_id.split('/')[-1]}/). {alternatives_hint(repo_id)}"
+        f"Checkpoint {repo_id} not found under {root} (looked for {', '.join(f'{c}/' for c in looked)}). "
+        f"{alternatives_hint(repo_id)}"
     )

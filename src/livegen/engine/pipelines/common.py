@@ -3,6 +3,7 @@ and turning a batch's outputs back into per-request image lists."""
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
@@ -13,6 +14,8 @@ from PIL import Image
 from livegen.engine import DeviceImage, GenerationRequest, Task
 from livegen.engine.fastpath import Deferred, FastPath, Job, Output, VaeChoice
 from livegen.protocol.errors import InvalidInput
+
+logger = logging.getLogger(__name__)
 
 V = TypeVar("V")
 InputImage = TypeVar("InputImage", bound="Image.Image | DeviceImage")
@@ -32,6 +35,37 @@ class Adapter(Protocol):
     def check_inputs(self, request: GenerationRequest) -> None: ...
 
     def __call__(self, batch: Sequence[GenerationRequest]) -> Outputs: ...
+
+
+def from_pretrained(cls: Any, source: str, *, dtype: torch.dtype, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(source, dtype=dtype, **kwargs)`` from the checkpoint's half-precision
+    files (``variant="fp16"``) when the model runs in float16, as SD-Turbo's and SDXL-Turbo's
+    model cards load them: on the hub that is half the download of the float32 files diffusers
+    reads by default, for the same float16 weights. Per component, one without fp16 files reads
+    its plain ones. The other way round too: a checkpoint with none (a folder of float32 files,
+    livegen's synthesized ones) loads its plain files, and one with only fp16 files (a hub cache
+    filled by the model card's code) loads those whatever the dtype. Any other error is raised
+    as is; when neither set of files is there, the first attempt's error."""
+    first: Exception | None = None
+    for variant in ("fp16", None) if dtype == torch.float16 else (None, "fp16"):
+        try:
+            return cls.from_pretrained(source, dtype=dtype, variant=variant, **kwargs)
+        except (ValueError, OSError) as exc:
+            if not _no_such_files(exc):
+                raise
+            logger.debug("%s has no %s files: trying the others", source, variant or "plain")
+            first = first or exc
+    assert first is not None
+    raise first
+
+
+def _no_such_files(exc: Exception) -> bool:
+    """diffusers' errors for a checkpoint without the asked-for files: a variant missing from
+    every component (ValueError), or a component with only other files (OSError)."""
+    message = str(exc)
+    if isinstance(exc, ValueError):
+        return "no such modeling files" in message
+    return message.startswith("Error no file named")
 
 
 class LruCache(Generic[V]):

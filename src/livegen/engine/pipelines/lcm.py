@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,17 @@ from livegen.engine.pipelines.base import PipelineAdapter
 from livegen.engine.pipelines.common import Adapter
 
 logger = logging.getLogger(__name__)
+
+# The LoRA's file in both LCM-LoRA repositories (latent-consistency/lcm-lora-sdv1-5, -sdxl).
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def lora_file(source: str) -> dict[str, str]:
+    """``load_lora_weights``' file argument for ``source``. diffusers finds a hub repository's
+    LoRA file by listing the repository, which it cannot do offline (``HF_HUB_OFFLINE``, where a
+    server usually runs): there it refuses a hub id without ``weight_name``, cached or not. A
+    local folder is searched as diffusers searches it."""
+    return {} if Path(source).is_dir() else {"weight_name": LORA_FILE}
 
 
 def load(
@@ -34,7 +46,7 @@ def load(
     started = time.perf_counter()
     adapter: type[PipelineAdapter[Any]] = sdxl_turbo.SdxlAdapter if sdxl else sd_turbo.SdAdapter
     pipe = adapter.load_pipeline(source, device=device, dtype=dtype, tiny_vae_source=tiny_vae_source)
-    pipe.load_lora_weights(lora_source, adapter_name="lcm")
+    pipe.load_lora_weights(lora_source, adapter_name="lcm", **lora_file(lora_source))
     pipe.fuse_lora(adapter_names=["lcm"], lora_scale=1.0)
     pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)

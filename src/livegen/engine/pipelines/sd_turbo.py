@@ -33,8 +33,13 @@ def load_pipeline(
     source: str, *, device: torch.device, dtype: torch.dtype, tiny_vae_source: str | None
 ) -> StableDiffusionPipeline:
     """``from_pretrained`` by hub id or folder; the safety checker is not loaded (see /readyz)."""
-    pipe = StableDiffusionPipeline.from_pretrained(
-        source, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    pipe = common.from_pretrained(
+        StableDiffusionPipeline,
+        source,
+        dtype=dtype,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     if tiny_vae_source is not None:
         pipe.vae = AutoencoderTiny.from_pretrained(tiny_vae_source, dtype=dtype)

@@ -32,7 +32,7 @@ def load_pipeline(
     source: str, *, device: torch.device, dtype: torch.dtype, tiny_vae_source: str | None
 ) -> StableDiffusionXLPipeline:
     """``from_pretrained`` by hub id or folder. No invisible watermark (it needs another package)."""
-    pipe = StableDiffusionXLPipeline.from_pretrained(source, dtype=dtype, add_watermarker=False)
+    pipe = common.from_pretrained(StableDiffusionXLPipeline, source, dtype=dtype, add_watermarker=False)
     if tiny_vae_source is not None:
         pipe.vae = AutoencoderTiny.from_pretrained(tiny_vae_source, dtype=dtype)
     return pipe.to(device)
