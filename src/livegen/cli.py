@@ -74,15 +74,25 @@ class QuietRefusedHandshakes(logging.Filter):
         return not (record.name == "uvicorn.error" and record.msg == _REFUSED_HANDSHAKE)
 
 
-class QuietNoOpCasts(logging.Filter):
-    """diffusers warns on every module ``.to(dtype)`` that some modules "should be kept in
-    float32", even when it lists none. ``from_pipe`` (the img2img and inpaint views of a loaded
-    pipeline) always casts its modules to a dtype, their own, so each load printed four such
-    warnings about nothing. Drop them when the list is empty; a real list still shows."""
+class QuietLibraryNoise(logging.Filter):
+    """Two library warnings every start printed, about nothing livegen does:
+
+    - diffusers warns on every module ``.to(dtype)`` that some modules "should be kept in
+      float32", even when it lists none. ``from_pipe`` (the img2img and inpaint views of a loaded
+      pipeline) always casts its modules to a dtype, their own: four such lines per model load.
+      A warning that names modules still shows.
+    - transformers warns that its CLIP image processor "requires torchvision (not installed)"
+      when diffusers' pipelines import it. livegen never builds one (no safety checker, no
+      feature extractor); torchvision is only its optional GPU JPEG decoder.
+    """
+
+    LOGGERS = ("diffusers.models.modeling_utils", "transformers.utils.import_utils")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("There are modules in ") and "should be kept in float32: []." in message)
+        if message.startswith("There are modules in ") and "should be kept in float32: []." in message:
+            return False
+        return "ImageProcessor` requires torchvision (not installed)" not in message
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -93,9 +103,10 @@ def setup_logging(level: str = "INFO") -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
-    casts = logging.getLogger("diffusers.models.modeling_utils")
-    if not any(isinstance(f, QuietNoOpCasts) for f in casts.filters):
-        casts.addFilter(QuietNoOpCasts())
+    for name in QuietLibraryNoise.LOGGERS:
+        noisy = logging.getLogger(name)
+        if not any(isinstance(f, QuietLibraryNoise) for f in noisy.filters):
+            noisy.addFilter(QuietLibraryNoise())
 
 
 @click.group()
