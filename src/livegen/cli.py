@@ -103,6 +103,11 @@ def setup_logging(level: str = "INFO") -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
+    quiet_library_noise()
+
+
+def quiet_library_noise() -> None:
+    """``QuietLibraryNoise`` on the loggers it is for (once; the commands that load models)."""
     for name in QuietLibraryNoise.LOGGERS:
         noisy = logging.getLogger(name)
         if not any(isinstance(f, QuietLibraryNoise) for f in noisy.filters):
@@ -381,6 +386,8 @@ def bench(
     if ctx.invoked_subcommand is not None:
         return
     import json
+
+    quiet_library_noise()
 
     from livegen.bench.engine import EngineBenchConfig, format_table, run_engine_bench, variant_settings
 
