@@ -86,3 +86,33 @@ def test_the_report_lists_the_launches_that_waste_sectors(capsys: pytest.Capture
     assert out[0].startswith(f"{missing}: not read (FileNotFoundError")
     assert "2 launches" in out[1]
     assert len(out) == 3 and "native_group_norm_silu_117" in out[2] and "store out_ptr2 0.06" in out[2]
+
+
+def test_the_report_bounds_what_axes_shorter_than_a_warp_may_overcount(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Rows of 10 contiguous elements, one after the other: a warp covers whole rows, but the model
+    does not read along an axis shorter than 32 lanes, so it reads along the rows (20-byte stride:
+    1/10 of each sector). The report says how much of its total that may overstate."""
+    rows = kernel_source(
+        "triton_poi_r_0",
+        "def triton_poi_r_0(in_ptr0, out_ptr0, ynumel, xnumel, YBLOCK : tl.constexpr, XBLOCK : tl.constexpr):\n"
+        "    yindex = yoffset + tl.arange(0, YBLOCK)[:, None]\n"
+        "    xindex = xoffset + tl.arange(0, XBLOCK)[None, :]\n"
+        "    x1 = xindex\n    y0 = yindex\n"
+        "    tmp0 = tl.load(in_ptr0 + (x1 + 10*y0), None)\n"
+        "    tl.store(out_ptr0 + (x1 + 10*y0), tmp0, None)\n",
+        "'in_ptr0': '*fp16', 'out_ptr0': '*fp16', 'ynumel': 'i32', 'xnumel': 'i32'",
+    )
+    wrapper = tmp_path / "rows.py"
+    launch_line = "        triton_poi_r_0.run(buf0, buf1, 10000000, 10, stream=stream0)\n"
+    wrapper.write_text(rows + "\ndef call(args):\n" + launch_line)
+    (launch,) = kernel_access.launches(wrapper.read_text(), {})
+    assert [a.efficiency for a in launch.accesses] == [pytest.approx(0.1), pytest.approx(0.1)]
+    kernel_access.main([str(wrapper)])
+    out = capsys.readouterr().out.splitlines()
+    assert "move 0.40 GB, cost 4.00 GB of sectors" in out[0]
+    assert out[1] == (
+        "  1 launches with an axis shorter than a warp: 4.000 GB of sectors for 0.400 GB; "
+        "the total is at most 3.600 GB high"
+    )

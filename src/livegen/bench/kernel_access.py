@@ -7,7 +7,9 @@ Input: the Python wrapper module inductor writes for a compiled graph (``output_
 evaluated for 32 consecutive values of each of the kernel's block axes (one warp's lanes),
 and its **sector efficiency** is the bytes those lanes use over the 32-byte sectors they touch,
 along the best axis (Triton lays each access out along the axis its address is contiguous in).
-An element per 2-byte lane, each in its own sector, is 1/16.
+An element per 2-byte lane, each in its own sector, is 1/16. An axis shorter than a warp is not
+read along (the lanes would wrap onto the next row, by block sizes chosen at run time), so such a
+launch can only be counted too wasteful; the report says by how much at most.
 
 Per launch: the bytes the full-size accesses move (iterations x element size) and the sector
 bytes they cost (bytes / efficiency). Broadcast operands (a bias, a group's mean: few distinct
@@ -189,6 +191,14 @@ def report(path: str, sizes: dict[str, int], top: int, skip: tuple[str, ...]) ->
     cost = sum(sectors for _, _, sectors in rows)
     lines = [f"{path}: {len(rows)} launches, full-size accesses move {useful / 1e9:.2f} GB, "
              f"cost {cost / 1e9:.2f} GB of sectors ({cost - useful:+.2e} B over)"]  # fmt: skip
+    # An axis shorter than a warp is not read along (Triton would wrap the warp's lanes onto the
+    # next row; how depends on the block sizes chosen at run time): its launches are read along
+    # a longer axis, which can only undercount their efficiency. Their waste bounds the error.
+    short = [(moved, sectors) for r, moved, sectors in rows if any(1 < n < LANES for n in r.numels.values())]
+    moved, sectors = (sum(col) for col in zip(*short, strict=True)) if short else (0.0, 0.0)
+    if (over := (sectors - moved) / 1e9) >= 0.0005:  # shown to the MB, as below
+        lines.append(f"  {len(short)} launches with an axis shorter than a warp: {sectors / 1e9:.3f} GB of sectors "
+                     f"for {moved / 1e9:.3f} GB; the total is at most {over:.3f} GB high")  # fmt: skip
     rows.sort(key=lambda row: row[1] - row[2])
     for r, moved, sectors in rows[:top]:
         if sectors <= moved * 1.001:
