@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import logging
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -157,8 +159,9 @@ def test_num_images_crop_and_chunks_beyond_the_largest_bucket(adapters: dict[str
     assert_close(out[1:2], alone)
 
 
-def test_worker_serves_on_the_fast_path_with_warm_up(settings: Settings) -> None:
+def test_worker_serves_on_the_fast_path_with_warm_up(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     s = settings.model_copy(update={"models": [SD], "warmup_sizes": ["64x64"], "warmup_buckets": [1, 2]})
+    caplog.set_level(logging.INFO, logger="livegen.engine.worker")
     with Worker.start(s) as worker:
         worker.startup.result(timeout=300)
         futures = [worker.submit(req(SD, seed=i, output_format="jpeg")) for i in range(3)]
@@ -167,6 +170,11 @@ def test_worker_serves_on_the_fast_path_with_warm_up(settings: Settings) -> None
     assert all(r.images[0].content_type == "image/jpeg" and r.images[0].data[:2] == b"\xff\xd8" for r in results)
     assert status["timings"]["warmup_s"] > 0 and status["timings"]["time_to_ready_s"] >= status["timings"]["load_s"]
     assert SD in status["fast_path"]
+    # The warm-up says what it did, per model (t2i and i2i at 64x64, buckets 1 and 2: 4 shapes; a CPU captures none).
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"warm-up of {SD}")]
+    assert len(lines) == 1 and re.fullmatch(
+        rf"warm-up of {SD}: 4 shapes in [0-9.]+ s \(CUDA graphs captured: 0, shapes compiled: 0\)", lines[0]
+    ), lines
 
 
 def storage_bytes(module: Any) -> int:
@@ -225,7 +233,7 @@ def test_inductor_options_reach_torch_compile(settings: Settings, monkeypatch: p
 
 @pytest.mark.parametrize("on_demand", [False, True])
 def test_compiled_shapes_are_the_warm_up_shapes_unless_on_demand(
-    settings: Settings, counted_compile: list[int], on_demand: bool
+    settings: Settings, counted_compile: list[int], on_demand: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With torch.compile on, the shapes rendered at warm-up run compiled; a shape first seen
     later (here a new size) runs uncompiled, so it cannot stall its batch for a ~100 s compile,
@@ -237,10 +245,15 @@ def test_compiled_shapes_are_the_warm_up_shapes_unless_on_demand(
         update={"models": [SD], "warmup_sizes": ["64x64"], "warmup_buckets": [1], "torch_compile": "default",
                 "compile_on_demand": on_demand}
     )  # fmt: skip
+    caplog.set_level(logging.INFO, logger="livegen.engine.worker")
     with Worker.start(s) as worker:
         worker.startup.result(timeout=300)
         after_warm_up = calls[0]
         assert after_warm_up > 0
+        # A first start with compile can be minutes of warm-up: the log says so first, then what it did.
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"warm-up of {SD}")]
+        assert said[0].startswith(f"warm-up of {SD}: 2 shapes, compiled by torch.compile (default)")
+        assert said[1].endswith("(CUDA graphs captured: 0, shapes compiled: 2)") and len(said) == 2
         # the warm-up's own text-to-image shape (turbo defaults: 2 steps, guidance 1)
         worker.submit(req(SD, seed=1, num_inference_steps=2, guidance_scale=1.0)).result(timeout=300)
         assert calls[0] > after_warm_up

@@ -432,12 +432,31 @@ class Worker:
         started = time.perf_counter()
         for model_id in self.settings.models:
             adapter = self._adapters[model_id]
-            if _fast_of(adapter) is None:
+            if (fast := _fast_of(adapter)) is None:
                 continue
-            for batch in warmup_batches(spec_for(model_id), self.settings):
+            batches = warmup_batches(spec_for(model_id), self.settings)
+            if fast.options.compile != "off":  # minutes of silence otherwise, on a first start
+                logger.info(
+                    "warm-up of %s: %d shapes, compiled by torch.compile (%s). A first start compiles "
+                    "each, about a minute per shape on a GPU; later starts read inductor's cache (%s)",
+                    model_id,
+                    len(batches),
+                    fast.options.compile,
+                    os.environ.get("TORCHINDUCTOR_CACHE_DIR", "its default location"),
+                )
+            model_started, graphs, compiled = time.perf_counter(), fast.stats.graphs, fast.stats.compiled_shapes
+            for batch in batches:
                 out = adapter(batch)
                 if isinstance(out, Deferred):
                     out.result()
+            logger.info(
+                "warm-up of %s: %d shapes in %.1f s (CUDA graphs captured: %d, shapes compiled: %d)",
+                model_id,
+                len(batches),
+                time.perf_counter() - model_started,
+                fast.stats.graphs - graphs,
+                fast.stats.compiled_shapes - compiled,
+            )
         for adapter in self._adapters.values():
             if (fast := _fast_of(adapter)) is not None:
                 fast.compile_new_shapes = self.settings.compile_on_demand  # the warm-up shapes are compiled
