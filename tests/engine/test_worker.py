@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from livegen.engine import GenerationRequest, GenerationResult, Priority, Task
-from livegen.engine.fastpath import Deferred
+from livegen.engine.fastpath import Deferred, FastStats
 from livegen.engine.pipelines.common import check_common
 from livegen.engine.worker import STAGES, Worker
 from livegen.protocol.errors import InvalidInput, ModelUnavailable
@@ -177,10 +177,11 @@ def test_close_fails_pending_work_and_refuses_more(tmp_path: Path) -> None:
 
 
 class FakeFast:
-    """What the worker asks of a fast path: its buckets."""
+    """What the worker asks of a fast path: its buckets, and at warm-up its compile mode and counts."""
 
     def __init__(self) -> None:
-        self.options = SimpleNamespace(buckets=(1, 2, 4, 8))
+        self.options = SimpleNamespace(buckets=(1, 2, 4, 8), compile="off")
+        self.stats = FastStats()
         self.tiny_vae = None
 
     def bucket(self, rows: int) -> int:
