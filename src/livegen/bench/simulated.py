@@ -40,9 +40,10 @@ class SimulatedDevice:
 
     def __init__(self, device_ms: dict[int, float]) -> None:
         self.device_ms = device_ms
-        self.options = SimpleNamespace(buckets=tuple(sorted(device_ms)))
+        self.options = SimpleNamespace(buckets=tuple(sorted(device_ms)), compile="off")
         self.tiny_vae = None
-        self.stats = SimpleNamespace(batches=0, images=0, busy_s=0.0)
+        # the worker's warm-up reads graphs and compiled_shapes (none here), /readyz all of them
+        self.stats = SimpleNamespace(batches=0, images=0, busy_s=0.0, graphs=0, compiled_shapes=0)
         self._free_at = 0.0
         self._lock = threading.Lock()
 
