@@ -147,7 +147,9 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     max_sessions: int = Field(default=64, ge=1, description="Concurrent realtime sessions")
     session_timeout_s: float = Field(default=60.0, gt=0, description="Idle realtime sessions get TIMEOUT")
-    default_max_buffering: int = Field(default=2, ge=1, le=60, description="Realtime inbox size without ?max_buffering")
+    # 1: every newer frame replaces the one waiting, so a busy GPU renders each session's newest
+    # frame (BENCHMARKS.md session 15: 16 sessions p50 -33 ms against 2, same frames/s)
+    default_max_buffering: int = Field(default=1, ge=1, le=60, description="Realtime inbox size without ?max_buffering")
     max_session_fps: float = Field(default=60.0, gt=0, description="Frames a realtime session may start per second")
     max_ws_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     # permessage-deflate on realtime WebSockets. Off: frames and results are mostly JPEG/PNG bytes,

@@ -69,8 +69,10 @@ def gate(tmp_path: Path) -> Iterator[tuple[GateEngine, str]]:
         yield engine, url
 
 
-def session(url: str, buffering: int) -> ClientConnection:
-    ws_url = url.replace("http", "ws", 1) + f"/fal-ai/fast-turbo-diffusion/realtime?max_buffering={buffering}"
+def session(url: str, buffering: int | None) -> ClientConnection:
+    """A session asking for ``buffering`` (None: it asks for nothing, as fal's clients by default)."""
+    query = "" if buffering is None else f"?max_buffering={buffering}"
+    ws_url = url.replace("http", "ws", 1) + f"/fal-ai/fast-turbo-diffusion/realtime{query}"
     return connect(ws_url, additional_headers={"Authorization": f"Key {KEY}"})
 
 
@@ -97,9 +99,12 @@ def dropped(url: str) -> float:
     return 0.0
 
 
-def test_with_buffering_1_the_newest_frame_takes_the_waiting_ones_place(gate: tuple[GateEngine, str]) -> None:
+@pytest.mark.parametrize("buffering", [1, None])  # 1 is the default (settings.default_max_buffering)
+def test_with_buffering_1_the_newest_frame_takes_the_waiting_ones_place(
+    gate: tuple[GateEngine, str], buffering: int | None
+) -> None:
     engine, url = gate
-    with session(url, 1) as ws:
+    with session(url, buffering) as ws:
         send(ws, 0)
         wait_for(lambda: engine.prompts() == ["f0"])
         for n in range(1, 5):
