@@ -196,7 +196,7 @@ def report(path: str, sizes: dict[str, int], top: int, skip: tuple[str, ...]) ->
     # a longer axis, which can only undercount their efficiency. Their waste bounds the error.
     short = [(moved, sectors) for r, moved, sectors in rows if any(1 < n < LANES for n in r.numels.values())]
     moved, sectors = (sum(col) for col in zip(*short, strict=True)) if short else (0.0, 0.0)
-    if (over := (sectors - moved) / 1e9) >= 0.0005:  # shown to the MB, as below
+    if (over := (sectors - moved) / 1e9) >= 0.0005:  # printed to the MB
         lines.append(f"  {len(short)} launches with an axis shorter than a warp: {sectors / 1e9:.3f} GB of sectors "
                      f"for {moved / 1e9:.3f} GB; the total is at most {over:.3f} GB high")  # fmt: skip
     rows.sort(key=lambda row: row[1] - row[2])

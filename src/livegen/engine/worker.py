@@ -435,6 +435,8 @@ class Worker:
             if (fast := _fast_of(adapter)) is None:
                 continue
             batches = warmup_batches(spec_for(model_id), self.settings)
+            if not batches:  # no warm-up sizes or buckets configured
+                continue
             if fast.options.compile != "off":  # minutes of silence otherwise, on a first start
                 logger.info(
                     "warm-up of %s: %d shapes, compiled by torch.compile (%s). A first start compiles "
