@@ -215,7 +215,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=1, help="frames per session in the engine at once")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--fill", type=float, default=0.75)
+    ap.add_argument("--fill", type=float, default=1.0)  # the server's default (LIVEGEN_BATCH_FILL) since session 16
     ap.add_argument("--old-jpeg", action="store_true")
     ap.add_argument(
         "--late",

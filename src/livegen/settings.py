@@ -109,8 +109,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=8, ge=1, le=64)
     # Fast path: a batch is padded up to the next bucket only when it fills at least this share
     # of it; otherwise it is cut to the largest bucket it fills and the rest goes in the next
-    # batch (9 frames: 8 now and 1 next, not 16 rows of work for 9). 0.5 or less: always pad.
-    batch_fill: float = Field(default=0.75, ge=0, le=1)
+    # batch (6 frames: 4 now and 2 next, not 8 rows of work for 6). 1: never padded but for a
+    # single request of more images; 0.5 or less: always padded. BENCHMARKS.md, session 16.
+    batch_fill: float = Field(default=1.0, ge=0, le=1)
     # Fast path on CUDA: while the device is busy, the next batch is formed just before the
     # device needs it (from measured device times), not as soon as a batch slot frees, so
     # frames that arrive meanwhile join it.

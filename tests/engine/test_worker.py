@@ -258,17 +258,23 @@ def test_a_batch_is_formed_when_a_slot_frees_not_before(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("waiting", "batches"),
+    ("fill", "waiting", "batches"),
     [
-        (5, [["p0", "p1", "p2", "p3"], ["p4"]]),  # 5 of 8: cut to 4, the fifth goes next
-        (6, [["p0", "p1", "p2", "p3", "p4", "p5"]]),  # 6 of 8 fills 0.75 of it: padded
-        (3, [["p0", "p1", "p2"]]),  # 3 of 4: padded
+        (0.75, 5, [["p0", "p1", "p2", "p3"], ["p4"]]),  # 5 of 8: cut to 4, the fifth goes next
+        (0.75, 6, [["p0", "p1", "p2", "p3", "p4", "p5"]]),  # 6 of 8 fills 0.75 of it: padded
+        (0.75, 3, [["p0", "p1", "p2"]]),  # 3 of 4: padded
+        # the default (1): every batch is a whole bucket, the rest goes next
+        (None, 6, [["p0", "p1", "p2", "p3"], ["p4", "p5"]]),
+        (None, 7, [["p0", "p1", "p2", "p3"], ["p4", "p5"], ["p6"]]),
+        (None, 8, [["p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7"]]),
+        (0.5, 5, [["p0", "p1", "p2", "p3", "p4"]]),  # 0.5 or less: always padded
     ],
 )
 def test_a_batch_filling_little_of_its_bucket_is_cut_to_a_full_one(
-    tmp_path: Path, waiting: int, batches: list[list[str]]
+    tmp_path: Path, fill: float | None, waiting: int, batches: list[list[str]]
 ) -> None:
-    with fast_worker(tmp_path, max_batch_size=8, batch_gather=False, batch_fill=0.75) as w:
+    options = {} if fill is None else {"batch_fill": fill}
+    with fast_worker(tmp_path, max_batch_size=8, batch_gather=False, **options) as w:
         blockers = []
         for n, prompt in enumerate(("x", "y"), 1):  # both batch slots taken
             blockers.append(w.submit(req(prompt)))
@@ -278,13 +284,17 @@ def test_a_batch_filling_little_of_its_bucket_is_cut_to_a_full_one(
             done.set()
         for f in blockers:
             f.result(10)
-        wait_for(lambda: sum(map(len, w.adapter.batches[2:])) == waiting)
-        for done in w.adapter.done:
-            done.set()
+
+        def all_taken() -> bool:  # each batch ends once formed, so a third can take a slot
+            for done in list(w.adapter.done):
+                done.set()
+            return sum(map(len, w.adapter.batches[2:])) == waiting
+
+        wait_for(all_taken)
         for f in futures:
             f.result(10)
         assert w.adapter.batches[2:] == batches
-        assert w.stats.cut_batches == (1 if len(batches) > 1 else 0)
+        assert w.stats.cut_batches == len(batches) - 1
 
 
 def test_the_next_batch_gathers_while_the_device_is_busy(tmp_path: Path) -> None:
