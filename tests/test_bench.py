@@ -29,6 +29,9 @@ def test_bench_realtime_8_sessions(live_server: LiveServer) -> None:
     assert report["warmup_s"] == 2
     assert report["results"] > 0 and report["results"] + report["dropped"] == report["frames_sent"]
     assert report["latency_ms"]["p50"] > 0
+    low, high = report["delivered_fps_session_range"]  # the least and the most served session
+    assert 0 <= low <= report["delivered_fps_per_session"] <= high
+    assert f"({low:.2f}-{high:.2f})" in format_report(report)
     # the breakdown: the engine's batch inside the server's span inside the client's latency
     assert len(report["server_ms"]) == 4 and len(report["inference_ms"]) == 4
     assert 0 < report["inference_ms"]["p50"] <= report["server_ms"]["p50"] <= report["latency_ms"]["p50"]

@@ -211,6 +211,11 @@ def summarize(config: BenchConfig, stats: list[SessionStats], wall_s: float) -> 
         "inference_ms": _percentiles([v for s in stats for v in s.inference_ms]),
         "delivered_fps_total": results / config.duration_s,
         "delivered_fps_per_session": results / config.duration_s / config.sessions,
+        # the least and the most served session: an even split of the frames, or some starved
+        "delivered_fps_session_range": [
+            min(s.results for s in stats) / config.duration_s,
+            max(s.results for s in stats) / config.duration_s,
+        ],
         "wall_s": wall_s,
         "error_samples": sorted({r for s in stats for r in s.error_reasons})[:5],
     }
@@ -229,6 +234,8 @@ def format_report(report: dict[str, Any]) -> str:
     def quantiles(q: dict[str, float]) -> str:
         return f"p50 {q['p50']:.1f}  p95 {q['p95']:.1f}  p99 {q['p99']:.1f}  mean {q['mean']:.1f}"
 
+    low_high = report.get("delivered_fps_session_range")  # reports from before session 16 lack it
+    spread = "" if low_high is None else f" ({low_high[0]:.2f}-{low_high[1]:.2f})"
     lines = [
         f"sessions {report['sessions']} x {report['fps_requested']:g} frames/s for {report['duration_s']:g} s",
         f"frames sent {report['frames_sent']}, results {report['results']}, dropped (superseded) "
@@ -240,7 +247,7 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  {label} ms: {quantiles(report[key])}")
     lines += [
         f"delivered frames/s: total {report['delivered_fps_total']:.1f}, "
-        f"per session {report['delivered_fps_per_session']:.2f}",
+        f"per session {report['delivered_fps_per_session']:.2f}{spread}",
     ]
     if decode := report.get("input_decode"):
         counts = f": {decode['images']} images, {decode['fallbacks']} to Pillow" if "images" in decode else ""
