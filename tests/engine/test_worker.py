@@ -297,6 +297,65 @@ def test_a_batch_filling_little_of_its_bucket_is_cut_to_a_full_one(
         assert w.stats.cut_batches == len(batches) - 1
 
 
+def test_work_waiting_behind_realtime_frames_goes_after_priority_wait_s(tmp_path: Path) -> None:
+    """Realtime frames go first, but a sync request that has waited ``priority_wait_s`` behind
+    them takes the next batch, at most one such batch per interval: sessions that keep the device
+    busy do not hold other requests back for as long as they run."""
+    with fast_worker(tmp_path, max_batch_size=8, batch_gather=False, priority_wait_s=1.0) as w:
+        for n, prompt in enumerate(("x", "y"), 1):  # both batch slots taken by realtime frames
+            w.submit(req(prompt, priority=Priority.REALTIME))
+            wait_for(lambda n=n: len(w.adapter.batches) == n)  # type: ignore[misc]
+        futures = [
+            w.submit(req("s1", priority=Priority.SYNC, width=80)),
+            w.submit(req("s2", priority=Priority.SYNC, width=96)),
+            w.submit(req("r1", priority=Priority.REALTIME)),
+        ]
+        w.adapter.done[0].set()  # s1 has waited less than 1 s: the realtime frame goes first
+        wait_for(lambda: len(w.adapter.batches) == 3)
+        futures.append(w.submit(req("r2", priority=Priority.REALTIME)))
+        time.sleep(1.0)
+        w.adapter.done[1].set()  # now s1 has waited: it goes ahead of r2
+        wait_for(lambda: len(w.adapter.batches) == 4)
+        w.adapter.done[2].set()  # s2 has waited too, but one batch went ahead less than 1 s ago
+        wait_for(lambda: len(w.adapter.batches) == 5)
+        futures.append(w.submit(req("r3", priority=Priority.REALTIME)))
+        time.sleep(1.0)
+        w.adapter.done[3].set()  # an interval later: s2 goes ahead of r3
+        wait_for(lambda: len(w.adapter.batches) == 6)
+        for done in w.adapter.done:
+            done.set()
+        wait_for(lambda: len(w.adapter.batches) == 7)
+        for done in w.adapter.done:
+            done.set()
+        for f in futures:
+            f.result(10)
+        assert w.adapter.batches[2:] == [["r1"], ["s1"], ["r2"], ["s2"], ["r3"]]
+        assert w.stats.priority_yields == 2 and w.status()["priority_yields"] == 2
+
+
+def test_a_batch_that_goes_ahead_of_realtime_frames_takes_its_kind_first(tmp_path: Path) -> None:
+    """The batch that goes ahead of realtime frames fills with the other work that waits, and
+    realtime frames of the same shape take the room left."""
+    with fast_worker(tmp_path, max_batch_size=4, batch_gather=False, priority_wait_s=0.2) as w:
+        for n, prompt in enumerate(("x", "y"), 1):
+            w.submit(req(prompt, priority=Priority.REALTIME))
+            wait_for(lambda n=n: len(w.adapter.batches) == n)  # type: ignore[misc]
+        futures = [w.submit(req(p, priority=Priority.REALTIME)) for p in ("r1", "r2", "r3")]
+        futures += [w.submit(req(p, priority=Priority.SYNC)) for p in ("s1", "s2", "s3")]
+        time.sleep(0.3)
+        w.adapter.done[0].set()
+        wait_for(lambda: len(w.adapter.batches) == 3)
+
+        def all_done() -> bool:  # each batch ends once formed
+            for done in list(w.adapter.done):
+                done.set()
+            return all(f.done() for f in futures)
+
+        wait_for(all_done)
+        assert w.adapter.batches[2] == ["s1", "s2", "s3", "r1"]
+        assert sorted(sum(w.adapter.batches[3:], [])) == ["r2", "r3"]
+
+
 def test_the_next_batch_gathers_while_the_device_is_busy(tmp_path: Path) -> None:
     """With a measured device time, the next batch is formed just before the device runs out of
     work, or when a full batch is waiting: a request that arrives while a batch runs is not sent

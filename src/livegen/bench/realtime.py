@@ -187,7 +187,8 @@ async def run_bench(config: BenchConfig) -> dict[str, Any]:
                 report["input_decode"] = decode
             # How the engine batched the frames (the server's totals, warm-up included).
             if "batch_sizes" in ready:
-                report["batching"] = {k: ready.get(k) for k in ("batch_sizes", "gather_s", "cut_batches", "stages")}
+                kept = ("batch_sizes", "gather_s", "cut_batches", "priority_yields", "stages")
+                report["batching"] = {k: ready.get(k) for k in kept}
     return report
 
 
@@ -259,6 +260,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"engine batches (server's total), images: count {{{sizes}}}; held back {batching.get('gather_s')} s "
             f"to gather, {batching.get('cut_batches')} cut to a bucket"
+            + (f", {n} of other work ahead of realtime frames" if (n := batching.get("priority_yields")) else "")
         )
         if (stages := batching.get("stages") or {}).get("batches"):
             parts = ", ".join(f"{k.removesuffix('_ms')} {v}" for k, v in stages.items() if k.endswith("_ms"))

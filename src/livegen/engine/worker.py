@@ -1,7 +1,8 @@
 """The worker: the single owner of the device.
 
 One thread takes work items off a priority queue (realtime, then sync, then queued; FIFO
-within a priority), gathers the compatible ones behind the head (same model, task, size,
+within a priority; work that has waited ``priority_wait_s`` behind realtime frames goes ahead
+of them, one batch per interval, ``_head``), gathers the compatible ones behind the head (same model, task, size,
 steps, guidance and strength) into one batch of at most ``max_batch_size`` images, and runs
 it through the model's pipeline adapter. Encoding the results to JPEG/PNG happens on a small
 thread pool so the device thread can start the next batch. The event loop never runs torch:
@@ -122,6 +123,7 @@ class Stats:
     batch_sizes: dict[int, int] = field(default_factory=dict)
     gather_s: float = 0.0  # time the device thread held back a batch while the device was busy
     cut_batches: int = 0  # batches cut to a bucket they fill (the rest left for the next one)
+    priority_yields: int = 0  # batches of other work that went ahead of waiting realtime frames
 
 
 class _Trace:
@@ -250,6 +252,7 @@ class Worker:
         # be done (perf_counter seconds; None: not known, a shape without a measured time).
         self._on_device = 0
         self._device_free_at: float | None = None
+        self._yielded_at = -float("inf")  # when other work last went ahead of realtime frames (_head)
         self._enqueue_s = 0.0  # the device thread's time to enqueue a fast batch (moving average)
         self.startup: Future[None] = Future()
         self._state = State.NEW
@@ -375,6 +378,7 @@ class Worker:
             "batch_sizes": dict(self.stats.batch_sizes),
             "gather_s": round(self.stats.gather_s, 3),
             "cut_batches": self.stats.cut_batches,
+            "priority_yields": self.stats.priority_yields,
             "stages": stage_summary(list(self.stages)),
             "fast_path": {m: dict(vars(f.stats)) for m, a in self._adapters.items() if (f := _fast_of(a)) is not None},
             "input_decode": self.input_decoder.status() if self.input_decoder is not None else {"decoder": "pillow"},
@@ -485,27 +489,50 @@ class Worker:
                 break
             now = time.perf_counter()
             wait = min(free_at - self._enqueue_s - GATHER_MARGIN_S, limit) - now
+            head = self._head()
             if wait <= 0 or (
-                self._images_like_head() >= self.settings.max_batch_size
-                and self._pending[0].request.priority is not Priority.REALTIME
+                self._images_like(head) >= self.settings.max_batch_size
+                and head.request.priority is not Priority.REALTIME
             ):
                 break
             self._cond.wait(wait)
         self.stats.gather_s += time.perf_counter() - started
 
-    def _images_like_head(self) -> int:
+    def _head(self) -> _Pending:
+        """The work the next batch is formed around: the first in line (realtime frames, then
+        sync requests, then queued jobs; oldest first), except that work of another kind which has
+        waited ``priority_wait_s`` behind realtime frames goes ahead of them, at most one batch
+        per ``priority_wait_s``. Realtime sessions that keep the device busy would otherwise hold
+        every other request back for as long as they run."""
         self._pending.sort()
-        key = self._pending[0].request.batch_key()
+        head = self._pending[0]
+        if head.request.priority is not Priority.REALTIME:
+            return head
+        now, wait = time.perf_counter(), self.settings.priority_wait_s
+        if now - self._yielded_at < wait:
+            return head
+        other = next((p for p in self._pending if p.request.priority is not Priority.REALTIME), None)
+        return other if other is not None and now - other.submitted >= wait else head
+
+    def _images_like(self, head: _Pending) -> int:
+        key = head.request.batch_key()
         return sum(p.request.num_images for p in self._pending if p.request.batch_key() == key)
 
     def _take_batch(self) -> list[_Pending]:
-        self._pending.sort()
-        head = self._pending[0]
+        head = self._head()
+        line = self._pending
+        if head is not line[0]:  # ahead of realtime frames: the next may go in priority_wait_s
+            self._yielded_at = time.perf_counter()
+            self.stats.priority_yields += 1
+            # the other work that waits fills this batch first; realtime frames, the room left
+            line = sorted(line, key=lambda p: p.request.priority is Priority.REALTIME)
         key = head.request.batch_key()
-        chosen, images = [], 0
-        for p in self._pending:
-            if p is not head and (
-                p.request.batch_key() != key or images + p.request.num_images > self.settings.max_batch_size
+        chosen, images = [head], head.request.num_images
+        for p in line:
+            if (
+                p is head
+                or p.request.batch_key() != key
+                or images + p.request.num_images > self.settings.max_batch_size
             ):
                 continue
             chosen.append(p)
