@@ -116,9 +116,10 @@ class Settings(BaseSettings):
     # device needs it (from measured device times), not as soon as a batch slot frees, so
     # frames that arrive meanwhile join it.
     batch_gather: bool = True
-    # Realtime frames run first; a sync request or queued job that has waited this long behind
-    # them takes the next batch, at most one such batch per this interval, so realtime sessions
-    # that keep the device busy do not hold other work back for as long as they run.
+    # Realtime frames run first, then sync requests, then queued jobs; work that has waited this
+    # long behind a higher priority takes the next batch, at most one such batch per interval, so
+    # busy realtime sessions (or a stream of sync requests) do not hold the rest back for as long
+    # as they run.
     priority_wait_s: float = Field(default=0.5, gt=0)
     prompt_cache_size: int = Field(default=256, ge=0)
     # Caps a server may set below the schema's bounds (which /openapi.json shows); 422 beyond.

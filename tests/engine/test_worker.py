@@ -297,28 +297,32 @@ def test_a_batch_filling_little_of_its_bucket_is_cut_to_a_full_one(
         assert w.stats.cut_batches == len(batches) - 1
 
 
-def test_work_waiting_behind_realtime_frames_goes_after_priority_wait_s(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("high", "low"), [(Priority.REALTIME, Priority.SYNC), (Priority.SYNC, Priority.QUEUED)])
+def test_work_waiting_behind_higher_priority_work_goes_after_priority_wait_s(
+    tmp_path: Path, high: Priority, low: Priority
+) -> None:
     """Realtime frames go first, but a sync request that has waited ``priority_wait_s`` behind
     them takes the next batch, at most one such batch per interval: sessions that keep the device
-    busy do not hold other requests back for as long as they run."""
+    busy do not hold other requests back for as long as they run. The same for a queued job
+    behind a stream of sync requests."""
     with fast_worker(tmp_path, max_batch_size=8, batch_gather=False, priority_wait_s=1.0) as w:
-        for n, prompt in enumerate(("x", "y"), 1):  # both batch slots taken by realtime frames
-            w.submit(req(prompt, priority=Priority.REALTIME))
+        for n, prompt in enumerate(("x", "y"), 1):  # both batch slots taken
+            w.submit(req(prompt, priority=high))
             wait_for(lambda n=n: len(w.adapter.batches) == n)  # type: ignore[misc]
         futures = [
-            w.submit(req("s1", priority=Priority.SYNC, width=80)),
-            w.submit(req("s2", priority=Priority.SYNC, width=96)),
-            w.submit(req("r1", priority=Priority.REALTIME)),
+            w.submit(req("s1", priority=low, width=80)),
+            w.submit(req("s2", priority=low, width=96)),
+            w.submit(req("r1", priority=high)),
         ]
-        w.adapter.done[0].set()  # s1 has waited less than 1 s: the realtime frame goes first
+        w.adapter.done[0].set()  # s1 has waited less than 1 s: r1 goes first
         wait_for(lambda: len(w.adapter.batches) == 3)
-        futures.append(w.submit(req("r2", priority=Priority.REALTIME)))
+        futures.append(w.submit(req("r2", priority=high)))
         time.sleep(1.0)
         w.adapter.done[1].set()  # now s1 has waited: it goes ahead of r2
         wait_for(lambda: len(w.adapter.batches) == 4)
         w.adapter.done[2].set()  # s2 has waited too, but one batch went ahead less than 1 s ago
         wait_for(lambda: len(w.adapter.batches) == 5)
-        futures.append(w.submit(req("r3", priority=Priority.REALTIME)))
+        futures.append(w.submit(req("r3", priority=high)))
         time.sleep(1.0)
         w.adapter.done[3].set()  # an interval later: s2 goes ahead of r3
         wait_for(lambda: len(w.adapter.batches) == 6)

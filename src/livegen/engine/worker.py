@@ -1,8 +1,8 @@
 """The worker: the single owner of the device.
 
 One thread takes work items off a priority queue (realtime, then sync, then queued; FIFO
-within a priority; work that has waited ``priority_wait_s`` behind realtime frames goes ahead
-of them, one batch per interval, ``_head``), gathers the compatible ones behind the head (same model, task, size,
+within a priority; work that has waited ``priority_wait_s`` behind higher-priority work goes
+ahead of it, one batch per interval, ``_head``), gathers the compatible ones behind the head (same model, task, size,
 steps, guidance and strength) into one batch of at most ``max_batch_size`` images, and runs
 it through the model's pipeline adapter. Encoding the results to JPEG/PNG happens on a small
 thread pool so the device thread can start the next batch. The event loop never runs torch:
@@ -123,7 +123,7 @@ class Stats:
     batch_sizes: dict[int, int] = field(default_factory=dict)
     gather_s: float = 0.0  # time the device thread held back a batch while the device was busy
     cut_batches: int = 0  # batches cut to a bucket they fill (the rest left for the next one)
-    priority_yields: int = 0  # batches of other work that went ahead of waiting realtime frames
+    priority_yields: int = 0  # batches that went ahead of waiting higher-priority work (_head)
 
 
 class _Trace:
@@ -500,19 +500,18 @@ class Worker:
 
     def _head(self) -> _Pending:
         """The work the next batch is formed around: the first in line (realtime frames, then
-        sync requests, then queued jobs; oldest first), except that work of another kind which has
-        waited ``priority_wait_s`` behind realtime frames goes ahead of them, at most one batch
-        per ``priority_wait_s``. Realtime sessions that keep the device busy would otherwise hold
-        every other request back for as long as they run."""
+        sync requests, then queued jobs; oldest first), except that work which has waited
+        ``priority_wait_s`` behind work of a higher priority goes ahead of it, at most one batch
+        per ``priority_wait_s``. Realtime sessions (or a stream of sync requests) that keep the
+        device busy would otherwise hold everything below them back for as long as they run."""
         self._pending.sort()
         head = self._pending[0]
-        if head.request.priority is not Priority.REALTIME:
-            return head
         now, wait = time.perf_counter(), self.settings.priority_wait_s
         if now - self._yielded_at < wait:
             return head
-        other = next((p for p in self._pending if p.request.priority is not Priority.REALTIME), None)
-        return other if other is not None and now - other.submitted >= wait else head
+        rank = head.request.priority
+        overdue = (p for p in self._pending if p.request.priority > rank and now - p.submitted >= wait)
+        return next(overdue, head)
 
     def _images_like(self, head: _Pending) -> int:
         key = head.request.batch_key()
@@ -521,11 +520,12 @@ class Worker:
     def _take_batch(self) -> list[_Pending]:
         head = self._head()
         line = self._pending
-        if head is not line[0]:  # ahead of realtime frames: the next may go in priority_wait_s
+        if head is not line[0]:  # ahead of higher-priority work: the next may go in priority_wait_s
             self._yielded_at = time.perf_counter()
             self.stats.priority_yields += 1
-            # the other work that waits fills this batch first; realtime frames, the room left
-            line = sorted(line, key=lambda p: p.request.priority is Priority.REALTIME)
+            # its own kind (and lower) fills this batch first; higher-priority work, the room left
+            rank = head.request.priority
+            line = sorted(line, key=lambda p: p.request.priority < rank)
         key = head.request.batch_key()
         chosen, images = [head], head.request.num_images
         for p in line:
