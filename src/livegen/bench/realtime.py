@@ -260,7 +260,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"engine batches (server's total), images: count {{{sizes}}}; held back {batching.get('gather_s')} s "
             f"to gather, {batching.get('cut_batches')} cut to a bucket"
-            + (f", {n} of other work ahead of realtime frames" if (n := batching.get("priority_yields")) else "")
+            + (f", {n} ahead of higher-priority work" if (n := batching.get("priority_yields")) else "")
         )
         if (stages := batching.get("stages") or {}).get("batches"):
             parts = ", ".join(f"{k.removesuffix('_ms')} {v}" for k, v in stages.items() if k.endswith("_ms"))

@@ -2,11 +2,11 @@
 
 One thread takes work items off a priority queue (realtime, then sync, then queued; FIFO
 within a priority; work that has waited ``priority_wait_s`` behind higher-priority work goes
-ahead of it, one batch per interval, ``_head``), gathers the compatible ones behind the head (same model, task, size,
-steps, guidance and strength) into one batch of at most ``max_batch_size`` images, and runs
-it through the model's pipeline adapter. Encoding the results to JPEG/PNG happens on a small
-thread pool so the device thread can start the next batch. The event loop never runs torch:
-it awaits the ``Future`` that ``submit`` returns.
+ahead of it, one batch per interval, ``_head``), gathers the compatible ones behind the head
+(same model, task, size, steps, guidance and strength) into one batch of at most
+``max_batch_size`` images, and runs it through the model's pipeline adapter. Encoding the
+results to JPEG/PNG happens on a small thread pool so the device thread can start the next
+batch. The event loop never runs torch: it awaits the ``Future`` that ``submit`` returns.
 
 Fast-path batches (CUDA) are enqueued on the device and finished on that pool; at most two
 are on the device at once, one running and one queued. The device thread takes a slot before
@@ -252,7 +252,7 @@ class Worker:
         # be done (perf_counter seconds; None: not known, a shape without a measured time).
         self._on_device = 0
         self._device_free_at: float | None = None
-        self._yielded_at = -float("inf")  # when other work last went ahead of realtime frames (_head)
+        self._yielded_at = -float("inf")  # when a batch last went ahead of higher-priority work (_head)
         self._enqueue_s = 0.0  # the device thread's time to enqueue a fast batch (moving average)
         self.startup: Future[None] = Future()
         self._state = State.NEW
