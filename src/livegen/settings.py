@@ -117,9 +117,9 @@ class Settings(BaseSettings):
     # frames that arrive meanwhile join it.
     batch_gather: bool = True
     # Realtime frames run first, then sync requests, then queued jobs; work that has waited this
-    # long behind a higher priority takes the next batch, at most one such batch per interval, so
-    # busy realtime sessions (or a stream of sync requests) do not hold the rest back for as long
-    # as they run.
+    # long behind a higher priority takes the next batch, then none until this long after that
+    # batch is done, so busy realtime sessions (or a stream of sync requests) do not hold the rest
+    # back for as long as they run, and keep the device at least this long between such batches.
     priority_wait_s: float = Field(default=0.5, gt=0)
     prompt_cache_size: int = Field(default=256, ge=0)
     # Caps a server may set below the schema's bounds (which /openapi.json shows); 422 beyond.

@@ -302,9 +302,10 @@ def test_work_waiting_behind_higher_priority_work_goes_after_priority_wait_s(
     tmp_path: Path, high: Priority, low: Priority
 ) -> None:
     """Realtime frames go first, but a sync request that has waited ``priority_wait_s`` behind
-    them takes the next batch, at most one such batch per interval: sessions that keep the device
-    busy do not hold other requests back for as long as they run. The same for a queued job
-    behind a stream of sync requests."""
+    them takes the next batch. Then none goes ahead until ``priority_wait_s`` after that batch is
+    done, however long it took: sessions that keep the device busy do not hold other requests
+    back for as long as they run, nor lose the device to them. The same for a queued job behind
+    a stream of sync requests."""
     with fast_worker(tmp_path, max_batch_size=8, batch_gather=False, priority_wait_s=1.0) as w:
         for n, prompt in enumerate(("x", "y"), 1):  # both batch slots taken
             w.submit(req(prompt, priority=high))
@@ -314,26 +315,29 @@ def test_work_waiting_behind_higher_priority_work_goes_after_priority_wait_s(
             w.submit(req("s2", priority=low, width=96)),
             w.submit(req("r1", priority=high)),
         ]
-        w.adapter.done[0].set()  # s1 has waited less than 1 s: r1 goes first
-        wait_for(lambda: len(w.adapter.batches) == 3)
-        futures.append(w.submit(req("r2", priority=high)))
-        time.sleep(1.0)
-        w.adapter.done[1].set()  # now s1 has waited: it goes ahead of r2
-        wait_for(lambda: len(w.adapter.batches) == 4)
-        w.adapter.done[2].set()  # s2 has waited too, but one batch went ahead less than 1 s ago
-        wait_for(lambda: len(w.adapter.batches) == 5)
-        futures.append(w.submit(req("r3", priority=high)))
-        time.sleep(1.0)
-        w.adapter.done[3].set()  # an interval later: s2 goes ahead of r3
-        wait_for(lambda: len(w.adapter.batches) == 6)
-        for done in w.adapter.done:
-            done.set()
-        wait_for(lambda: len(w.adapter.batches) == 7)
-        for done in w.adapter.done:
-            done.set()
-        for f in futures:
-            f.result(10)
-        assert w.adapter.batches[2:] == [["r1"], ["s1"], ["r2"], ["s2"], ["r3"]]
+
+        def next_batch(done: int, then: str | None = None, wait: float = 0.0) -> None:
+            """Submit ``then`` (high), sleep ``wait``, end batch ``done``: a slot frees, a batch forms."""
+            if then is not None:
+                futures.append(w.submit(req(then, priority=high)))
+            time.sleep(wait)
+            batches = len(w.adapter.batches)
+            w.adapter.done[done].set()
+            wait_for(lambda: len(w.adapter.batches) == batches + 1)
+
+        next_batch(0)  # s1 has waited less than 1 s: r1 goes first
+        next_batch(1, "r2", 1.0)  # now s1 has waited: it goes ahead of r2
+        next_batch(2)  # r2: s2 has waited too, but s1's batch is still running
+        next_batch(3, "r3", 1.0)  # s1's batch ends now, 2 s after it went: r3 goes, s2 waits 1 s more
+        next_batch(4, "r4", 1.0)  # a second after s1's batch ended: s2 goes ahead of r4
+
+        def all_done() -> bool:  # each batch ends once formed
+            for done in list(w.adapter.done):
+                done.set()
+            return all(f.done() for f in futures)
+
+        wait_for(all_done)
+        assert w.adapter.batches[2:] == [["r1"], ["s1"], ["r2"], ["r3"], ["s2"], ["r4"]]
         assert w.stats.priority_yields == 2 and w.status()["priority_yields"] == 2
 
 

@@ -2,7 +2,7 @@
 
 One thread takes work items off a priority queue (realtime, then sync, then queued; FIFO
 within a priority; work that has waited ``priority_wait_s`` behind higher-priority work goes
-ahead of it, one batch per interval, ``_head``), gathers the compatible ones behind the head
+ahead of it, one batch at a time, ``_head``), gathers the compatible ones behind the head
 (same model, task, size, steps, guidance and strength) into one batch of at most
 ``max_batch_size`` images, and runs it through the model's pipeline adapter. Encoding the
 results to JPEG/PNG happens on a small thread pool so the device thread can start the next
@@ -252,7 +252,7 @@ class Worker:
         # be done (perf_counter seconds; None: not known, a shape without a measured time).
         self._on_device = 0
         self._device_free_at: float | None = None
-        self._yielded_at = -float("inf")  # when a batch last went ahead of higher-priority work (_head)
+        self._yielded_at = -float("inf")  # when the last batch that went ahead was done (_head)
         self._enqueue_s = 0.0  # the device thread's time to enqueue a fast batch (moving average)
         self.startup: Future[None] = Future()
         self._state = State.NEW
@@ -501,9 +501,10 @@ class Worker:
     def _head(self) -> _Pending:
         """The work the next batch is formed around: the first in line (realtime frames, then
         sync requests, then queued jobs; oldest first), except that work which has waited
-        ``priority_wait_s`` behind work of a higher priority goes ahead of it, at most one batch
-        per ``priority_wait_s``. Realtime sessions (or a stream of sync requests) that keep the
-        device busy would otherwise hold everything below them back for as long as they run."""
+        ``priority_wait_s`` behind work of a higher priority goes ahead of it: one batch, then
+        none until ``priority_wait_s`` after that batch is done. Realtime sessions (or a stream
+        of sync requests) that keep the device busy would otherwise hold everything below them
+        back for as long as they run."""
         self._pending.sort()
         head = self._pending[0]
         now, wait = time.perf_counter(), self.settings.priority_wait_s
@@ -513,6 +514,9 @@ class Worker:
         overdue = (p for p in self._pending if p.request.priority > rank and now - p.submitted >= wait)
         return next(overdue, head)
 
+    def _yield_done(self, _: Future[GenerationResult]) -> None:
+        self._yielded_at = time.perf_counter()  # whichever thread resolved it; one float store
+
     def _images_like(self, head: _Pending) -> int:
         key = head.request.batch_key()
         return sum(p.request.num_images for p in self._pending if p.request.batch_key() == key)
@@ -520,8 +524,11 @@ class Worker:
     def _take_batch(self) -> list[_Pending]:
         head = self._head()
         line = self._pending
-        if head is not line[0]:  # ahead of higher-priority work: the next may go in priority_wait_s
-            self._yielded_at = time.perf_counter()
+        if head is not line[0]:  # ahead of higher-priority work
+            # None other until this one is done, then priority_wait_s later: however long a batch
+            # that goes ahead takes, the work it went ahead of gets the device for that long.
+            self._yielded_at = float("inf")
+            head.future.add_done_callback(self._yield_done)
             self.stats.priority_yields += 1
             # its own kind (and lower) fills this batch first; higher-priority work, the room left
             rank = head.request.priority
