@@ -11,6 +11,7 @@ import pytest
 
 from livegen.bench.engine import variant_settings
 from livegen.bench.realtime import format_report
+from livegen.bench.simulated import DEVICE_MS, SimulatedDevice
 from livegen.settings import Settings
 from tests.conftest import LiveServer
 
@@ -68,10 +69,10 @@ def test_bench_realtime_simulated_device_batches_sessions_frames() -> None:
     """--simulated-device: the real server and the engine's real scheduling over a device that only
     takes time (each batch its bucket's measured time). 6 sessions at 60 frames/s offer more than
     the simulated batch-1 rate, so the engine must batch frames of several sessions (a batch of 1
-    takes 8.3 ms, at most 120 batches per second): every batch is counted, and results come in
-    each session's order."""
+    takes 8.3 ms at 512², at most 120 batches per second): every batch is counted, and results
+    come in each session's order."""
     cmd = [sys.executable, "-m", "livegen", "bench", "realtime", "--simulated-device", "h200-graph",
-           "--sessions", "6", "--fps", "60", "--duration", "2", "--warmup", "0.5", "--size", "256",
+           "--sessions", "6", "--fps", "60", "--duration", "2", "--warmup", "0.5", "--size", "512",
            "--max-batch-size", "4", "--json"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -82,6 +83,14 @@ def test_bench_realtime_simulated_device_batches_sessions_frames() -> None:
     assert max(sizes) <= 4 and any(k > 1 for k in sizes), sizes
     # The engine's share is at least the simulated device's time for the smallest bucket.
     assert report["inference_ms"]["p50"] >= 8.3
+
+
+def test_the_simulated_device_scales_its_times_by_the_pixels() -> None:
+    """A batch of another size than the measured 512² takes the bucket's time scaled by its pixels."""
+    device = SimulatedDevice(DEVICE_MS["h200-graph"])
+    assert device.enqueue(3)[0] == DEVICE_MS["h200-graph"][4]
+    assert device.enqueue(3, 1024 * 1024)[0] == pytest.approx(4 * DEVICE_MS["h200-graph"][4])
+    assert device.enqueue(1, 256 * 256)[0] == pytest.approx(DEVICE_MS["h200-graph"][1] / 4)
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,14 @@ server and worker, ``livegen.bench.simulated``). During them:
 
 - ``mixed``: at 3 s a sync request of the sessions' shape, at 3.5 s a sync 768² request, at 4 s a
   queued 768x512 job; how long each takes.
-- ``backlog N``: at 3 s, N queued 512² jobs at once; when the first and the last completes.
+- ``backlog N [SIDE]``: at 3 s, N queued SIDE² jobs at once (512²; the simulated device scales its
+  512² times by the pixels); when the first and the last completes.
 
 Then what the sessions got. Run from a checkout (``PYTHONPATH=OTHER/src`` for another one)::
 
     python other_work.py mixed
     python other_work.py backlog 20
+    python other_work.py backlog 20 1024
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ async def queued(client: httpx.AsyncClient, base: str, payloads: list[dict[str, 
     return sorted(done.values())
 
 
-async def main(base: str, mode: str, jobs: int) -> None:
+async def main(base: str, mode: str, jobs: int, side: int) -> None:
     frame = {**body("a cat", 512, 512), "num_inference_steps": 1}
     config = BenchConfig(base_url=base, key=KEY, sessions=16, fps=30, duration_s=12, frame=frame)
     sessions = asyncio.create_task(run_bench(config))
@@ -74,9 +76,9 @@ async def main(base: str, mode: str, jobs: int) -> None:
             )
             print(f"768x512 queued job: completed after {times[0]:.2f} s" if times else "queued job: not done in 60 s")
         else:
-            times = await queued(client, base, [body(f"job {i}", 512, 512) for i in range(jobs)], 3.0)
+            times = await queued(client, base, [body(f"job {i}", side, side) for i in range(jobs)], 3.0)
             first_last = f"the first after {times[0]:.2f} s, the last {times[-1]:.2f} s" if times else "none in 60 s"
-            print(f"{jobs} queued jobs: {len(times)} completed, {first_last}")
+            print(f"{jobs} queued {side}² jobs: {len(times)} completed, {first_last}")
     r = await sessions
     batching = r["batching"]
     print(
@@ -89,4 +91,5 @@ async def main(base: str, mode: str, jobs: int) -> None:
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else "mixed"
     with simulated_server(Path(tempfile.mkdtemp()), KEY, "h200-graph") as url:
-        asyncio.run(main(url, mode, int(sys.argv[2]) if len(sys.argv) > 2 else 20))
+        numbers = [int(a) for a in sys.argv[2:]]
+        asyncio.run(main(url, mode, *(numbers + [20, 512][len(numbers) :])))

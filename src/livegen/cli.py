@@ -447,8 +447,9 @@ def bench(
     "--simulated-device",
     type=click.Choice(["h200-graph", "h200-compile"]),
     help="Start the server and its engine in this process over a simulated device: each batch takes the time that "
-    "card measured for its bucket (SD-Turbo t2i 512², BENCHMARKS.md) and returns a flat JPEG. The sessions, batching "
-    "and scheduling are livegen's own: how frames become batches, measured on any machine.",
+    "card measured for its bucket (SD-Turbo t2i 512², BENCHMARKS.md; other sizes scaled by their pixels) and "
+    "returns a flat JPEG. The sessions, batching and scheduling are livegen's own: how frames become batches, "
+    "measured on any machine.",
 )
 @click.option(
     "--max-batch-size", type=click.IntRange(1, 64), help="With --simulated-device: the engine's max batch size."

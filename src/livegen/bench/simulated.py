@@ -5,8 +5,10 @@ Everything but the device is livegen's own: the WebSocket sessions (inbox, super
 the worker's batch slots, gathering, cutting to buckets and priorities, the encode pool. Each batch
 "runs" on one simulated device, one after another, for the time a real card took for a batch of
 its bucket (the device times below, from ``BENCHMARKS.md``), then returns a ready-made JPEG per
-image. So a change to how frames become batches can be measured end to end on any machine, and
-compared with what the card did; it says nothing about the card's own speed.
+image. Those times are for 512²; a batch of another size takes them scaled by its pixel count (a
+model, not a measurement: so that a 1024² job costs about what it would beside 512² frames). So
+a change to how frames become batches can be measured end to end on any machine, and compared
+with what the card did; it says nothing about the card's own speed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ DEVICE_MS: dict[str, dict[int, float]] = {
     "h200-graph": {1: 8.30, 2: 11.8, 4: 18.98, 8: 33.92, 16: 63.55},
     "h200-compile": {1: 5.27, 2: 7.6, 4: 12.4, 8: 22.2, 16: 41.9},
 }
+MEASURED_PIXELS = 512 * 512
 
 
 class SimulatedDevice:
@@ -50,9 +53,10 @@ class SimulatedDevice:
     def bucket(self, rows: int) -> int:
         return next((b for b in self.options.buckets if b >= rows), max(self.options.buckets))
 
-    def enqueue(self, rows: int) -> tuple[float, float]:
-        """Queue a batch of ``rows``: (its device ms, when it will be done, perf_counter s)."""
-        ms = self.device_ms[self.bucket(rows)]
+    def enqueue(self, rows: int, pixels: int = MEASURED_PIXELS) -> tuple[float, float]:
+        """Queue a batch of ``rows`` images of ``pixels`` each: (its device ms, when it will be done,
+        perf_counter s)."""
+        ms = self.device_ms[self.bucket(rows)] * pixels / MEASURED_PIXELS
         with self._lock:
             done_at = max(time.perf_counter(), self._free_at) + ms / 1e3
             self._free_at = done_at
@@ -78,9 +82,10 @@ class SimulatedAdapter:
 
     def __call__(self, batch: Sequence[GenerationRequest]) -> Deferred[list[list[EncodedImage]]]:
         rows, largest = common.total_images(batch), max(self.fast.options.buckets)
+        pixels = batch[0].width * batch[0].height  # one batch, one size
         ms = done_at = 0.0
         for start in range(0, rows, largest):  # past the largest bucket: in chunks, as the fast path
-            chunk_ms, done_at = self.fast.enqueue(min(rows - start, largest))
+            chunk_ms, done_at = self.fast.enqueue(min(rows - start, largest), pixels)
             ms += chunk_ms
 
         def finish() -> list[list[EncodedImage]]:
