@@ -100,6 +100,10 @@ def test_the_simulated_device_scales_its_times_by_the_pixels() -> None:
         (["--max-batch-size", "4"], "goes with --simulated-device"),
         (["--simulated-device", "h200-graph", "--null-engine"], "give one"),
         (["--simulated-device", "h100"], "h200-graph"),
+        (["--sessions", "0"], "x>=1"),
+        (["--fps", "0"], "x>0"),
+        (["--duration", "0"], "x>0"),
+        (["--warmup", "-1"], "x>=0"),
     ],
 )
 def test_bench_realtime_server_options_are_checked_before_anything_starts(args: list[str], says: str) -> None:

@@ -422,16 +422,25 @@ def bench(
 @click.option("--device", default="auto", show_default=True, help="For the server this command starts.")
 @click.option("--app", default="fal-ai/fast-turbo-diffusion", show_default=True)
 @click.option("--model", default="stabilityai/sd-turbo", show_default=True)
-@click.option("--sessions", default=8, show_default=True)
-@click.option("--fps", default=10.0, show_default=True, help="Frames each session sends per second.")
-@click.option("--duration", default=10.0, show_default=True, help="Seconds of sending.")
+@click.option("--sessions", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--fps", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+    help="Frames each session sends per second.",
+)  # fmt: skip
+@click.option(
+    "--duration", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+    help="Seconds of sending.",
+)  # fmt: skip
 @click.option("--size", default=512, show_default=True)
 @click.option("--steps", default=1, show_default=True)
 @click.option("--strength", default=0.5, show_default=True, help="With --image.")
 @click.option("--image/--no-image", default=False, help="Send a --size image as a data URL (image-to-image).")
 @click.option("--image-format", type=click.Choice(["jpeg", "png"]), default="jpeg", show_default=True)
 @click.option("--max-buffering", type=int)
-@click.option("--warmup", default=0.0, show_default=True, help="Seconds of the same load first, not counted.")
+@click.option(
+    "--warmup", type=click.FloatRange(min=0), default=0.0, show_default=True,
+    help="Seconds of the same load first, not counted.",
+)  # fmt: skip
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
