@@ -523,7 +523,7 @@ class Worker:
 
     def _take_batch(self) -> list[_Pending]:
         head = self._head()
-        line = self._pending
+        line = self._pending  # in order: _head sorted it
         if head is not line[0]:  # ahead of higher-priority work
             # None other until this one is done, then priority_wait_s later: however long a batch
             # that goes ahead takes, the work it went ahead of gets the device for that long.
