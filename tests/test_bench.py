@@ -11,7 +11,15 @@ import pytest
 
 from livegen.bench.engine import variant_settings
 from livegen.bench.realtime import format_report
-from livegen.bench.simulated import DEVICE_MS, SimulatedDevice
+from livegen.bench.simulated import (
+    DECODE_SHARE,
+    DEVICE_MS,
+    I2I_EXTRA,
+    SimulatedAdapter,
+    SimulatedDevice,
+    work_factor,
+)
+from livegen.engine import GenerationRequest, Task
 from livegen.settings import Settings
 from tests.conftest import LiveServer
 
@@ -91,6 +99,33 @@ def test_the_simulated_device_scales_its_times_by_the_pixels() -> None:
     assert device.enqueue(3)[0] == DEVICE_MS["h200-graph"][4]
     assert device.enqueue(3, 1024 * 1024)[0] == pytest.approx(4 * DEVICE_MS["h200-graph"][4])
     assert device.enqueue(1, 256 * 256)[0] == pytest.approx(DEVICE_MS["h200-graph"][1] / 4)
+    assert device.enqueue(2, work=3.0)[0] == pytest.approx(3 * DEVICE_MS["h200-graph"][2])
+
+
+def _request(task: Task = Task.TEXT_TO_IMAGE, **kw: Any) -> GenerationRequest:
+    base: dict[str, Any] = {"model_id": "stabilityai/sd-turbo", "task": task, "prompt": "a fox", "width": 512,
+                            "height": 512, "num_inference_steps": 1, "guidance_scale": 0.0, "seed": 1}  # fmt: skip
+    return GenerationRequest(**{**base, **kw})
+
+
+def test_the_simulated_device_scales_other_work_by_the_unet_steps_it_runs() -> None:
+    """Its times are 1-step text-to-image batches (the decoder and one UNet step). More steps repeat
+    the UNet's share, guidance above 1 doubles it (classifier-free guidance: twice the rows), and
+    image-to-image runs int(steps * strength) steps and adds the encoder. Before, every kind of
+    batch took the 1-step time: 4-step sessions were simulated at about 3.5 times the real rate."""
+    assert work_factor(_request()) == 1.0
+    unet = 1 - DECODE_SHARE
+    assert work_factor(_request(num_inference_steps=4, guidance_scale=1.0)) == pytest.approx(DECODE_SHARE + 4 * unet)
+    assert work_factor(_request(guidance_scale=7.5)) == pytest.approx(DECODE_SHARE + 2 * unet)
+    i2i = _request(Task.IMAGE_TO_IMAGE, num_inference_steps=2, strength=0.5)  # one UNet step, as realtime sends
+    assert work_factor(i2i) == pytest.approx(1 + I2I_EXTRA)
+    assert work_factor(_request(Task.IMAGE_TO_IMAGE, num_inference_steps=4, strength=0.6)) == pytest.approx(
+        DECODE_SHARE + 2 * unet + I2I_EXTRA
+    )
+    # What a batch of them costs the device: its bucket's time (3 rows: bucket 4) times that.
+    adapter = SimulatedAdapter("stabilityai/sd-turbo", SimulatedDevice(DEVICE_MS["h200-graph"]))
+    deferred = adapter([_request(num_inference_steps=4, guidance_scale=1.0, seed=s) for s in range(3)])
+    assert deferred.expected_ms == pytest.approx(DEVICE_MS["h200-graph"][4] * (DECODE_SHARE + 4 * unet))
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,11 @@ Everything but the device is livegen's own: the WebSocket sessions (inbox, super
 the worker's batch slots, gathering, cutting to buckets and priorities, the encode pool. Each batch
 "runs" on one simulated device, one after another, for the time a real card took for a batch of
 its bucket (the device times below, from ``BENCHMARKS.md``), then returns a ready-made JPEG per
-image. Those times are for 512²; a batch of another size takes them scaled by its pixel count (a
-model, not a measurement: so that a 1024² job costs about what it would beside 512² frames). So
-a change to how frames become batches can be measured end to end on any machine, and compared
+image. Those times are for SD-Turbo text-to-image at 512², 1 step. Other work is a model, not a
+measurement (``work_factor``): a batch of another size takes them scaled by its pixel count (so
+that a 1024² job costs about what it would beside 512² frames), and other step counts,
+classifier-free guidance and image-to-image scale the UNet's share of them and add the encoder's.
+So a change to how frames become batches can be measured end to end on any machine, and compared
 with what the card did; it says nothing about the card's own speed.
 """
 
@@ -22,7 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from livegen.bench.null_engine import flat_jpeg, serve_in_thread
-from livegen.engine import EncodedImage, GenerationRequest
+from livegen.engine import EncodedImage, GenerationRequest, Task
 from livegen.engine.fastpath import Deferred
 from livegen.engine.pipelines import common
 from livegen.engine.worker import Worker
@@ -36,6 +38,26 @@ DEVICE_MS: dict[str, dict[int, float]] = {
     "h200-compile": {1: 5.27, 2: 7.6, 4: 12.4, 8: 22.2, 16: 41.9},
 }
 MEASURED_PIXELS = 512 * 512
+# The tiny VAE decoder's share of a 1-step text-to-image batch: 141.4 of its 945.7 GFLOP per image
+# (session 9's count over the real architectures); the rest is the UNet's one step.
+DECODE_SHARE = 0.15
+# Image-to-image at one UNet step over text-to-image: the tiny VAE's encoder and the input's upload
+# and conversion. The H200's CUDA-graph rows of session 2 (SD-Turbo 512², 2 steps x 0.5 against 1
+# step): 1.32, 1.28, 1.32 and 1.30 times at batch 1, 4, 8 and 16.
+I2I_EXTRA = 0.30
+
+
+def work_factor(request: GenerationRequest) -> float:
+    """A batch of ``request``'s kind in units of the measured 1-step text-to-image batch: the decoder
+    once, the UNet once per step it runs (twice as many rows with classifier-free guidance), plus
+    the encoder for image-to-image. A model: against session 2's H200 rows it gives LCM's 4 steps at
+    batch 1 3.55 times the 1-step time, measured 3.47 (31.57 against 9.10 ms)."""
+    steps = request.num_inference_steps
+    if request.task is not Task.TEXT_TO_IMAGE:  # as the pipelines: only the last steps*strength run
+        steps = min(int(steps * request.strength), steps)
+    cfg = 2 if request.guidance_scale > 1.0 else 1
+    extra = I2I_EXTRA if request.task is not Task.TEXT_TO_IMAGE else 0.0
+    return DECODE_SHARE + (1 - DECODE_SHARE) * max(steps, 1) * cfg + extra
 
 
 class SimulatedDevice:
@@ -53,10 +75,10 @@ class SimulatedDevice:
     def bucket(self, rows: int) -> int:
         return next((b for b in self.options.buckets if b >= rows), max(self.options.buckets))
 
-    def enqueue(self, rows: int, pixels: int = MEASURED_PIXELS) -> tuple[float, float]:
-        """Queue a batch of ``rows`` images of ``pixels`` each: (its device ms, when it will be done,
-        perf_counter s)."""
-        ms = self.device_ms[self.bucket(rows)] * pixels / MEASURED_PIXELS
+    def enqueue(self, rows: int, pixels: int = MEASURED_PIXELS, work: float = 1.0) -> tuple[float, float]:
+        """Queue a batch of ``rows`` images of ``pixels`` each, ``work`` times a 1-step text-to-image
+        batch (``work_factor``): (its device ms, when it will be done, perf_counter s)."""
+        ms = self.device_ms[self.bucket(rows)] * pixels / MEASURED_PIXELS * work
         with self._lock:
             done_at = max(time.perf_counter(), self._free_at) + ms / 1e3
             self._free_at = done_at
@@ -82,10 +104,11 @@ class SimulatedAdapter:
 
     def __call__(self, batch: Sequence[GenerationRequest]) -> Deferred[list[list[EncodedImage]]]:
         rows, largest = common.total_images(batch), max(self.fast.options.buckets)
-        pixels = batch[0].width * batch[0].height  # one batch, one size
+        pixels = batch[0].width * batch[0].height  # one batch: one size, task, step count
+        work = work_factor(batch[0])
         ms = done_at = 0.0
         for start in range(0, rows, largest):  # past the largest bucket: in chunks, as the fast path
-            chunk_ms, done_at = self.fast.enqueue(min(rows - start, largest), pixels)
+            chunk_ms, done_at = self.fast.enqueue(min(rows - start, largest), pixels, work)
             ms += chunk_ms
 
         def finish() -> list[list[EncodedImage]]:
