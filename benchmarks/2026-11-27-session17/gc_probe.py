@@ -42,7 +42,9 @@ async def main(base: str, sessions: int, i2i: bool) -> dict[str, Any]:
     if i2i:
         frame.update(image_url=input_image_data_url(512), strength=0.5, num_inference_steps=2)
     duration = float(os.environ.get("DUR", "20"))
-    config = BenchConfig(base_url=base, key=KEY, sessions=sessions, fps=30, duration_s=duration, warmup_s=2, frame=frame)
+    config = BenchConfig(
+        base_url=base, key=KEY, sessions=sessions, fps=30, duration_s=duration, warmup_s=2, frame=frame
+    )
     return await run_bench(config)
 
 
