@@ -17,6 +17,7 @@ from livegen.bench.simulated import (
     I2I_EXTRA,
     SimulatedAdapter,
     SimulatedDevice,
+    model_factor,
     work_factor,
 )
 from livegen.engine import GenerationRequest, Task
@@ -126,6 +127,19 @@ def test_the_simulated_device_scales_other_work_by_the_unet_steps_it_runs() -> N
     adapter = SimulatedAdapter("stabilityai/sd-turbo", SimulatedDevice(DEVICE_MS["h200-graph"]))
     deferred = adapter([_request(num_inference_steps=4, guidance_scale=1.0, seed=s) for s in range(3)])
     assert deferred.expected_ms == pytest.approx(DEVICE_MS["h200-graph"][4] * (DECODE_SHARE + 4 * unet))
+
+
+def test_the_simulated_device_takes_sdxl_turbo_at_the_ratio_the_card_measured() -> None:
+    """SDXL-Turbo's UNet is about three times SD-Turbo's: the H200 took 14.89 against 9.10 ms at
+    batch 1 and 6.18 against 4.59 ms per image at batch 8. Before, its batches took SD-Turbo's time."""
+    assert model_factor("stabilityai/sd-turbo", 1) == model_factor("runwayml/stable-diffusion-v1-5", 8) == 1.0
+    assert model_factor("stabilityai/sdxl-turbo", 1) == pytest.approx(14.89 / 9.10)
+    assert model_factor("stabilityai/sdxl-turbo", 8) == model_factor("stabilityai/sdxl-turbo", 16)
+    assert model_factor("stabilityai/sdxl-turbo", 8) == pytest.approx(6.18 / 4.59)
+    assert model_factor("stabilityai/sdxl-turbo", 8) < model_factor("stabilityai/sdxl-turbo", 2) < 14.89 / 9.10
+    adapter = SimulatedAdapter("stabilityai/sdxl-turbo", SimulatedDevice(DEVICE_MS["h200-compile"]))
+    deferred = adapter([_request(model_id="stabilityai/sdxl-turbo")])
+    assert deferred.expected_ms == pytest.approx(DEVICE_MS["h200-compile"][1] * 14.89 / 9.10)
 
 
 @pytest.mark.parametrize(

@@ -456,8 +456,8 @@ def bench(
     "--simulated-device",
     type=click.Choice(["h200-graph", "h200-compile"]),
     help="Start the server and its engine in this process over a simulated device: each batch takes the time that "
-    "card measured for its bucket (SD-Turbo t2i 512² 1 step, BENCHMARKS.md; other sizes, step counts, guidance "
-    "and image-to-image scaled by a model) and "
+    "card measured for its bucket (SD-Turbo t2i 512² 1 step, BENCHMARKS.md; other sizes, step counts, guidance, "
+    "image-to-image and SDXL-Turbo scaled by a model) and "
     "returns a flat JPEG. The sessions, batching and scheduling are livegen's own: how frames become batches, "
     "measured on any machine.",
 )

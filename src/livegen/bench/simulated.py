@@ -6,15 +6,17 @@ the worker's batch slots, gathering, cutting to buckets and priorities, the enco
 "runs" on one simulated device, one after another, for the time a real card took for a batch of
 its bucket (the device times below, from ``BENCHMARKS.md``), then returns a ready-made JPEG per
 image. Those times are for SD-Turbo text-to-image at 512², 1 step. Other work is a model, not a
-measurement (``work_factor``): a batch of another size takes them scaled by its pixel count (so
-that a 1024² job costs about what it would beside 512² frames), and other step counts,
-classifier-free guidance and image-to-image scale the UNet's share of them and add the encoder's.
+measurement: a batch of another size takes them scaled by its pixel count (so that a 1024² job
+costs about what it would beside 512² frames); other step counts, classifier-free guidance and
+image-to-image scale the UNet's share of them and add the encoder's (``work_factor``); SDXL-Turbo
+takes the ratio the same card measured against SD-Turbo (``model_factor``).
 So a change to how frames become batches can be measured end to end on any machine, and compared
 with what the card did; it says nothing about the card's own speed.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -27,6 +29,7 @@ from livegen.bench.null_engine import flat_jpeg, serve_in_thread
 from livegen.engine import EncodedImage, GenerationRequest, Task
 from livegen.engine.fastpath import Deferred
 from livegen.engine.pipelines import common
+from livegen.engine.registry import spec_for
 from livegen.engine.worker import Worker
 from livegen.settings import Settings
 
@@ -45,6 +48,10 @@ DECODE_SHARE = 0.15
 # and conversion. The H200's CUDA-graph rows of session 2 (SD-Turbo 512², 2 steps x 0.5 against 1
 # step): 1.32, 1.28, 1.32 and 1.30 times at batch 1, 4, 8 and 16.
 I2I_EXTRA = 0.30
+# SDXL-Turbo's per-image time over SD-Turbo's, the H200's CUDA-graph rows of session 2 (512², 1 step):
+# 14.89 against 9.10 ms at batch 1, 6.18 against 4.59 ms at batch 8. SD 1.5 (LCM) counts as SD-Turbo:
+# its UNet is the same size (860M against 865M parameters) and was not measured beside it.
+SDXL_FACTOR = {1: 14.89 / 9.10, 8: 6.18 / 4.59}
 
 
 def work_factor(request: GenerationRequest) -> float:
@@ -58,6 +65,15 @@ def work_factor(request: GenerationRequest) -> float:
     cfg = 2 if request.guidance_scale > 1.0 else 1
     extra = I2I_EXTRA if request.task is not Task.TEXT_TO_IMAGE else 0.0
     return DECODE_SHARE + (1 - DECODE_SHARE) * max(steps, 1) * cfg + extra
+
+
+def model_factor(model_id: str, bucket: int) -> float:
+    """A batch of ``model_id`` in units of SD-Turbo's at the same bucket: 1, or for SDXL-Turbo the
+    measured ratio at batch 1 and 8, between them by the bucket's log2, above 8 as at 8 (a model)."""
+    if not spec_for(model_id).sdxl:
+        return 1.0
+    at_1, at_8 = SDXL_FACTOR[1], SDXL_FACTOR[8]
+    return at_1 + (at_8 - at_1) * min(math.log2(bucket), 3.0) / 3.0
 
 
 class SimulatedDevice:
@@ -75,10 +91,13 @@ class SimulatedDevice:
     def bucket(self, rows: int) -> int:
         return next((b for b in self.options.buckets if b >= rows), max(self.options.buckets))
 
-    def enqueue(self, rows: int, pixels: int = MEASURED_PIXELS, work: float = 1.0) -> tuple[float, float]:
+    def enqueue(
+        self, rows: int, pixels: int = MEASURED_PIXELS, work: float = 1.0, model_id: str = "stabilityai/sd-turbo"
+    ) -> tuple[float, float]:
         """Queue a batch of ``rows`` images of ``pixels`` each, ``work`` times a 1-step text-to-image
-        batch (``work_factor``): (its device ms, when it will be done, perf_counter s)."""
-        ms = self.device_ms[self.bucket(rows)] * pixels / MEASURED_PIXELS * work
+        batch (``work_factor``) of ``model_id``: (its device ms, when it will be done, perf_counter s)."""
+        bucket = self.bucket(rows)
+        ms = self.device_ms[bucket] * pixels / MEASURED_PIXELS * work * model_factor(model_id, bucket)
         with self._lock:
             done_at = max(time.perf_counter(), self._free_at) + ms / 1e3
             self._free_at = done_at
@@ -108,7 +127,7 @@ class SimulatedAdapter:
         work = work_factor(batch[0])
         ms = done_at = 0.0
         for start in range(0, rows, largest):  # past the largest bucket: in chunks, as the fast path
-            chunk_ms, done_at = self.fast.enqueue(min(rows - start, largest), pixels, work)
+            chunk_ms, done_at = self.fast.enqueue(min(rows - start, largest), pixels, work, self.model_id)
             ms += chunk_ms
 
         def finish() -> list[list[EncodedImage]]:
