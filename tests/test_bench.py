@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,12 +83,13 @@ def test_bench_realtime_simulated_device_batches_sessions_frames() -> None:
     come in each session's order."""
     cmd = [sys.executable, "-m", "livegen", "bench", "realtime", "--simulated-device", "h200-graph",
            "--sessions", "6", "--fps", "60", "--duration", "2", "--warmup", "0.5", "--size", "512",
-           "--max-batch-size", "4", "--json"]  # fmt: skip
+           "--max-batch-size", "4", "--new-prompts", "--json"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["errors"] == 0, report["error_samples"]
     assert report["misordered"] == 0 and report["results"] > 0
+    assert report["new_prompts"] is True and "a new prompt every frame" in format_report(report)
     sizes = {int(k): v for k, v in report["batching"]["batch_sizes"].items()}
     assert max(sizes) <= 4 and any(k > 1 for k in sizes), sizes
     # The engine's share is at least the simulated device's time for the smallest bucket.
@@ -192,6 +194,35 @@ def test_bench_engine_smoke_on_cpu(shared_data_dir: object) -> None:
     assert report["variants"]["plain"]["fast_path"] is None
     assert report["variants"]["eager"]["fast_path"]["graphs"] == 0  # no CUDA graphs on a CPU
     assert "should be kept in float32" not in done.stderr  # diffusers' vacuous warnings (cli.QuietLibraryNoise)
+
+
+@pytest.mark.parametrize("new_prompts", [False, True])
+def test_bench_new_prompts_miss_the_embedding_cache_every_time(
+    shared_data_dir: Path, monkeypatch: pytest.MonkeyPatch, new_prompts: bool
+) -> None:
+    """--new-prompts: every livegen request of every batch (first call, timed, two in flight) has a
+    prompt the engine has not seen, so each is encoded; without it only the first call encodes."""
+    from livegen.bench.engine import EngineBenchConfig, bench_livegen
+    from livegen.engine.pipelines import common
+
+    seen: list[tuple[str, bool]] = []  # (prompt, was cached)
+    real = common.LruCache.get_or_create
+
+    def spy(self: Any, key: Any, create: Any) -> Any:
+        seen.append((key[0], key in self._items))
+        return real(self, key, create)
+
+    monkeypatch.setattr(common.LruCache, "get_or_create", spy)
+    settings = Settings(weights="tiny-random", device="cpu", data_dir=shared_data_dir)
+    config = EngineBenchConfig("stabilityai/sd-turbo", "t2i", 64, 1, (2,), iters=2, baseline=False,
+                               variants=("eager",), new_prompts=new_prompts)  # fmt: skip
+    bench_livegen(settings, config, "eager")
+    images = 2 * (1 + 2 + 3)  # the first call, 2 timed, then 2 + 1 batches two in flight
+    assert len(seen) == images
+    if new_prompts:
+        assert not any(cached for _, cached in seen) and len({p for p, _ in seen}) == images
+    else:
+        assert [cached for _, cached in seen] == [False] + [True] * (images - 1)
 
 
 @pytest.mark.parametrize("task", ["t2i", "i2i"])

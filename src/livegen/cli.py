@@ -355,6 +355,12 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
 )
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Where synthesized checkpoints are cached.")
 @click.option(
+    "--new-prompts",
+    is_flag=True,
+    help="Give every livegen request a prompt not seen before, so each batch encodes its prompts (the "
+    "embedding cache misses), as a session whose prompt follows its user's typing.",
+)
+@click.option(
     "--profile",
     is_flag=True,
     help="Also profile each livegen row (torch.profiler, --iters more batches): GPU kernel time by category "
@@ -379,6 +385,7 @@ def bench(
     baseline: bool,
     streamdiffusion: bool,
     data_dir: Path | None,
+    new_prompts: bool,
     profile: bool,
     as_json: bool,
 ) -> None:
@@ -409,7 +416,7 @@ def bench(
             raise click.UsageError(str(exc)) from None
     config = EngineBenchConfig(
         model, task, sizes[0], steps, batches, iters, strength, baseline, sizes=sizes, variants=variants,
-        guidance_scale=guidance, profile=profile, streamdiffusion=streamdiffusion,
+        guidance_scale=guidance, profile=profile, streamdiffusion=streamdiffusion, new_prompts=new_prompts,
     )  # fmt: skip
     report = run_engine_bench(settings, config)
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
@@ -437,6 +444,11 @@ def bench(
 @click.option("--image/--no-image", default=False, help="Send a --size image as a data URL (image-to-image).")
 @click.option("--image-format", type=click.Choice(["jpeg", "png"]), default="jpeg", show_default=True)
 @click.option("--max-buffering", type=int)
+@click.option(
+    "--new-prompts", is_flag=True,
+    help="Every frame with a prompt the server has not seen (its embeddings are encoded, not cached), as a "
+    "session whose prompt follows its user's typing.",
+)  # fmt: skip
 @click.option(
     "--warmup", type=click.FloatRange(min=0), default=0.0, show_default=True,
     help="Seconds of the same load first, not counted.",
@@ -481,6 +493,7 @@ def bench_realtime(
     image: bool,
     image_format: str,
     max_buffering: int | None,
+    new_prompts: bool,
     warmup: float,
     data_dir: Path | None,
     null_engine: bool,
@@ -510,7 +523,10 @@ def bench_realtime(
     else:
         server = _bench_server(url, key, weights, device, model, data_dir)
     with server as (base_url, api_key):
-        config = BenchConfig(base_url, api_key, app, sessions, fps, duration, frame, max_buffering, warmup_s=warmup)
+        config = BenchConfig(
+            base_url, api_key, app, sessions, fps, duration, frame, max_buffering,
+            warmup_s=warmup, new_prompts=new_prompts,
+        )  # fmt: skip
         report = asyncio.run(run_bench(config))
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if report["misordered"]:

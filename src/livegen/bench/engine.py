@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import itertools
 import json
 import statistics
 import time
@@ -39,7 +40,7 @@ PROMPT = "a photo of a red fox in the snow, detailed, 4k"
 VARIANTS = ("default", "plain", "eager", "graph", "compile", "compile-ro")
 MODIFIERS = (
     "bf16", "fp16", "fp32", "tiny-vae", "full-vae", "no-cl", "fuse-qkv", "tuned", "dyn-batch", "cudnn-bench",
-    "sdpa-cudnn", "nhwc-gn", "split-geglu", "taesd-relu", "taesd-fold", "keep-cl",
+    "sdpa-cudnn", "nhwc-gn", "split-geglu", "taesd-relu", "taesd-fold", "keep-cl", "no-text-graph",
 )  # fmt: skip
 
 
@@ -59,6 +60,7 @@ _MODIFIER_SETTINGS: dict[str, tuple[str, Any]] = {
     "taesd-relu": ("tiny_vae_conv_relu", True),
     "taesd-fold": ("tiny_vae_fold_upsample", True),
     "keep-cl": ("keep_channels_last", True),
+    "no-text-graph": ("text_encoder_graph", False),
 }
 
 
@@ -77,6 +79,9 @@ class EngineBenchConfig:
     guidance_scale: float = 0.0
     profile: bool = False  # also profile each row (torch.profiler; see livegen.bench.profile)
     streamdiffusion: bool = False  # also time StreamDiffusion's torch pipeline (livegen.bench.streamdiffusion)
+    # Every livegen batch with prompts not seen before (the prompt-embedding cache misses each time),
+    # as a session whose prompt follows its user's typing; stock diffusers encodes its prompt every call anyway.
+    new_prompts: bool = False
 
     def all_sizes(self) -> tuple[int, ...]:
         return self.sizes or (self.size,)
@@ -90,7 +95,8 @@ def variant_settings(settings: Settings, variant: str) -> Settings:
     convolution algorithms), ``graph+sdpa-cudnn`` (cuDNN's attention first), ``graph+nhwc-gn``
     (GroupNorms kept in channels_last), ``graph+split-geglu`` (GEGLU's halves projected apart),
     ``graph+taesd-relu`` / ``graph+taesd-fold`` (the tiny VAE's fused convolutions / folded upsampling),
-    ``compile+keep-cl`` (activations kept channels_last: engine/layout.py).
+    ``compile+keep-cl`` (activations kept channels_last: engine/layout.py), ``graph+no-text-graph``
+    (new prompts encoded eagerly: engine/text_graph.py).
     BASE: default (what ``livegen serve`` does on this device), plain
     (stock pipelines, no fast path), eager (fast path, no graph), graph (fast path + CUDA
     graphs), compile (torch.compile default mode inside CUDA graphs), compile-ro (torch.compile
@@ -227,10 +233,17 @@ def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = 
         loaded = time.perf_counter()
 
         seen: list[tuple[float, float]] = []  # each timed batch: submitted, all results in hand
+        takes = itertools.count()
+
+        def fresh(requests: list[GenerationRequest]) -> list[GenerationRequest]:
+            """The requests to submit: as made, or with --new-prompts each with a prompt never seen."""
+            if not config.new_prompts:
+                return requests
+            return [dataclasses.replace(r, prompt=f"{r.prompt}, take {next(takes)}") for r in requests]
 
         def run(requests: list[GenerationRequest]) -> None:
             t0 = time.perf_counter()
-            for f in worker.submit_all(requests):  # all at once: one batch of exactly these
+            for f in worker.submit_all(fresh(requests)):  # all at once: one batch of exactly these
                 f.result()
             seen.append((t0, time.perf_counter()))
 
@@ -250,7 +263,7 @@ def bench_livegen(settings: Settings, config: EngineBenchConfig, variant: str = 
                 seen.clear()
                 measured.per_batch[size, batch] = _timed(functools.partial(run, requests), worker.device, config.iters)
                 measured.stages[size, batch] = _stages(list(worker.stages), seen)
-                measured.pipelined[size, batch] = _pipelined(worker, requests, config.iters)
+                measured.pipelined[size, batch] = _pipelined(worker, requests, config.iters, fresh)
                 if config.profile:
                     try:
                         summary = profile_batches(
@@ -292,7 +305,12 @@ def _dynamo_graphs() -> int:
 PIPELINE_DEPTH = 2  # batches submitted and not yet back: the worker's two batch slots
 
 
-def _pipelined(worker: Worker, requests: list[GenerationRequest], iters: int) -> float:
+def _pipelined(
+    worker: Worker,
+    requests: list[GenerationRequest],
+    iters: int,
+    fresh: Callable[[list[GenerationRequest]], list[GenerationRequest]] = lambda r: r,
+) -> float:
     """Seconds per batch with ``PIPELINE_DEPTH`` batches in the worker at a time, as under a
     server's steady load: the next batch is formed and launched while this one runs, and its
     results are encoded while the next runs. Timed from the first batch's results to the last's
@@ -301,16 +319,21 @@ def _pipelined(worker: Worker, requests: list[GenerationRequest], iters: int) ->
     full = worker.settings
     worker.settings = full.model_copy(update={"max_batch_size": len(requests)})
     try:
-        return _pipelined_run(worker, requests, iters)
+        return _pipelined_run(worker, requests, iters, fresh)
     finally:
         worker.settings = full
 
 
-def _pipelined_run(worker: Worker, requests: list[GenerationRequest], iters: int) -> float:
+def _pipelined_run(
+    worker: Worker,
+    requests: list[GenerationRequest],
+    iters: int,
+    fresh: Callable[[list[GenerationRequest]], list[GenerationRequest]],
+) -> float:
     in_flight: list[list[Any]] = []
     done: list[float] = []
     for _ in range(iters + 1):
-        in_flight.append(worker.submit_all(requests))
+        in_flight.append(worker.submit_all(fresh(requests)))
         if len(in_flight) == PIPELINE_DEPTH:
             for f in in_flight.pop(0):
                 f.result()
@@ -433,6 +456,7 @@ def run_engine_bench(settings: Settings, config: EngineBenchConfig) -> dict[str,
         "guidance_scale": config.guidance_scale,
         "strength": config.strength if config.task == "i2i" else None,
         "iters": config.iters,
+        "new_prompts": config.new_prompts,
         "warmup": {
             "livegen": ours[config.variants[0]].warmup,
             "diffusers": theirs.warmup if theirs else {},
@@ -493,6 +517,7 @@ def format_table(report: dict[str, Any]) -> str:
     head = (
         f"device {report['device']}, torch {report['torch']}, diffusers {report.get('diffusers')}, "
         f"weights {report['weights']}, steps {report['steps']}, {report['iters']} timed iterations per row"
+        + (", a new prompt for every livegen image (no cached embeddings)" if report.get("new_prompts") else "")
     )
     width = _variant_width(report["rows"], 13)
     lines = [

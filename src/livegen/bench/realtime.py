@@ -54,6 +54,7 @@ class BenchConfig:
     max_buffering: int | None = None
     drain_s: float = 10.0
     warmup_s: float = 0.0  # the same load first, not counted: first-use captures, connection set-up
+    new_prompts: bool = False  # every frame's prompt one the server has not seen (no cached embeddings)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -150,6 +151,8 @@ async def _session(config: BenchConfig, token: str, index: int, stats: SessionSt
         seq = 0
         while time.perf_counter() < deadline:
             frame = {**config.frame, "request_id": str(seq), "seed": index * 1_000_000 + seq}
+            if config.new_prompts:  # as a prompt that follows its user's typing, one that changes every frame
+                frame["prompt"] = f"{frame.get('prompt', '')}, session {index} frame {seq}"
             sent_at[seq] = time.perf_counter()
             if sent_at[seq] >= counted_from and first_counted > seq:
                 first_counted = seq
@@ -202,6 +205,7 @@ def summarize(config: BenchConfig, stats: list[SessionStats], wall_s: float) -> 
         "fps_requested": config.fps,
         "duration_s": config.duration_s,
         "warmup_s": config.warmup_s,
+        "new_prompts": config.new_prompts,
         "frames_sent": sent,
         "results": results,
         "dropped": sent - results - errors,
@@ -238,7 +242,8 @@ def format_report(report: dict[str, Any]) -> str:
     low_high = report.get("delivered_fps_session_range")  # reports from before session 16 lack it
     spread = "" if low_high is None else f" ({low_high[0]:.2f}-{low_high[1]:.2f})"
     lines = [
-        f"sessions {report['sessions']} x {report['fps_requested']:g} frames/s for {report['duration_s']:g} s",
+        f"sessions {report['sessions']} x {report['fps_requested']:g} frames/s for {report['duration_s']:g} s"
+        + (", a new prompt every frame" if report.get("new_prompts") else ""),
         f"frames sent {report['frames_sent']}, results {report['results']}, dropped (superseded) "
         f"{report['dropped']}, errors {report['errors']}, misordered {report['misordered']}",
         f"latency ms: {quantiles(report['latency_ms'])}",

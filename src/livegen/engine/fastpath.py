@@ -41,6 +41,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from livegen.engine import DeviceImage, EncodedImage, Task, layout
+from livegen.engine.text_graph import graph_text_encoders
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class FastOptions:
     gpu_jpeg: bool = True
     jpeg_quality: int = 90
     graph_warmup_iters: int = 2
+    text_encoder_graph: bool = True  # with cuda_graphs on CUDA: new prompts encoded by graph replays
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,8 @@ class FastStats:
     gpu_jpeg_images: int = 0
     graph_failures: int = 0
     graph_error: str = ""
+    text_graphs: int = 0  # text encoders' CUDA graphs captured (engine/text_graph.py)
+    text_graph_replays: int = 0  # prompts encoded by replaying one
 
 
 class FastPath:
@@ -220,6 +224,7 @@ class FastPath:
         if sdxl and dtype == torch.float16 and getattr(self.full_vae.config, "force_upcast", False):
             self._full_vae_fp32 = copy.deepcopy(self.full_vae).to(torch.float32)
         self._prepare_modules()
+        self._graph_text_encoders(pipe)
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -258,6 +263,14 @@ class FastPath:
                 m.eval()
         if self.device.type == "cuda":
             self._pool = torch.cuda.graph_pool_handle()
+
+    def _graph_text_encoders(self, pipe: Any) -> None:
+        """On CUDA with graphs: a new prompt's encoding replays a CUDA graph of each text encoder
+        (engine/text_graph.py), in a memory pool of its own."""
+        if self.device.type != "cuda" or not self.options.cuda_graphs or not self.options.text_encoder_graph:
+            return
+        pool, warmup = torch.cuda.graph_pool_handle(), self.options.graph_warmup_iters
+        graph_text_encoders(pipe, lambda fn, example: _Graph(fn, example, pool, warmup), self.stats)
 
     @staticmethod
     def unsupported_reason(pipe: Any) -> str | None:

@@ -817,6 +817,7 @@ class Worker:
             sdpa_cudnn=settings.sdpa_cudnn,
             buckets=tuple(sorted(settings.batch_buckets)),
             jpeg_quality=settings.jpeg_quality,
+            text_encoder_graph=settings.text_encoder_graph,
         )
         fast = FastPath(
             adapter.t2i, sdxl=spec.sdxl, tiny_vae=tiny, device=self.device, dtype=self.dtype, options=options
