@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     gpu_jpeg_decode: bool = False
     # Fast path on CUDA with graphs: a new prompt's text encoding replays a CUDA graph of each text
     # encoder instead of launching its ~500 (SDXL: ~970) ops eagerly (engine/text_graph.py). The same
-    # kernels and numbers; off only to compare (BENCHMARKS.md, session 17).
+    # computation; off only to compare (BENCHMARKS.md, session 17).
     text_encoder_graph: bool = True
     # Weights' dtype on CUDA (a CPU always runs float32).
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"

@@ -13,7 +13,8 @@ thread before its batch can start, more than the batch itself (an estimate: ``te
 ``GraphedTextEncoder`` replaces a text encoder's ``forward`` for the calls diffusers'
 ``encode_prompt`` makes for one prompt (token ids of shape (1, 77), no attention mask, with or
 without all hidden states). The first such call captures a CUDA graph of the encoder; later ones
-copy the ids into it and replay it: the same kernels, the same numbers, without the launches.
+copy the ids into it and replay it: the same computation, without the launches (the GPU suite
+compares it with eager encoding).
 Every other call (batches of prompts, masks, autograd) runs the encoder as it was; the fast path
 installs it only on CUDA with graphs. A graph writes its outputs into the same memory on every
 replay, and the adapters cache what ``encode_prompt`` returns, in places the outputs themselves
