@@ -27,7 +27,7 @@ from typing import Any
 
 from livegen.bench.null_engine import flat_jpeg, serve_in_thread
 from livegen.engine import EncodedImage, GenerationRequest, Task
-from livegen.engine.fastpath import Deferred
+from livegen.engine.fastpath import Deferred, unet_steps
 from livegen.engine.pipelines import common
 from livegen.engine.registry import spec_for
 from livegen.engine.worker import Worker
@@ -59,9 +59,7 @@ def work_factor(request: GenerationRequest) -> float:
     once, the UNet once per step it runs (twice as many rows with classifier-free guidance), plus
     the encoder for image-to-image. A model: against session 2's H200 rows it gives LCM's 4 steps at
     batch 1 3.55 times the 1-step time, measured 3.47 (31.57 against 9.10 ms)."""
-    steps = request.num_inference_steps
-    if request.task is not Task.TEXT_TO_IMAGE:  # as the pipelines: only the last steps*strength run
-        steps = min(int(steps * request.strength), steps)
+    steps = unet_steps(request.task, request.num_inference_steps, request.strength)
     cfg = 2 if request.guidance_scale > 1.0 else 1
     extra = I2I_EXTRA if request.task is not Task.TEXT_TO_IMAGE else 0.0
     return DECODE_SHARE + (1 - DECODE_SHARE) * max(steps, 1) * cfg + extra

@@ -198,7 +198,7 @@ class FastPath:
         self.options = options
         self.stats = FastStats()
         self.vae_scale_factor = 2 ** (len(self.full_vae.config.block_out_channels) - 1)
-        self._graphs: dict[tuple[Any, ...], _Graph | None] = {}  # None: capture failed, run eagerly
+        self._graphs: dict[tuple[Any, ...], _Graph[torch.Tensor] | None] = {}  # None: capture failed, run eagerly
         # Device milliseconds per batch shape (CUDA events around each batch; a moving average,
         # the first run of a shape left out: it captures or compiles). The worker plans with it.
         self.device_ms: dict[tuple[Any, ...], float] = {}
@@ -307,8 +307,7 @@ class FastPath:
     def _plan(self, task: Task, steps: int, strength: float) -> _Plan:
         t_start = 0
         if task is Task.IMAGE_TO_IMAGE:
-            init_timestep = min(int(steps * strength), steps)
-            t_start = max(steps - init_timestep, 0)
+            t_start = max(steps - unet_steps(task, steps, strength), 0)
         key = (task, steps, t_start)
         plan = self._plans.get(key)
         if plan is None:
@@ -778,10 +777,10 @@ class FastPath:
         return Deferred(finish, self.device_ms.get(key), marks)
 
 
-class _Graph:
+class _Graph(Generic[T]):
     """One captured replay of ``fn`` over static input buffers (copied into before each replay)."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor], example: dict[str, torch.Tensor], pool: Any, warmup: int):
+    def __init__(self, fn: Callable[..., T], example: dict[str, torch.Tensor], pool: Any, warmup: int):
         with torch.inference_mode():
             self.static = {k: v.clone() for k, v in example.items()}
             side = _side_stream("warmup", self.static[next(iter(self.static))].device)
@@ -796,7 +795,7 @@ class _Graph:
             with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
                 self.output = fn(**self.static)
 
-    def replay(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def replay(self, inputs: dict[str, torch.Tensor]) -> T:
         for k, v in inputs.items():
             self.static[k].copy_(v, non_blocking=True)
         self.graph.replay()
@@ -991,6 +990,14 @@ def _side_stream(purpose: Literal["warmup", "jpeg"], device: torch.device) -> to
     if (purpose, index) not in _STREAMS:
         _STREAMS[purpose, index] = torch.cuda.Stream(device=index)
     return _STREAMS[purpose, index]
+
+
+def unet_steps(task: Task, steps: int, strength: float) -> int:
+    """The UNet steps a request runs: every one for text-to-image; for image-to-image and
+    inpainting the last ``int(steps * strength)``, as the diffusers pipelines (at most ``steps``)."""
+    if task is Task.TEXT_TO_IMAGE:
+        return steps
+    return min(int(steps * strength), steps)
 
 
 def _draw(gen: torch.Generator, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:

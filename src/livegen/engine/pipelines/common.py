@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from livegen.engine import DeviceImage, GenerationRequest, Task
-from livegen.engine.fastpath import Deferred, FastPath, Job, Output, VaeChoice
+from livegen.engine.fastpath import Deferred, FastPath, Job, Output, VaeChoice, unet_steps
 from livegen.protocol.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
@@ -102,8 +102,7 @@ def check_common(request: GenerationRequest, *, vae_scale_factor: int = 8) -> No
             loc=("body", "image_size"),
         )
     if request.task is not Task.TEXT_TO_IMAGE:
-        effective = int(request.num_inference_steps * request.strength)
-        if effective < 1:
+        if unet_steps(request.task, request.num_inference_steps, request.strength) < 1:
             raise InvalidInput(
                 f"num_inference_steps x strength must be at least 1 (diffusers runs "
                 f"int(steps * strength) steps): {request.num_inference_steps} x {request.strength} "
