@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ def test_bench_realtime_8_sessions(live_server: LiveServer) -> None:
 
 
 @pytest.mark.parametrize("task", ["t2i", "i2i"])
-def test_bench_realtime_null_engine_measures_the_server_alone(task: str) -> None:
+def test_bench_realtime_null_engine_measures_the_server_alone(task: str, tmp_path: Path) -> None:
     """--null-engine: the real server with an engine that answers at once. Every frame is answered
     (none superseded, no errors), the engine's share is ~0, and the bench ends as soon as the last
     frame's result is in. (It used to wait for the server's idle TIMEOUT when the last result came
@@ -66,13 +67,38 @@ def test_bench_realtime_null_engine_measures_the_server_alone(task: str) -> None
            "--duration", "2", "--warmup", "0.5", "--size", "256", "--json"]  # fmt: skip
     if task == "i2i":
         cmd.append("--image")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert not list(tmp_path.glob("livegen-bench-*"))  # the server's temporary data dir is gone
     report = json.loads(done.stdout)
     assert report["errors"] == 0, report["error_samples"]
     assert report["misordered"] == 0 and report["dropped"] == 0
     assert report["results"] == report["frames_sent"] >= 2 * 20 * 2 - 2
     assert report["inference_ms"]["p99"] < report["server_ms"]["p50"] <= report["latency_ms"]["p50"]
+
+
+def test_bench_realtime_leaves_nothing_behind_and_synthesizes_once(tmp_path: Path) -> None:
+    """The server `bench realtime` starts without --data-dir gets a temporary data dir, removed at
+    the end (it used to stay in /tmp, with the checkpoints synthesized for it: gigabytes with
+    --weights random). Its checkpoints are LIVEGEN_DATA_DIR's, so a second run synthesizes none."""
+    tmp, configured = tmp_path / "tmp", tmp_path / "data"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "LIVEGEN_DATA_DIR": str(configured), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    cmd = [sys.executable, "-m", "livegen", "bench", "realtime", "--weights", "tiny-random", "--device", "cpu",
+           "--sessions", "1", "--fps", "5", "--duration", "1", "--size", "64", "--json"]  # fmt: skip
+    synthesized = configured / "synth" / "tiny-random" / "stabilityai--sd-turbo"
+    made = []
+    for _ in range(2):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        report = json.loads(done.stdout)
+        assert report["errors"] == 0 and report["results"] > 0, report
+        assert not list(tmp.glob("livegen-bench-*")), list(tmp.iterdir())
+        assert (synthesized / "model_index.json").is_file()
+        made.append(synthesized.stat().st_ino)
+    assert made[0] == made[1]  # the second run found the first one's checkpoint, and kept it
 
 
 def test_bench_realtime_simulated_device_batches_sessions_frames() -> None:

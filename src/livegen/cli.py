@@ -456,7 +456,9 @@ def bench(
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Data dir for the server this command starts (reuses its synthesized checkpoints). [default: a new one]",
+    help="Data dir for the server this command starts, kept (its synthesized checkpoints and compile cache are "
+    "reused). [default: a temporary one, removed at the end, that uses LIVEGEN_DATA_DIR's (./.livegen) synthesized "
+    "checkpoints and compile cache]",
 )
 @click.option(
     "--null-engine",
@@ -539,22 +541,45 @@ def _in_process_bench_server(
 ) -> Iterator[tuple[str, str]]:
     """The server in this process: over a simulated device, or the null engine."""
     import secrets
-    import tempfile
 
     api_key = secrets.token_urlsafe(16)
-    folder = data_dir or Path(tempfile.mkdtemp(prefix="livegen-bench-"))
-    server: contextlib.AbstractContextManager[str]
-    if simulated_device:
-        from livegen.bench.simulated import simulated_server
+    with _bench_data_dir(data_dir, share_models=False) as folder:
+        server: contextlib.AbstractContextManager[str]
+        if simulated_device:
+            from livegen.bench.simulated import simulated_server
 
-        extra = {} if max_batch_size is None else {"max_batch_size": max_batch_size}
-        server = simulated_server(folder, api_key, simulated_device, **extra)
-    else:
-        from livegen.bench.null_engine import null_server
+            extra = {} if max_batch_size is None else {"max_batch_size": max_batch_size}
+            server = simulated_server(folder, api_key, simulated_device, **extra)
+        else:
+            from livegen.bench.null_engine import null_server
 
-        server = null_server(folder, api_key)
-    with server as base_url:
-        yield base_url, api_key
+            server = null_server(folder, api_key)
+        with server as base_url:
+            yield base_url, api_key
+
+
+@contextlib.contextmanager
+def _bench_data_dir(data_dir: Path | None, *, share_models: bool) -> Iterator[Path]:
+    """The data dir of a server that ``bench realtime`` starts: ``data_dir`` as given (kept), or a
+    temporary one, removed when the bench ends. With ``share_models`` the temporary one's
+    synthesized checkpoints and compile cache are links to the configured data dir's
+    (``LIVEGEN_DATA_DIR``, ./.livegen), as ``livegen bench`` and ``serve`` use them: random weights
+    are synthesized and shapes compiled once, not on every run, and nothing large is left behind.
+    The server's own state (keys, database, files) stays in the temporary folder."""
+    if data_dir is not None:
+        yield data_dir
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="livegen-bench-") as tmp:
+        folder = Path(tmp)
+        if share_models:
+            configured = _settings()
+            for shared in (configured.synth_dir, configured.compile_cache_dir):
+                shared.mkdir(parents=True, exist_ok=True)
+                # A link: removing the temporary folder unlinks it and leaves what it points to.
+                (folder / shared.name).symlink_to(shared.resolve(), target_is_directory=True)
+        yield folder
 
 
 def _warm_up_progress(readyz: dict[str, Any]) -> str:
@@ -582,7 +607,6 @@ def _bench_server(
     import os
     import secrets
     import subprocess
-    import tempfile
     import time
 
     import httpx
@@ -591,31 +615,35 @@ def _bench_server(
 
     port = free_port()
     api_key = secrets.token_urlsafe(16)
-    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="livegen-bench-"))
-    env = {**os.environ, "LIVEGEN_API_KEYS": api_key}
-    cmd = [sys.executable, "-m", "livegen", "serve", "--port", str(port), "--data-dir", str(data_dir),
-           "--weights", weights, "--device", device, "--models", model, "--log-level", "WARNING"]  # fmt: skip
-    process = subprocess.Popen(cmd, env=env)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        started = time.monotonic()
-        deadline, next_report = started + 900, started + 15
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise click.ClickException("the server exited before it was ready")
-            with contextlib.suppress(httpx.HTTPError):
-                ready = httpx.get(base_url + "/readyz", timeout=2)
-                if ready.status_code == 200:
-                    break
-                if time.monotonic() >= next_report:  # a long warm-up (torch.compile) says where it is
-                    next_report += 15
-                    click.echo(f"server not ready after {time.monotonic() - started:.0f} s: "
-                               f"{_warm_up_progress(ready.json())}", err=True)  # fmt: skip
-            time.sleep(0.3)
-        else:
-            raise click.ClickException("the server was not ready in 15 minutes")
-        click.echo(f"server ready in {time.monotonic() - started:.1f} s", err=True)
-        yield base_url, api_key
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    with _bench_data_dir(data_dir, share_models=True) as folder:
+        env = {**os.environ, "LIVEGEN_API_KEYS": api_key}
+        cmd = [sys.executable, "-m", "livegen", "serve", "--port", str(port), "--data-dir", str(folder),
+               "--weights", weights, "--device", device, "--models", model, "--log-level", "WARNING"]  # fmt: skip
+        process = subprocess.Popen(cmd, env=env)
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            started = time.monotonic()
+            deadline, next_report = started + 900, started + 15
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    raise click.ClickException("the server exited before it was ready")
+                with contextlib.suppress(httpx.HTTPError):
+                    ready = httpx.get(base_url + "/readyz", timeout=2)
+                    if ready.status_code == 200:
+                        break
+                    if time.monotonic() >= next_report:  # a long warm-up (torch.compile) says where it is
+                        next_report += 15
+                        click.echo(f"server not ready after {time.monotonic() - started:.0f} s: "
+                                   f"{_warm_up_progress(ready.json())}", err=True)  # fmt: skip
+                time.sleep(0.3)
+            else:
+                raise click.ClickException("the server was not ready in 15 minutes")
+            click.echo(f"server ready in {time.monotonic() - started:.1f} s", err=True)
+            yield base_url, api_key
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
