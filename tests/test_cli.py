@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,23 @@ def test_hub_without_the_checkpoint_exits_with_a_clear_message(tmp_path: Path) -
     assert done.returncode == 1, done.stdout + done.stderr
     assert "stabilityai/sd-turbo" in done.stderr
     assert "--weights random" in done.stderr and "--weights PATH" in done.stderr
+
+
+def test_a_port_in_use_stops_the_server_with_uvicorns_message_and_no_traceback(tmp_path: Path) -> None:
+    """The port is found taken only after start-up began, while the engine loads its models. The
+    stop cancelled the start-up watcher, which cancelled the engine's startup future, and the
+    engine thread then died on setting its result (a traceback after the message)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "LIVEGEN_API_KEYS": "k", "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "livegen", "serve", "--weights", "tiny-random", "--device", "cpu",
+               "--data-dir", str(tmp_path), "--port", str(port)]  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "address already in use" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
 
 
 def test_unknown_model_in_models_is_a_usage_error(tmp_path: Path) -> None:

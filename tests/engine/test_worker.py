@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -82,6 +83,45 @@ def _block(worker: FakeWorker) -> Future[GenerationResult]:
     while not blocker.running():
         threading.Event().wait(0.01)
     return blocker
+
+
+def test_a_waiter_cancelled_during_the_load_leaves_startup_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's start-up watcher awaits ``startup`` through ``asyncio.wrap_future``, and is
+    cancelled when the server stops during the load: that must not cancel the future the engine
+    thread will set (it died there with InvalidStateError), and the engine still comes up."""
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    loading = threading.Event()
+
+    class SlowWorker(FakeWorker):
+        def _load(self, model_id: str) -> FakeAdapter:  # type: ignore[override]
+            loading.wait(10)
+            return super()._load(model_id)
+
+    w = SlowWorker(Settings(data_dir=tmp_path, models=["stabilityai/sd-turbo"], device="cpu"))
+    w.open()
+    try:
+
+        async def watch_then_stop() -> None:
+            watcher = asyncio.ensure_future(asyncio.wrap_future(w.startup))
+            await asyncio.sleep(0.05)
+            watcher.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await watcher
+
+        asyncio.run(watch_then_stop())
+        assert not w.startup.cancelled()
+        loading.set()
+        assert w.startup.result(10) is None and w.ready
+        w.gate.set()
+        assert w.submit(req("after")).result(10).images
+    finally:
+        loading.set()
+        w.gate.set()
+        w.close()
+    assert died == []
 
 
 def test_compatible_requests_share_a_batch_up_to_the_limit(worker: FakeWorker) -> None:

@@ -254,7 +254,12 @@ class Worker:
         self._device_free_at: float | None = None
         self._yielded_at = -float("inf")  # when the last batch that went ahead was done (_head)
         self._enqueue_s = 0.0  # the device thread's time to enqueue a fast batch (moving average)
+        # Done when the configured models are loaded and warmed up (or failed to). Running from the
+        # start, so that a waiter cannot cancel it: the server's start-up watcher is cancelled when
+        # the server stops during a load (a port already in use, Ctrl-C during a warm-up), and
+        # ``asyncio.wrap_future`` passes that on to the future it wraps.
         self.startup: Future[None] = Future()
+        self.startup.set_running_or_notify_cancel()
         self._state = State.NEW
         self._cond = threading.Condition()
         self._pending: list[_Pending] = []
