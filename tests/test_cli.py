@@ -126,6 +126,60 @@ def test_bad_weights_value_is_a_usage_error() -> None:
     assert result.exit_code == 2 and "--weights must be" in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["serve", "--port", "99999"], "port: Input should be less than or equal to 65535"),
+        (["serve", "--port", "-1"], "port: Input should be greater than or equal to 0"),
+        (["bench", "--batch", "0"], "Invalid value for '--batch': 0 is not within 1..64"),
+        (["bench", "--batch", "1,abc"], "'1,abc' is not a comma-separated list of integers"),
+        (["bench", "--batch", ","], "give at least one number"),
+        (["bench", "--size", "63"], "63 is not within 64..2048 and a multiple of 8"),
+        (["bench", "--steps", "0"], "Invalid value for '--steps'"),
+        (["bench", "--task", "i2i", "--strength", "0"], "Invalid value for '--strength'"),
+        (["bench", "--iters", "0"], "Invalid value for '--iters'"),
+    ],
+)
+def test_bad_serve_and_bench_values_are_usage_errors(args: list[str], said: str) -> None:
+    """Checked before anything loads: a usage error naming the flag, not a traceback from the
+    engine (``--batch abc`` was a ValueError, ``--batch 0`` an IndexError inside diffusers)."""
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and said in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_work_the_engine_refuses_is_a_usage_error_in_bench(tmp_path: Path, shared_data_dir: Path) -> None:
+    """i2i at 1 step x strength 0.5 runs no step: bench says so as the server would, without a
+    traceback."""
+    args = ["bench", "--weights", "tiny-random", "--device", "cpu", "--size", "64", "--batch", "1", "--iters", "1",
+            "--task", "i2i", "--steps", "1", "--strength", "0.5", "--no-baseline",
+            "--data-dir", str(shared_data_dir)]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "1 x 0.5 runs none; raise num_inference_steps or strength" in result.output
+
+
+@pytest.mark.parametrize("command", [["serve"], ["keys", "list"], ["keys", "create"], ["bench"]])
+def test_an_unusable_data_dir_is_a_clear_error(command: list[str], tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    folder = tmp_path / "a-file" / "data"
+    result = CliRunner().invoke(main, [*command, "--data-dir", str(folder)])
+    assert result.exit_code == 1, result.output
+    assert f"cannot use the data dir {folder}: Not a directory" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_device_cuda_without_cuda_is_a_usage_error() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for command in (["serve"], ["bench"]):
+        result = CliRunner().invoke(main, [*command, "--device", "cuda", "--weights", "tiny-random"])
+        assert result.exit_code == 2 and "--device cuda, but torch" in result.output, result.output
+        assert "sees no CUDA device; use --device cpu or auto" in result.output
+
+
 def test_bad_inductor_options_are_a_usage_error() -> None:
     """LIVEGEN_INDUCTOR_OPTIONS gets torch.compile's own check of names and types at start, not
     in the first compile."""

@@ -21,6 +21,7 @@ import click
 from pydantic import ValidationError
 
 from livegen import __version__
+from livegen.protocol.schemas import MAX_SIDE, MIN_SIDE
 
 
 def _settings(**overrides: Any) -> Any:
@@ -31,6 +32,55 @@ def _settings(**overrides: Any) -> Any:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise click.UsageError(problems) from None
+
+
+class IntList(click.ParamType):
+    """Comma-separated integers, each within [minimum, maximum] (and a multiple of ``multiple_of``)."""
+
+    name = "integers"
+
+    def __init__(self, minimum: int, maximum: int, multiple_of: int = 1) -> None:
+        self.minimum, self.maximum, self.multiple_of = minimum, maximum, multiple_of
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            numbers = tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+        if not numbers:
+            self.fail("give at least one number", param, ctx)
+        for n in numbers:
+            if not self.minimum <= n <= self.maximum or n % self.multiple_of:
+                multiple = f" and a multiple of {self.multiple_of}" if self.multiple_of > 1 else ""
+                self.fail(f"{n} is not within {self.minimum}..{self.maximum}{multiple}", param, ctx)
+        return numbers
+
+
+def _check_device(settings: Any) -> None:
+    """``--device cuda`` where torch sees no CUDA device: a usage error now, not a failed model load."""
+    if settings.device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise click.UsageError(
+            f"--device cuda, but torch {torch.__version__} ({build}) sees no CUDA device; use --device cpu or auto"
+        )
+
+
+def _check_data_dir(settings: Any) -> None:
+    """The data dir exists (made if need be) and is writable: a clear error now, not a traceback."""
+    folder = settings.data_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".livegen-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise click.ClickException(f"cannot use the data dir {folder}: {exc.strerror or exc}") from None
 
 
 class RedactSecrets(logging.Filter):
@@ -172,6 +222,8 @@ def serve(log_level: str, **flags: Any) -> None:
     unknown = [m for m in settings.models if m not in MODELS]
     if unknown:
         raise click.UsageError(f"unknown model(s) in --models: {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    _check_device(settings)
+    _check_data_dir(settings)
     setup_logging(log_level)
     _ensure_a_key(settings)
 
@@ -275,6 +327,7 @@ def keys_create(name: str, data_dir: Path | None) -> None:
     from livegen.server.db import Database
 
     settings = _settings(data_dir=data_dir)
+    _check_data_dir(settings)
     with Database.open(settings.db_path) as db:
         info, key = KeyStore(db).create(name)
     click.echo(key)
@@ -289,6 +342,7 @@ def keys_list(data_dir: Path | None) -> None:
     from livegen.server.db import Database
 
     settings = _settings(data_dir=data_dir)
+    _check_data_dir(settings)
     with Database.open(settings.db_path) as db:
         infos = KeyStore(db).list()
     for info in infos:
@@ -307,6 +361,7 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
     from livegen.server.db import Database
 
     settings = _settings(data_dir=data_dir)
+    _check_data_dir(settings)
     with Database.open(settings.db_path) as db:
         try:
             KeyStore(db).revoke(key_id)
@@ -320,12 +375,23 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
 @click.option("--weights", default="random", show_default=True, help="hub | random | tiny-random | PATH")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--task", type=click.Choice(["t2i", "i2i"]), default="t2i", show_default=True)
-@click.option("--size", default="512", show_default=True, help="Comma-separated square sizes, e.g. 512,768,1024.")
-@click.option("--steps", default=1, show_default=True)
-@click.option("--strength", default=0.5, show_default=True, help="i2i only")
-@click.option("--guidance", default=0.0, show_default=True, help="guidance_scale (> 1: classifier-free guidance)")
-@click.option("--batch", default="1,4,8,16", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--iters", default=5, show_default=True, help="Timed iterations per batch size.")
+@click.option(
+    "--size", type=IntList(minimum=MIN_SIDE, maximum=MAX_SIDE, multiple_of=8), default="512", show_default=True,
+    help="Comma-separated square sizes, e.g. 512,768,1024.",
+)  # fmt: skip
+@click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True, help="i2i only")
+@click.option(
+    "--guidance", type=click.FloatRange(min=0), default=0.0, show_default=True,
+    help="guidance_scale (> 1: classifier-free guidance)",
+)  # fmt: skip
+@click.option(
+    "--batch", type=IntList(minimum=1, maximum=64), default="1,4,8,16", show_default=True,
+    help="Comma-separated batch sizes.",
+)  # fmt: skip
+@click.option(
+    "--iters", type=click.IntRange(min=1), default=5, show_default=True, help="Timed iterations per batch size."
+)
 @click.option(
     "--variant",
     default="default",
@@ -374,11 +440,11 @@ def bench(
     weights: str,
     device: str,
     task: str,
-    size: str,
+    size: tuple[int, ...],
     steps: int,
     strength: float,
     guidance: float,
-    batch: str,
+    batch: tuple[int, ...],
     iters: int,
     variant: str,
     tiny_vae: bool | None,
@@ -399,8 +465,9 @@ def bench(
     from livegen.bench.engine import EngineBenchConfig, format_table, run_engine_bench, variant_settings
 
     settings = _settings(weights=weights, device=device, tiny_vae=tiny_vae, data_dir=data_dir, models=[model])
-    batches = tuple(int(b) for b in batch.split(",") if b.strip())
-    sizes = tuple(int(s) for s in size.split(",") if s.strip())
+    _check_device(settings)
+    _check_data_dir(settings)
+    batches, sizes = batch, size
     variants = tuple(v.strip() for v in variant.split(",") if v.strip())
     for v in variants:
         try:
@@ -418,7 +485,12 @@ def bench(
         model, task, sizes[0], steps, batches, iters, strength, baseline, sizes=sizes, variants=variants,
         guidance_scale=guidance, profile=profile, streamdiffusion=streamdiffusion, new_prompts=new_prompts,
     )  # fmt: skip
-    report = run_engine_bench(settings, config)
+    from livegen.protocol.errors import InvalidInput
+
+    try:
+        report = run_engine_bench(settings, config)
+    except InvalidInput as exc:  # work the engine refuses (i2i running no step, ...), said as the server says it
+        raise click.UsageError(exc.message) from None
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
 
 

@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIVEGEN_", extra="ignore")
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(default=8000, ge=0, le=65535)  # 0: any free port
     data_dir: Path = Path(".livegen")
     # hub: real checkpoints by Hugging Face id; PATH: a folder with one diffusers folder per
     # model; random / tiny-random: synthesized checkpoints (see engine/synth.py).
