@@ -57,6 +57,24 @@ def test_bench_realtime_8_sessions(live_server: LiveServer) -> None:
     print(json.dumps(report, indent=2))  # shown with -s; the CPU figures go nowhere else
 
 
+def test_bench_realtime_says_in_one_line_why_it_cannot_start(live_server: LiveServer) -> None:
+    """A server that cannot be reached, or that refuses the key, is one line and exit 1 (both
+    were httpx tracebacks); the key is not echoed."""
+    from click.testing import CliRunner
+
+    from livegen.cli import main
+
+    cases = (
+        (["--url", "http://127.0.0.1:1", "--key", "k"], "cannot reach http://127.0.0.1:1"),
+        (["--url", "no-scheme", "--key", "k"], "cannot reach no-scheme: Request URL is missing"),
+        (["--url", live_server.base_url, "--key", "nope:secret-value"], "/rest/tokens/ answered 401: "),
+    )
+    for args, said in cases:
+        result = CliRunner().invoke(main, ["bench", "realtime", *args, "--sessions", "1", "--duration", "1"])
+        assert result.exit_code == 1 and said in result.output, result.output
+        assert isinstance(result.exception, SystemExit) and "secret-value" not in result.output
+
+
 @pytest.mark.parametrize("task", ["t2i", "i2i"])
 def test_bench_realtime_null_engine_measures_the_server_alone(task: str, tmp_path: Path) -> None:
     """--null-engine: the real server with an engine that answers at once. Every frame is answered

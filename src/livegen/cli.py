@@ -579,7 +579,7 @@ def bench_realtime(
     import asyncio
     import json
 
-    from livegen.bench.realtime import BenchConfig, format_report, input_image_data_url, run_bench
+    from livegen.bench.realtime import BenchConfig, BenchSetupError, format_report, input_image_data_url, run_bench
 
     frame: dict[str, Any] = {"prompt": "a photo of a red fox in the snow", "model_name": model}
     frame.update(num_inference_steps=steps, sync_mode=True)
@@ -601,7 +601,10 @@ def bench_realtime(
             base_url, api_key, app, sessions, fps, duration, frame, max_buffering,
             warmup_s=warmup, new_prompts=new_prompts,
         )  # fmt: skip
-        report = asyncio.run(run_bench(config))
+        try:
+            report = asyncio.run(run_bench(config))
+        except BenchSetupError as exc:
+            raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if report["misordered"]:
         sys.exit(1)

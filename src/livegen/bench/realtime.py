@@ -81,14 +81,28 @@ def input_image_data_url(size: int, fmt: str = "jpeg") -> str:
     return f"data:image/{fmt};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+class BenchSetupError(Exception):
+    """The sessions could not start: the server unreachable, or its token endpoint refused the key
+    (a one-line message, without the key)."""
+
+
 async def _token(client: httpx.AsyncClient, config: BenchConfig) -> str:
     alias = config.app.split("/")[1]
-    r = await client.post(
-        f"{config.base_url}/rest/tokens/",
-        json={"allowed_apps": [alias], "token_expiration": 3600},
-        headers={"Authorization": f"Key {config.key}"},
-    )
-    r.raise_for_status()
+    url = f"{config.base_url}/rest/tokens/"
+    try:
+        r = await client.post(
+            url,
+            json={"allowed_apps": [alias], "token_expiration": 3600},
+            headers={"Authorization": f"Key {config.key}"},
+        )
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # refused, no such host, a URL httpx cannot use
+        raise BenchSetupError(f"cannot reach {config.base_url}: {exc or type(exc).__name__}") from None
+    if not r.is_success:
+        try:
+            detail = r.json().get("detail")
+        except (ValueError, AttributeError):
+            detail = r.text[:200]
+        raise BenchSetupError(f"POST {url} answered {r.status_code}: {detail}")
     token: str = r.json()
     return token
 
