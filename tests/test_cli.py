@@ -148,6 +148,33 @@ def test_bad_serve_and_bench_values_are_usage_errors(args: list[str], said: str)
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"LIVEGEN_BATCH_BUCKETS": "0,4"}, "batch_buckets: Value error, batch sizes from 1 to 64"),
+        ({"LIVEGEN_WARMUP_BUCKETS": "1,128"}, "warmup_buckets: Value error, batch sizes from 1 to 64"),
+        ({"LIVEGEN_PUBLIC_URL": "gen.example.com"}, "--public-url must be an absolute http(s) URL"),
+        ({"LIVEGEN_ALLOWED_ORIGINS": "http://localhost:5173/app"}, "an allowed origin is * or scheme://host[:port]"),
+        ({"LIVEGEN_ALLOWED_ORIGINS": "localhost:5173"}, "an allowed origin is * or scheme://host[:port]"),
+    ],
+)
+def test_bad_settings_are_usage_errors(env: dict[str, str], said: str) -> None:
+    """Values that were accepted and then never worked: a bucket of 0, a public URL without a
+    scheme (every file URL returned broken), an origin no browser sends (never matched)."""
+    result = CliRunner().invoke(main, ["serve"], env=env)
+    assert result.exit_code == 2 and said in result.output, result.output
+
+
+def test_allowed_origins_are_written_as_browsers_send_them(tmp_path: Path) -> None:
+    from livegen.settings import Settings
+
+    settings = Settings(data_dir=tmp_path, allowed_origins="HTTP://LocalHost:5173/, https://app.example.com,*")
+    assert settings.allowed_origins == ["http://localhost:5173", "https://app.example.com", "*"]
+    assert Settings(data_dir=tmp_path, public_url=" https://gen.example.com/prefix ").public_url == (
+        "https://gen.example.com/prefix"
+    )
+
+
 def test_work_the_engine_refuses_is_a_usage_error_in_bench(tmp_path: Path, shared_data_dir: Path) -> None:
     """i2i at 1 step x strength 0.5 runs no step: bench says so as the server would, without a
     traceback."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -184,6 +185,40 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [item.strip() for item in v.split(",") if item.strip()]
         return v
+
+    @field_validator("batch_buckets", "warmup_buckets")
+    @classmethod
+    def _check_buckets(cls, v: list[int]) -> list[int]:
+        if not v or not all(1 <= b <= 64 for b in v):
+            raise ValueError(f"batch sizes from 1 to 64, at least one; got {v}")
+        return v
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, v: str) -> str:
+        """Empty (each request's own base URL), or an absolute http(s) URL: returned file URLs start
+        with it, so a relative or scheme-less value would give clients URLs they cannot fetch."""
+        v = v.strip()
+        if v:
+            parts = urlsplit(v)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"--public-url must be an absolute http(s) URL (https://gen.example.com); got {v!r}")
+        return v
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _check_origins(cls, v: list[str]) -> list[str]:
+        """``*``, or origins as a browser sends them (scheme://host[:port], lower case, no path): the
+        check is an exact match, so ``http://localhost:5173/`` would never have matched."""
+        origins = []
+        for origin in v:
+            parts = urlsplit(origin)
+            if origin != "*" and (
+                not parts.scheme or not parts.netloc or parts.path not in ("", "/") or parts.query or parts.fragment
+            ):
+                raise ValueError(f"an allowed origin is * or scheme://host[:port]; got {origin!r}")
+            origins.append(origin if origin == "*" else f"{parts.scheme}://{parts.netloc}".lower())
+        return origins
 
     @field_validator("inductor_options", mode="before")
     @classmethod
