@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -163,6 +164,27 @@ def test_bad_settings_are_usage_errors(env: dict[str, str], said: str) -> None:
     scheme (every file URL returned broken), an origin no browser sends (never matched)."""
     result = CliRunner().invoke(main, ["serve"], env=env)
     assert result.exit_code == 2 and said in result.output, result.output
+
+
+def test_every_serve_flag_in_the_readme_exists() -> None:
+    """The README's flag table is what a newcomer types: each flag there must be one ``livegen
+    serve`` takes (``--allowed-origins`` and ``--max-sessions`` were documented, never accepted)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| flag | default |") :].split("\n\n", 1)[0]
+    documented = set(re.findall(r"`(--[a-z][a-z-]*)", table))
+    assert len(documented) >= 10, documented
+    help_text = CliRunner().invoke(main, ["serve", "--help"], terminal_width=200).output
+    accepted = set(re.findall(r"(--[a-z][a-z-]*)", help_text))
+    assert documented <= accepted, f"in the README, not in livegen serve: {sorted(documented - accepted)}"
+
+
+def test_origins_and_session_limit_flags_reach_the_settings(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["serve", "--data-dir", str(tmp_path), "--allowed-origins", "http://a.example", "--max-sessions", "0"]
+    )
+    assert result.exit_code == 2 and "--max-sessions" in result.output
+    result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path), "--allowed-origins", "a.example"])
+    assert result.exit_code == 2 and "an allowed origin is * or scheme://host[:port]" in result.output
 
 
 def test_allowed_origins_are_written_as_browsers_send_them(tmp_path: Path) -> None:

@@ -20,9 +20,12 @@
 //   with the original URL in the x-fal-target-url header; livegen dispatches it internally.
 //   The caller still needs a key: livegen's proxy route injects none.
 //
-// Neither mode covers fal.stream(..., {connectionMode: "client"}), which calls fetch directly;
-// pass a URL-rewriting `fetch` for that. Realtime opens `new WebSocket("wss://fal.run/...")`
-// on the global constructor, so it needs installWebSocketShim in both modes.
+// One call bypasses both: fal.stream(..., {connectionMode: "client"}) (a browser holding a
+// token, not a key) fetches https://fal.run/{app}/stream?fal_jwt_token=... with the client's
+// `fetch` directly, so in both modes the client also gets a `fetch` that rewrites fal's hosts the
+// same way (yours, if you pass one, does the fetching). Realtime opens
+// `new WebSocket("wss://fal.run/...")` on the global constructor, so it needs
+// installWebSocketShim in both modes.
 
 import { createFalClient, withMiddleware } from "@fal-ai/client";
 
@@ -65,8 +68,9 @@ export function toLivegenWebSocketUrl(url, baseUrl) {
  */
 export function createLivegenClient({ baseUrl, mode = "middleware", ...config } = {}) {
   const base = trimBase(baseUrl);
+  const fetch = livegenFetch(base, config.fetch);
   if (mode === "proxy") {
-    return createFalClient({ ...config, proxyUrl: { url: `${base}/api/fal/proxy`, when: "always" } });
+    return createFalClient({ ...config, fetch, proxyUrl: { url: `${base}/api/fal/proxy`, when: "always" } });
   }
   if (mode !== "middleware") {
     throw new TypeError(`mode must be "middleware" or "proxy", got ${JSON.stringify(mode)}`);
@@ -74,8 +78,18 @@ export function createLivegenClient({ baseUrl, mode = "middleware", ...config } 
   const rewrite = async (request) => ({ ...request, url: toLivegenUrl(request.url, base) });
   return createFalClient({
     ...config,
+    fetch,
     requestMiddleware: config.requestMiddleware ? withMiddleware(config.requestMiddleware, rewrite) : rewrite,
   });
+}
+
+/** A fetch that sends requests for fal's HTTP hosts to livegen (via `inner`, default the global fetch). */
+export function livegenFetch(baseUrl, inner) {
+  const base = trimBase(baseUrl);
+  return (input, init) => {
+    const url = typeof input === "string" || input instanceof URL ? toLivegenUrl(String(input), base) : input;
+    return inner ? inner(url, init) : globalThis.fetch(url, init);
+  };
 }
 
 /**

@@ -213,6 +213,16 @@ def main() -> None:
     "--public-url",
     help="Base URL for returned file URLs. [env LIVEGEN_PUBLIC_URL; default: from each request]",
 )
+@click.option(
+    "--allowed-origins",
+    help="Comma-separated browser origins (scheme://host[:port]; * for any) allowed besides the server's own: "
+    "on realtime WebSockets, and by CORS on HTTP. [env LIVEGEN_ALLOWED_ORIGINS]",
+)
+@click.option(
+    "--max-sessions",
+    type=click.IntRange(min=1),
+    help="Concurrent realtime sessions. [env LIVEGEN_MAX_SESSIONS; default 64]",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 def serve(log_level: str, **flags: Any) -> None:
     """Serve fal's model API (HTTP) on HOST:PORT."""

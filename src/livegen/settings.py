@@ -166,7 +166,7 @@ class Settings(BaseSettings):
     # permessage-deflate on realtime WebSockets. Off: frames and results are mostly JPEG/PNG bytes,
     # which do not compress, and deflating them costs ~1 ms of the event loop per message pair.
     ws_compression: bool = False
-    # Browser origins allowed on the realtime WebSocket besides the server's own ("*": any).
+    # Browser origins allowed besides the server's own ("*": any): on the realtime WebSocket, and by CORS on HTTP.
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_token_ttl_s: int = Field(default=3600, ge=1, description="Cap on realtime/CDN token lifetimes")
     key_check_s: float = Field(

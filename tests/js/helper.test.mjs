@@ -85,6 +85,21 @@ describe("createLivegenClient", () => {
     assert.equal(seen[0].url, "http://h:1/fal-ai/a");
     assert.equal(seen[0].headers.get("x-fal-runner-hint"), "h");
   });
+
+  for (const mode of ["middleware", "proxy"]) {
+    test(`${mode} mode: the client's own fetch of fal.stream's client connection mode goes to livegen`, async () => {
+      const seen = [];
+      const fal = createLivegenClient({ baseUrl: "http://h:1", mode, credentials: "k", fetch: recordingFetch(seen) });
+      const stream = await fal.stream("fal-ai/a", {
+        input: { prompt: "p" },
+        connectionMode: "client",
+        tokenProvider: async () => "t0k",
+      });
+      await stream.done();
+      assert.deepEqual(seen.map((s) => `${s.method} ${s.url}`), ["POST http://h:1/fal-ai/a/stream?fal_jwt_token=t0k"]);
+      assert.equal(seen[0].headers.get("authorization"), null); // a token, not the key
+    });
+  }
 });
 
 describe("installWebSocketShim", () => {

@@ -94,5 +94,48 @@ for (const mode of MODES) {
       assert.ok(error instanceof ApiError, `${error}`);
       assert.equal(error.status, 400);
     });
+
+    test("a session outlives its token: the server closes it, the next send reconnects with a new one", async () => {
+      const { baseUrl, key } = server();
+      const issued = [];
+      // Two-second tokens from a backend of the app's own (here: livegen's /rest/tokens/ with the key).
+      const tokenProvider = async (appWithPath) => {
+        const response = await fetch(`${baseUrl}/rest/tokens/`, {
+          method: "POST",
+          headers: { authorization: `Key ${key}`, "content-type": "application/json" },
+          body: JSON.stringify({ allowed_apps: [appWithPath.split("/")[1]], token_expiration: 2 }),
+        });
+        issued.push(response.status);
+        return await response.json();
+      };
+      const results = [];
+      const errors = [];
+      let resolveNext;
+      const connection = clientFor(mode).realtime.connect(LCM, {
+        connectionKey: `livegen-expiry-${mode}`,
+        tokenProvider,
+        onResult: (result) => {
+          results.push(result);
+          resolveNext?.();
+        },
+        onError: (error) => errors.push(error),
+      });
+      const input = { prompt: "a fox", image_size: { width: 64, height: 64 } };
+      const next = () => new Promise((resolve) => (resolveNext = resolve));
+      try {
+        let arrived = next();
+        connection.send(input);
+        await arrived;
+        await new Promise((resolve) => setTimeout(resolve, 3500)); // past the token's expiry: livegen closes (1000)
+        arrived = next();
+        connection.send({ ...input, prompt: "a fox, later" });
+        await arrived;
+      } finally {
+        connection.close();
+      }
+      assert.equal(results.length, 2);
+      assert.deepEqual(issued, [200, 200], "one token per connection");
+      assert.deepEqual(errors, [], "a normal close is not an error");
+    });
   });
 }

@@ -30,7 +30,7 @@ from livegen.server.jobs.service import JobService
 from livegen.server.jobs.store import Job, SqliteJobStore
 from livegen.server.jobs.webhooks import WebhookSender, WebhookSigner
 from livegen.server.metrics import Metrics, MetricsMiddleware
-from livegen.server.middleware import BodyLimitMiddleware, DrainCutMiddleware, RequestIdMiddleware
+from livegen.server.middleware import BodyLimitMiddleware, CorsMiddleware, DrainCutMiddleware, RequestIdMiddleware
 from livegen.server.ratelimit import RateLimiter
 from livegen.server.routes import files, health, proxy, queue, realtime, rest, run, uploads, web
 from livegen.server.storage import FileStore
@@ -83,6 +83,7 @@ def create_app(
     app.add_middleware(proxy.FalProxyMiddleware)  # /api/fal/proxy; inside RequestIdMiddleware
     app.add_middleware(DrainCutMiddleware, state=app.state)  # 503, not 500, when the drain timeout cuts
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(CorsMiddleware, allowed_origins=settings.allowed_origins)  # outermost: every answer
     app.include_router(health.router)
     app.include_router(web.router)
     app.include_router(files.router)

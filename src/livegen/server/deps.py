@@ -3,7 +3,7 @@ and the public base URL that returned file URLs start with."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -12,7 +12,7 @@ from livegen.server.auth import KeyStore, parse_authorization
 from livegen.server.generation import GenerationService
 from livegen.server.jobs.service import JobService
 from livegen.server.storage import FileStore
-from livegen.server.tokens import CDN, TokenSigner
+from livegen.server.tokens import CDN, REALTIME, TokenSigner
 from livegen.server.uploads import UploadService
 from livegen.settings import Settings
 
@@ -46,6 +46,22 @@ def require_key(request: Request) -> str:
     """The id of the caller's API key (``Authorization: Key <key>``), else 401."""
     keys: KeyStore = request.app.state.keys
     return keys.verify(parse_authorization(request.headers.get("authorization")))
+
+
+def key_or_token(state: Any, token: str | None, authorization: str | None, *, app: str) -> tuple[str, float | None]:
+    """The caller's API key id, from a realtime token valid for ``app`` (an alias: what fal's
+    clients send as ``?fal_jwt_token=``) or else from ``Authorization: Key``; and how many
+    seconds the credentials stay valid (a token's remaining lifetime; None for a key)."""
+    keys: KeyStore = state.keys
+    if token:
+        signer: TokenSigner = state.tokens
+        claims = signer.verify(token, REALTIME, app=app)
+        if not keys.is_active(claims.key_id):
+            raise Unauthorized("the API key this token was issued for has been revoked", public=True)
+        return claims.key_id, signer.seconds_left(claims)
+    if authorization:
+        return keys.verify(parse_authorization(authorization)), None
+    raise Unauthorized("pass ?fal_jwt_token= (from POST /rest/tokens/) or an 'Authorization: Key' header", public=True)
 
 
 def uploads(request: Request) -> UploadService:

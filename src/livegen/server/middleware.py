@@ -1,5 +1,5 @@
-"""ASGI middleware: request ids and ingress-style refusals (below), the request body cap and
-the drain cut.
+"""ASGI middleware: request ids and ingress-style refusals (below), the request body cap, the
+drain cut, and CORS for the browser origins in ``--allowed-origins``.
 
 Every response the app produces carries ``x-fal-request-id``: fal-client (Python) takes its
 presence to mean "the app answered", and never retries such a 502/503/504. A request refused
@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import re
 import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from livegen.protocol.errors import LivegenError, Overloaded, PayloadTooLarge, ShuttingDown, error_body
+from livegen.protocol.errors import Forbidden, LivegenError, Overloaded, PayloadTooLarge, ShuttingDown, error_body
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -52,6 +53,17 @@ def mark_ingress_body(body: bytes) -> bytes:
     key, value = INGRESS_MARK
     parsed.setdefault(key, value)
     return json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+async def send_error(send: Send, error: LivegenError) -> None:
+    """Answer ``error`` in fal's format (``{"detail", "error_type"}``, ``X-Fal-Error-Type``) from
+    middleware, where no exception handler runs."""
+    body = json.dumps(error_body(error)).encode()
+    headers = [(b"content-type", b"application/json"), (b"x-fal-error-type", error.error_type.encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class RequestIdMiddleware:
@@ -114,7 +126,7 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await send_error(send, self._error())
             return
         seen = 0
         refused = False
@@ -128,7 +140,7 @@ class BodyLimitMiddleware:
                     # Answer now and tell the app the client left: frameworks turn exceptions
                     # raised while reading a body into their own 400s.
                     refused = True
-                    await self._refuse(send)
+                    await send_error(send, self._error())
                     return {"type": "http.disconnect"}
             return message
 
@@ -138,16 +150,8 @@ class BodyLimitMiddleware:
 
         await self.app(scope, counted_receive, guarded_send)
 
-    def _message(self) -> str:
-        return f"the request body is larger than the {self.max_bytes}-byte limit"
-
-    async def _refuse(self, send: Send) -> None:
-        error = PayloadTooLarge(self._message())
-        body = json.dumps(error_body(error)).encode()
-        headers = [(b"content-type", b"application/json"), (b"x-fal-error-type", error.error_type.encode())]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    def _error(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"the request body is larger than the {self.max_bytes}-byte limit")
 
 
 class DrainCutMiddleware:
@@ -168,7 +172,7 @@ class DrainCutMiddleware:
             await self.app(scope, receive, send)
             return
         if getattr(self.state, "draining", False) and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
-            await self._answer(send, ShuttingDown())  # new work, after SIGTERM: go elsewhere
+            await send_error(send, ShuttingDown())  # new work, after SIGTERM: go elsewhere
             return
         started = False
 
@@ -184,13 +188,87 @@ class DrainCutMiddleware:
             if started or not getattr(self.state, "draining", False) or task is None:
                 raise
             task.uncancel()  # the cancellation is answered here; the task ends normally
-            await self._answer(send, ShuttingDown())
+            await send_error(send, ShuttingDown())
 
-    @staticmethod
-    async def _answer(send: Send, error: LivegenError) -> None:
-        body = json.dumps(error_body(error)).encode()
-        headers = [(b"content-type", b"application/json"), (b"x-fal-error-type", error.error_type.encode())]
-        headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+
+def origin_allowed(origin: str, host: str, allowed: list[str]) -> bool:
+    """Whether a browser page at ``origin`` may use this server: the server's own origin (the
+    request's ``Host``), or one in ``--allowed-origins`` (``*``: any). Origins are compared as
+    browsers send them, ``scheme://host[:port]`` in lower case."""
+    return "*" in allowed or origin in allowed or origin.split("://", 1)[-1] == host.lower()
+
+
+# What a page's fetch may read besides the CORS-safelisted headers: both clients read the request
+# id and the timeout type; the error type and Retry-After are for callers of their own.
+CORS_EXPOSED = b"x-fal-request-id, x-fal-request-timeout-type, x-fal-error-type, retry-after"
+CORS_METHODS = b"GET, HEAD, POST, PUT, DELETE, OPTIONS"
+CORS_MAX_AGE = b"600"
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+class CorsMiddleware:
+    """CORS for pages on the origins in ``--allowed-origins`` (the same list that admits them on
+    the realtime WebSocket), so that ``@fal-ai/client`` in a browser app served from elsewhere (a
+    dev server on another port, a site in front of livegen) can read livegen's answers.
+
+    A preflight from an allowed origin is answered 204 with the methods and the request headers it
+    asked for: fal's clients send ``Authorization``, ``Content-Type`` and ``x-fal-*`` headers, and a
+    newer client may add more. From any other origin it is refused with fal's 403, without CORS
+    headers, so the browser refuses the request it was about to send. Responses to an allowed
+    origin carry ``Access-Control-Allow-Origin`` (that origin), the headers the clients read, and
+    ``Vary: Origin``; no cookies are involved (the clients authenticate with headers), so
+    credentials are not allowed. Outermost, so that every answer gets the headers: refusals from
+    the other middleware too, whose status (a retryable 503, a 413) the client must be able to
+    read. WebSockets check ``Origin`` themselves (``routes/realtime.py``)."""
+
+    def __init__(self, app: ASGIApp, allowed_origins: list[str]) -> None:
+        self.app = app
+        self.allowed = allowed_origins
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        origin = headers.get(b"origin")
+        if origin is None:
+            await self.app(scope, receive, send)
+            return
+        allowed = origin_allowed(origin, headers.get(b"host", ""), self.allowed)
+        if scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
+            await self._preflight(send, origin, allowed, headers)
+            return
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra = [(b"vary", b"Origin")]
+                if allowed:
+                    extra += [
+                        (b"access-control-allow-origin", origin.encode("latin-1")),
+                        (b"access-control-expose-headers", CORS_EXPOSED),
+                    ]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+    async def _preflight(self, send: Send, origin: str, allowed: bool, headers: dict[bytes, str]) -> None:
+        if not allowed:
+            refusal = Forbidden(f"origin {origin} is not allowed; add it to --allowed-origins", public=True)
+            await send_error(send, refusal)
+            return
+        requested = [h.strip() for h in headers.get(b"access-control-request-headers", "").split(",")]
+        answer = [
+            (b"access-control-allow-origin", origin.encode("latin-1")),
+            (b"access-control-allow-methods", CORS_METHODS),
+            (b"access-control-max-age", CORS_MAX_AGE),
+            (b"vary", b"Origin"),
+        ]
+        names = [h for h in requested if _HEADER_NAME.match(h)]
+        if names:
+            answer.append((b"access-control-allow-headers", ", ".join(names).encode("latin-1")))
+        # Chrome's Private Network Access: a page on a public site asking for a server on this network.
+        if headers.get(b"access-control-request-private-network", "").lower() == "true":
+            answer.append((b"access-control-allow-private-network", b"true"))
+        await send({"type": "http.response.start", "status": 204, "headers": answer})
+        await send({"type": "http.response.body", "body": b""})

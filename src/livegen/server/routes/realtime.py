@@ -34,9 +34,10 @@ from livegen.protocol.errors import (
     error_body,
 )
 from livegen.protocol.schemas import LcmRealtime, TurboRealtime
-from livegen.server.auth import KeyStore, parse_authorization
+from livegen.server.auth import KeyStore
+from livegen.server.deps import key_or_token
+from livegen.server.middleware import origin_allowed
 from livegen.server.sessions import Session
-from livegen.server.tokens import REALTIME, TokenSigner
 from livegen.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -83,26 +84,14 @@ def authenticate(websocket: WebSocket, endpoint: Endpoint) -> tuple[str, float |
     """Check the credentials: the API key's id (a token's: the key it was issued for) and how
     many seconds they stay valid (a token's remaining lifetime), or None for an API key, which
     does not expire."""
-    token = websocket.query_params.get("fal_jwt_token")
-    keys: KeyStore = websocket.app.state.keys
-    if token:
-        signer: TokenSigner = websocket.app.state.tokens
-        claims = signer.verify(token, REALTIME, app=endpoint.alias)
-        if not keys.is_active(claims.key_id):
-            raise Unauthorized("the API key this token was issued for has been revoked", public=True)
-        return claims.key_id, signer.seconds_left(claims)
-    if websocket.headers.get("authorization"):
-        return keys.verify(parse_authorization(websocket.headers.get("authorization"))), None
-    raise Unauthorized("pass ?fal_jwt_token= (from POST /rest/tokens/) or an 'Authorization: Key' header", public=True)
+    token, authorization = websocket.query_params.get("fal_jwt_token"), websocket.headers.get("authorization")
+    return key_or_token(websocket.app.state, token, authorization, app=endpoint.alias)
 
 
 def check_origin(websocket: WebSocket, settings: Settings) -> None:
     """Browsers send Origin: allow the server's own origin and the configured ones."""
     origin = websocket.headers.get("origin")
-    if origin is None or "*" in settings.allowed_origins or origin in settings.allowed_origins:
-        return
-    host = websocket.headers.get("host", "")
-    if origin.split("://", 1)[-1] == host:
+    if origin is None or origin_allowed(origin, websocket.headers.get("host", ""), settings.allowed_origins):
         return
     raise Forbidden(f"origin {origin} is not allowed; add it to --allowed-origins", public=True)
 

@@ -5,9 +5,9 @@ Routes are registered one per endpoint so ``/openapi.json`` documents each input
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -73,6 +73,25 @@ def _get_handler(endpoint: Endpoint) -> Any:
     return run_get
 
 
+def _stream_caller(endpoint: Endpoint) -> Any:
+    def stream_caller(
+        request: Request,
+        fal_jwt_token: Annotated[
+            str | None,
+            Query(description="A token from POST /rest/tokens/ for this app, instead of 'Authorization: Key'"),
+        ] = None,
+    ) -> str:
+        """An API key, or a realtime token for this endpoint's app in ``?fal_jwt_token=``: what
+        ``fal.stream(id, {connectionMode: "client"})`` sends (a browser with a token and no key);
+        then the key's rate limit."""
+        state = request.app.state
+        key_id, _ = deps.key_or_token(state, fal_jwt_token, request.headers.get("authorization"), app=endpoint.alias)
+        state.rate_limiter.check(key_id)
+        return key_id
+
+    return stream_caller
+
+
 def _stream_handler(endpoint: Endpoint) -> Any:
     input_model = endpoint.input_model
 
@@ -96,7 +115,8 @@ def _stream_handler(endpoint: Endpoint) -> Any:
 
 
 def router() -> APIRouter:
-    r = APIRouter(dependencies=[Depends(deps.rate_limited_key)])
+    r = APIRouter()
+    keyed = [Depends(deps.rate_limited_key)]
     for endpoint in ENDPOINTS:
         r.add_api_route(
             f"/{endpoint.endpoint_id}",
@@ -106,6 +126,7 @@ def router() -> APIRouter:
             response_model_exclude_none=True,
             summary=endpoint.summary,
             tags=[endpoint.app_id],
+            dependencies=keyed,
         )
         r.add_api_route(
             f"/{endpoint.endpoint_id}",
@@ -115,6 +136,7 @@ def router() -> APIRouter:
             response_model_exclude_none=True,
             summary=f"{endpoint.summary} (input in the query string)",
             tags=[endpoint.app_id],
+            dependencies=keyed,
         )
         r.add_api_route(
             f"/{endpoint.endpoint_id}/stream",
@@ -124,5 +146,6 @@ def router() -> APIRouter:
             responses=SSE_RESPONSES,
             summary=f"{endpoint.summary} (server-sent events)",
             tags=[endpoint.app_id],
+            dependencies=[Depends(_stream_caller(endpoint))],
         )
     return r
