@@ -153,6 +153,9 @@ class Settings(BaseSettings):
         default=64, ge=1, description="Sync requests (run, stream) in flight at once; 503 server_overloaded beyond"
     )
     results_ttl_s: float = Field(default=7 * 24 * 3600, gt=0, description="How long finished jobs are kept")
+    files_ttl_s: float = Field(
+        default=7 * 24 * 3600, gt=0, description="How long stored files (uploads, sync_mode false outputs) are served"
+    )
     webhook_max_attempts: int = Field(default=10, ge=1)
     webhook_backoff_base_s: float = Field(default=15.0, gt=0)
     webhook_timeout_s: float = Field(default=10.0, gt=0)

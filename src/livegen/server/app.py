@@ -54,7 +54,7 @@ def create_app(
         async with AsyncExitStack() as stack:
             db = stack.enter_context(Database.open(settings.db_path))
             app.state.keys = KeyStore(db, settings.api_keys)
-            app.state.files = FileStore(db, settings.files_dir)
+            app.state.files = FileStore(db, settings.files_dir, ttl_s=settings.files_ttl_s)
             app.state.uploads = await stack.enter_async_context(UploadService(db, app.state.files, settings))
             app.state.tokens = TokenSigner(load_secret(settings.secret_path))
             eng = engine if engine is not None else stack.enter_context(_start_worker(settings))

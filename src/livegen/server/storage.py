@@ -3,7 +3,8 @@
 Stored under server-generated ids in the data dir (never a client's name in a path), with
 their content type, size and a sanitised display name in SQLite, and served unauthenticated
 at ``{base}/cdn/files/{file_id}/{file_name}``. The display name only decorates the URL: the
-id alone finds the file.
+id alone finds the file. A file is served for ``files_ttl_s`` after it was stored (7 days by
+default, as long as finished jobs are kept); then it is gone (404), and ``expire`` deletes it.
 
 Methods touch the disk; async callers run them through ``anyio.to_thread``.
 """
@@ -16,6 +17,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,10 @@ _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _FILE_ID = re.compile(r"^[0-9a-f]{32}$")
 # Printable ASCII only: the value goes back out verbatim as a response header.
 _CONTENT_TYPE = re.compile(r"^[!-~][ -~]{0,254}$")
+DEFAULT_TTL_S = 7 * 24 * 3600.0
+# A file in the folder without a row (a crash between writing and registering it) is removed
+# once it is this old: long past any write still in progress.
+ORPHAN_AGE_S = 3600.0
 
 
 SCHEMA = """
@@ -84,10 +90,14 @@ class StoredFile:
 
 
 class FileStore:
-    def __init__(self, db: Database, root: Path) -> None:
+    def __init__(
+        self, db: Database, root: Path, *, ttl_s: float = DEFAULT_TTL_S, clock: Callable[[], float] = time.time
+    ) -> None:
         self._db = db
         db.migrate(SCHEMA)
         self._root = root
+        self._ttl_s = ttl_s
+        self._clock = clock
         root.mkdir(parents=True, exist_ok=True)
 
     def put(self, data: bytes, content_type: str, file_name: str) -> StoredFile:
@@ -115,7 +125,7 @@ class FileStore:
         try:
             self._db.execute(
                 "INSERT INTO files (file_id, content_type, size, file_name, created_at) VALUES (?, ?, ?, ?, ?)",
-                (file_id, content_type, size, name, time.time()),
+                (file_id, content_type, size, name, self._clock()),
             )
         except BaseException:
             target.unlink(missing_ok=True)
@@ -125,9 +135,33 @@ class FileStore:
     def get(self, file_id: str) -> StoredFile:
         if not _FILE_ID.match(file_id):
             raise NotFound("file not found")
-        rows = self._db.query("SELECT content_type, size, file_name FROM files WHERE file_id = ?", (file_id,))
+        rows = self._db.query(
+            "SELECT content_type, size, file_name, created_at FROM files WHERE file_id = ?", (file_id,)
+        )
         path = self._root / file_id
         if not rows or not path.is_file():
             raise NotFound("file not found")
-        content_type, size, name = rows[0]
+        content_type, size, name, created_at = rows[0]
+        if created_at + self._ttl_s <= self._clock():
+            raise NotFound("file has expired")
         return StoredFile(file_id, content_type, size, name, path)
+
+    def expire(self) -> int:
+        """Delete the files stored more than ``ttl_s`` ago, and files without a row that are older
+        than ``ORPHAN_AGE_S``; the number of files deleted. Blocking: runs in a worker thread."""
+        now = self._clock()
+        rows = self._db.query("SELECT file_id FROM files WHERE created_at <= ?", (now - self._ttl_s,))
+        gone = [row[0] for row in rows]
+        for file_id in gone:
+            # The row first: a file without a row is never served, a row without a file is a 404 anyway.
+            self._db.execute("DELETE FROM files WHERE file_id = ?", (file_id,))
+            (self._root / file_id).unlink(missing_ok=True)
+        known = {row[0] for row in self._db.query("SELECT file_id FROM files")}
+        orphans = 0
+        for entry in self._root.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if entry.name in known or not entry.is_file() or entry.stat().st_mtime > now - ORPHAN_AGE_S:
+                    continue
+                entry.unlink()
+                orphans += 1
+        return len(gone) + orphans

@@ -104,6 +104,7 @@ class UploadService:
         self._max_bytes = settings.max_upload_bytes
         self._max_part_bytes = min(settings.max_upload_part_bytes, settings.max_upload_bytes)
         self._expiry_s = settings.upload_expiry_s
+        self._files_ttl_s = settings.files_ttl_s
         self._clock = clock
         self._state = _State.NEW
         self._sweeper: asyncio.Task[None] | None = None
@@ -274,10 +275,15 @@ class UploadService:
         return len(gone)
 
     async def _sweep_loop(self) -> None:
-        interval = max(1.0, min(300.0, self._expiry_s / 4))
+        """The data dir's sweeper: unfinished uploads (``sweep``) and stored files past their time
+        (``FileStore.expire``)."""
+        interval = max(1.0, min(300.0, self._expiry_s / 4, self._files_ttl_s / 4))
         while True:
             try:
                 await anyio.to_thread.run_sync(self.sweep)
+                expired = await anyio.to_thread.run_sync(self._files.expire)
+                if expired:
+                    logger.info("expired files removed count=%d", expired)
             except Exception:  # noqa: BLE001 - a failed sweep is retried on the next round
                 logger.exception("upload sweep failed")
             await asyncio.sleep(interval)
