@@ -66,6 +66,23 @@ def test_upload_bytes(key: str, live_server: LiveServer, repository: str, flavou
     assert response.headers["content-type"] == "application/x-livegen-test"
 
 
+@pytest.mark.parametrize("repository", REPOSITORIES)
+def test_upload_with_a_lifecycle(key: str, live_server: LiveServer, repository: str, small_multipart: int) -> None:
+    """``lifecycle=StorageSettings(expires_in=...)`` sets how long livegen serves the file, seen as
+    its Cache-Control max-age (capped by the file's remaining life); a multipart upload (fal_v3,
+    over the threshold) keeps it from its start to its completion."""
+    settings = fcc.StorageSettings(expires_in="immediate")  # 60 s
+    before = multipart_uploads(live_server)
+    for data in (b"brief" * 100, os.urandom(4 * small_multipart + 1)):
+        url = call("sync", key, "upload", data, "text/plain", repository=repository, fallback_repository=[],
+                   lifecycle=settings)  # fmt: skip
+        max_age = int(fetch(url, live_server.base_url).headers["cache-control"].split("max-age=")[1].split(",")[0])
+        assert 0 < max_age <= 60, (repository, len(data), max_age)
+    assert multipart_uploads(live_server) == before + (repository == "fal_v3")
+    url = call("sync", key, "upload", b"default", "text/plain", repository=repository, fallback_repository=[])
+    assert "max-age=86400" in fetch(url, live_server.base_url).headers["cache-control"]
+
+
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("repository", REPOSITORIES)
 def test_upload_file(key: str, live_server: LiveServer, tmp_path: Path, repository: str, flavour: str) -> None:

@@ -1,8 +1,11 @@
-"""Stored files are served for ``files_ttl_s`` and then deleted: the store with an injected
-clock, then a live server with a short TTL (its sweeper removes the file from disk)."""
+"""Stored files are served for ``files_ttl_s`` (or less, as a request's lifecycle header asks)
+and then deleted: the store with an injected clock, then a live server with a short TTL (its
+sweeper removes the file from disk). The official clients' lifecycle options:
+``tests/js/lifecycle.test.mjs`` and ``tests/compat/test_fal_client_storage.py``."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -11,9 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from livegen.protocol.errors import NotFound
+from livegen.protocol.errors import InvalidInput, NotFound
 from livegen.server.db import Database
-from livegen.server.storage import ORPHAN_AGE_S, FileStore
+from livegen.server.jobs.store import JobState, SqliteJobStore
+from livegen.server.storage import ORPHAN_AGE_S, FileStore, requested_ttl
 from tests.conftest import LiveServer, start_server, stop_server, wait_for
 
 TTL = 100.0
@@ -92,3 +96,98 @@ def test_a_served_file_expires_and_the_sweeper_deletes_it(short_lived: LiveServe
     wait_for(lambda: not stored.exists(), timeout=10)  # the sweeper runs every second at this TTL
     assert httpx.get(url).json()["detail"] == "file not found"
     assert "expired files removed count=1" in short_lived.log()
+
+
+# -- fal's lifecycle preference ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, None),
+        ({"x-fal-object-lifecycle-preference": '{"expiration_duration_seconds": 60}'}, 60.0),
+        ({"x-fal-object-lifecycle": '{"expiration_duration_seconds": 3600.5, "initial_acl": {}}'}, 3600.5),
+        ({"x-fal-object-lifecycle": '{"initial_acl": {"default": "allow"}}'}, None),  # expiresIn "never"
+        ({"x-fal-object-lifecycle": '{"expiration_duration_seconds": 0}'}, None),  # fal: 0 is no expiration
+        ({"x-fal-object-lifecycle": '{"expiration_duration_seconds": null}'}, None),
+    ],
+)
+def test_requested_ttl(headers: dict[str, str], expected: float | None) -> None:
+    assert requested_ttl(headers) == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["", "60", "[60]", '{"expiration_duration_seconds": -1}', '{"expiration_duration_seconds": "60"}',
+              '{"expiration_duration_seconds": true}', '{"expiration_duration_seconds": 1e999}'],
+)  # fmt: skip
+def test_a_malformed_lifecycle_header_is_invalid_input(value: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        requested_ttl({"x-fal-object-lifecycle-preference": value})
+    assert info.value.loc == ("header", "x-fal-object-lifecycle-preference")
+
+
+def test_a_file_asked_for_less_goes_sooner_and_more_is_capped(store: tuple[FileStore, Clock, Path]) -> None:
+    files, clock, _ = store
+    brief = files.put(b"brief", "text/plain", "brief.txt", ttl_s=10)
+    long = files.put(b"long", "text/plain", "long.txt", ttl_s=TTL * 100)
+    assert brief.expires_at == clock.now + 10 and long.expires_at == clock.now + TTL
+    clock.now += 10
+    with pytest.raises(NotFound, match="expired"):
+        files.get(brief.file_id)
+    assert files.expire() == 1 and files.get(long.file_id).size == 4
+
+
+def test_a_data_dir_from_before_expiry_is_migrated(tmp_path: Path) -> None:
+    """Tables made by an older livegen (no expires_at, no file_ttl_s) gain the columns; their rows
+    keep working, and old files expire ttl_s after they were stored."""
+    clock = Clock()
+    with Database.open(tmp_path / "db.sqlite") as db:
+        db.migrate(
+            "CREATE TABLE files (file_id TEXT PRIMARY KEY, content_type TEXT NOT NULL, size INTEGER NOT NULL,"
+            " file_name TEXT NOT NULL, created_at REAL NOT NULL);"
+        )
+        (tmp_path / "files").mkdir()
+        for file_id, age in (("a" * 32, TTL + 1), ("b" * 32, TTL - 10)):
+            (tmp_path / "files" / file_id).write_bytes(b"old")
+            db.execute("INSERT INTO files VALUES (?, 'text/plain', 3, 'x.txt', ?)", (file_id, clock.now - age))
+        db.migrate(OLD_JOBS)
+        db.execute("INSERT INTO jobs VALUES ('r', 'fal-ai/x', 'fal-ai/x', 'k', '{}', 'queued', 0, 1.0, 'http://x',"
+                   " NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0, '[]')")  # fmt: skip
+        files = FileStore(db, tmp_path / "files", ttl_s=TTL, clock=clock)
+        with pytest.raises(NotFound, match="expired"):
+            files.get("a" * 32)
+        assert files.get("b" * 32).expires_at == pytest.approx(clock.now + 10)
+        assert files.expire() == 1
+        jobs = SqliteJobStore(db)
+        job = jobs.get("r")
+        assert job.state is JobState.QUEUED and job.file_ttl_s is None
+        jobs.insert(dataclasses.replace(job, request_id="s", file_ttl_s=60.0))
+        assert jobs.get("s").file_ttl_s == 60.0
+        SqliteJobStore(db)  # opening again adds nothing twice
+
+
+OLD_JOBS = """
+CREATE TABLE jobs (
+    request_id TEXT PRIMARY KEY, app_id TEXT NOT NULL, endpoint_id TEXT NOT NULL, key_id TEXT NOT NULL,
+    input_json TEXT NOT NULL, state TEXT NOT NULL, priority INTEGER NOT NULL, created_at REAL NOT NULL,
+    base_url TEXT NOT NULL, started_at REAL, completed_at REAL, deadline_at REAL, webhook_url TEXT,
+    output_json TEXT, error_status INTEGER, error_json TEXT, attempts INTEGER NOT NULL DEFAULT 0,
+    logs_json TEXT NOT NULL DEFAULT '[]'
+);
+"""
+
+
+def test_a_malformed_lifecycle_header_is_a_422_before_any_work(short_lived: LiveServer) -> None:
+    body = {"prompt": "x", "model_name": "stabilityai/sd-turbo", "image_size": {"width": 64, "height": 64}}
+    bad = {"x-fal-object-lifecycle-preference": '{"expiration_duration_seconds": -5}'}
+    with short_lived.client() as http:
+        for path in ("/fal-ai/fast-turbo-diffusion", "/queue/fal-ai/fast-turbo-diffusion"):
+            r = http.post(path, json=body, headers=bad)
+            assert r.status_code == 422, r.text
+            assert r.json()["detail"][0]["loc"] == ["header", "x-fal-object-lifecycle-preference"]
+        r = http.post(
+            "/rest/storage/upload/initiate",
+            json={"content_type": "text/plain"},
+            headers={"x-fal-object-lifecycle": "{"},
+        )
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["header", "x-fal-object-lifecycle"]

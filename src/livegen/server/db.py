@@ -50,6 +50,15 @@ class Database:
         with self._lock:
             self._require().executescript(schema)
 
+    def add_column(self, table: str, column: str, declaration: str) -> None:
+        """Add ``column`` to a table created before it existed (a data dir from an older livegen);
+        nothing if it is there. ``table``, ``column`` and ``declaration`` are livegen's own
+        constants, never input."""
+        with self._lock:
+            conn = self._require()
+            if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
     def close(self) -> None:
         # Under the lock: closing a connection another thread is using crashes the process.
         with self._lock:

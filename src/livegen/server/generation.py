@@ -75,13 +75,15 @@ class GenerationService:
         base_url: str,
         priority: Priority = Priority.SYNC,
         cancel: threading.Event | None = None,
+        file_ttl_s: float | None = None,
     ) -> dict[str, Any]:
         """Generate for one validated input and return fal's output. Sync requests count against
-        ``max_pending_sync`` until they finish (``Overloaded`` beyond it, before any work)."""
+        ``max_pending_sync`` until they finish (``Overloaded`` beyond it, before any work).
+        ``file_ttl_s``: how long stored images are served (``storage.requested_ttl``)."""
         started = time.perf_counter()
         with self.admission.take() if priority is Priority.SYNC else contextlib.nullcontext():
             request, result = await self.generate(endpoint, body, base_url=base_url, priority=priority, cancel=cancel)
-            output = await self.render(result, body, base_url=base_url)
+            output = await self.render(result, body, base_url=base_url, file_ttl_s=file_ttl_s)
         logger.info(
             "run endpoint=%s model=%s size=%dx%d steps=%d images=%d batch=%d ms=%.1f",
             endpoint.endpoint_id,
@@ -318,7 +320,13 @@ class GenerationService:
         return stored.path.read_bytes()
 
     async def render(
-        self, result: GenerationResult, body: BaseModel, *, base_url: str, as_bytes: bool = False
+        self,
+        result: GenerationResult,
+        body: BaseModel,
+        *,
+        base_url: str,
+        as_bytes: bool = False,
+        file_ttl_s: float | None = None,
     ) -> dict[str, Any]:
         """fal's output. ``as_bytes``: images as raw ``content`` (realtime frames that came as
         ``image_bytes``) instead of URLs."""
@@ -338,7 +346,9 @@ class GenerationService:
             if body.sync_mode:  # type: ignore[attr-defined]
                 url = to_data_url(encoded.data, encoded.content_type)
             else:
-                stored = await anyio.to_thread.run_sync(self._files.put, encoded.data, encoded.content_type, file_name)
+                stored = await anyio.to_thread.run_sync(
+                    functools.partial(self._files.put, encoded.data, encoded.content_type, file_name, ttl_s=file_ttl_s)
+                )
                 url = f"{base_url}/cdn/files/{stored.file_id}/{stored.file_name}"
             images.append(
                 {

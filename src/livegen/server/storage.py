@@ -4,7 +4,9 @@ Stored under server-generated ids in the data dir (never a client's name in a pa
 their content type, size and a sanitised display name in SQLite, and served unauthenticated
 at ``{base}/cdn/files/{file_id}/{file_name}``. The display name only decorates the URL: the
 id alone finds the file. A file is served for ``files_ttl_s`` after it was stored (7 days by
-default, as long as finished jobs are kept); then it is gone (404), and ``expire`` deletes it.
+default, as long as finished jobs are kept), or less where the request that made it asked for
+less with fal's lifecycle header (``requested_ttl``); then it is gone (404), and ``expire``
+deletes it.
 
 Methods touch the disk; async callers run them through ``anyio.to_thread``.
 """
@@ -12,12 +14,14 @@ Methods touch the disk; async callers run them through ``anyio.to_thread``.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import mimetypes
 import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +48,42 @@ CREATE TABLE IF NOT EXISTS files (
     content_type TEXT NOT NULL,
     size         INTEGER NOT NULL,
     file_name    TEXT NOT NULL,
-    created_at   REAL NOT NULL
+    created_at   REAL NOT NULL,
+    expires_at   REAL
 );
 """
+# Rows from before expires_at existed expire ttl_s after they were stored.
+_EXPIRES_AT = "COALESCE(expires_at, created_at + ?)"
+
+# fal's lifecycle preference: ``x-fal-object-lifecycle-preference`` on run and queue requests
+# (what the generated files get), ``X-Fal-Object-Lifecycle`` on uploads (fal-client sends both
+# names there), each ``{"expiration_duration_seconds": N, "initial_acl": ...}``.
+LIFECYCLE_HEADERS = ("x-fal-object-lifecycle-preference", "x-fal-object-lifecycle")
+
+
+def requested_ttl(headers: Mapping[str, str]) -> float | None:
+    """The lifetime a request asks for the files it stores, in seconds, or None for the server's
+    default: fal's clients send ``expiration_duration_seconds`` (``expiresIn: "immediate"`` is
+    60, ``"1d"`` 86400; ``"never"`` sends none, and fal reads 0 as none too). The store caps it at
+    its own ``ttl_s``. ``initial_acl`` is not applied: files are public to whoever has the URL."""
+    for name in LIFECYCLE_HEADERS:
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        loc = ("header", name)
+        try:
+            preference = json.loads(raw)
+        except ValueError:
+            raise InvalidInput(f"{name} must be a JSON object", loc=loc) from None
+        if not isinstance(preference, dict):
+            raise InvalidInput(f"{name} must be a JSON object", loc=loc)
+        seconds = preference.get("expiration_duration_seconds")
+        if seconds is None or seconds == 0:
+            return None
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < math.inf:
+            raise InvalidInput("expiration_duration_seconds must be a positive number of seconds", loc=loc)
+        return float(seconds)
+    return None
 
 
 def new_file_id() -> str:
@@ -84,6 +121,7 @@ class StoredFile:
     size: int
     file_name: str
     path: Path
+    expires_at: float
 
     def url(self, base_url: str) -> str:
         return file_url(base_url, self.file_id, self.file_name)
@@ -95,26 +133,30 @@ class FileStore:
     ) -> None:
         self._db = db
         db.migrate(SCHEMA)
+        db.add_column("files", "expires_at", "REAL")
         self._root = root
         self._ttl_s = ttl_s
         self._clock = clock
         root.mkdir(parents=True, exist_ok=True)
 
-    def put(self, data: bytes, content_type: str, file_name: str) -> StoredFile:
+    def put(self, data: bytes, content_type: str, file_name: str, *, ttl_s: float | None = None) -> StoredFile:
+        """Store ``data`` for ``ttl_s`` seconds (None, or more than the store's own: the store's)."""
         file_id = new_file_id()
         tmp = self._root / f"{file_id}.tmp"
         try:
             with storage_faults():
                 tmp.write_bytes(data)
-            return self.adopt(tmp, file_id=file_id, content_type=content_type, file_name=file_name)
+            return self.adopt(tmp, file_id=file_id, content_type=content_type, file_name=file_name, ttl_s=ttl_s)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)  # a partly written file is never kept
             raise
 
-    def adopt(self, path: Path, *, file_id: str, content_type: str, file_name: str) -> StoredFile:
+    def adopt(
+        self, path: Path, *, file_id: str, content_type: str, file_name: str, ttl_s: float | None = None
+    ) -> StoredFile:
         """Take over a finished file written elsewhere on the same filesystem (an upload's
-        staging area): moved into place, then registered under ``file_id``."""
+        staging area): moved into place, then registered under ``file_id`` for ``ttl_s``."""
         if not _FILE_ID.match(file_id):
             raise ValueError(f"not a file id: {file_id!r}")
         name = safe_name(file_name, content_type)
@@ -122,35 +164,38 @@ class FileStore:
         target = self._root / file_id
         with storage_faults():
             os.replace(path, target)
+        now = self._clock()
+        expires_at = now + min(ttl_s or self._ttl_s, self._ttl_s)
         try:
             self._db.execute(
-                "INSERT INTO files (file_id, content_type, size, file_name, created_at) VALUES (?, ?, ?, ?, ?)",
-                (file_id, content_type, size, name, self._clock()),
+                "INSERT INTO files (file_id, content_type, size, file_name, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (file_id, content_type, size, name, now, expires_at),
             )
         except BaseException:
             target.unlink(missing_ok=True)
             raise
-        return StoredFile(file_id, content_type, size, name, target)
+        return StoredFile(file_id, content_type, size, name, target, expires_at)
 
     def get(self, file_id: str) -> StoredFile:
         if not _FILE_ID.match(file_id):
             raise NotFound("file not found")
         rows = self._db.query(
-            "SELECT content_type, size, file_name, created_at FROM files WHERE file_id = ?", (file_id,)
+            f"SELECT content_type, size, file_name, {_EXPIRES_AT} FROM files WHERE file_id = ?", (self._ttl_s, file_id)
         )
         path = self._root / file_id
         if not rows or not path.is_file():
             raise NotFound("file not found")
-        content_type, size, name, created_at = rows[0]
-        if created_at + self._ttl_s <= self._clock():
+        content_type, size, name, expires_at = rows[0]
+        if expires_at <= self._clock():
             raise NotFound("file has expired")
-        return StoredFile(file_id, content_type, size, name, path)
+        return StoredFile(file_id, content_type, size, name, path, expires_at)
 
     def expire(self) -> int:
-        """Delete the files stored more than ``ttl_s`` ago, and files without a row that are older
-        than ``ORPHAN_AGE_S``; the number of files deleted. Blocking: runs in a worker thread."""
+        """Delete the files past their time, and files without a row that are older than
+        ``ORPHAN_AGE_S``; the number of files deleted. Blocking: runs in a worker thread."""
         now = self._clock()
-        rows = self._db.query("SELECT file_id FROM files WHERE created_at <= ?", (now - self._ttl_s,))
+        rows = self._db.query(f"SELECT file_id FROM files WHERE {_EXPIRES_AT} <= ?", (self._ttl_s, now))
         gone = [row[0] for row in rows]
         for file_id in gone:
             # The row first: a file without a row is never served, a row without a file is a 404 anyway.

@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS uploads (
     key_id        TEXT NOT NULL,
     created_at    REAL NOT NULL,
     expires_at    REAL NOT NULL,
-    completed_at  REAL
+    completed_at  REAL,
+    file_ttl_s    REAL
 );
 """
 
@@ -85,6 +86,7 @@ class Upload:
     key_id: str
     expires_at: float
     completed: bool
+    file_ttl_s: float | None = None  # what the initiating request asked for the file (storage.requested_ttl)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class UploadService:
         self, db: Database, files: FileStore, settings: Settings, *, clock: Callable[[], float] = time.time
     ) -> None:
         db.migrate(SCHEMA)
+        db.add_column("uploads", "file_ttl_s", "REAL")
         self._db = db
         self._files = files
         self._staging = settings.uploads_dir
@@ -128,16 +131,30 @@ class UploadService:
     # -- direct uploads (POST /cdn/files/upload) ---------------------------------------------
 
     async def receive_file(
-        self, body: AsyncIterator[bytes], *, declared_length: str | None, content_type: str, file_name: str | None
+        self,
+        body: AsyncIterator[bytes],
+        *,
+        declared_length: str | None,
+        content_type: str,
+        file_name: str | None,
+        file_ttl_s: float | None = None,
     ) -> StoredFile:
         self._require_open()
         tmp = self._staging / f"direct-{secrets.token_hex(8)}.tmp"
         await _receive(body, tmp, limit=self._max_bytes, declared_length=declared_length)
-        return await self._adopt(tmp, new_file_id(), content_type, safe_name(file_name, content_type))
+        return await self._adopt(tmp, new_file_id(), content_type, safe_name(file_name, content_type), file_ttl_s)
 
     # -- initiated uploads ------------------------------------------------------------------
 
-    def initiate(self, kind: UploadKind, *, key_id: str, file_name: str | None, content_type: str) -> Upload:
+    def initiate(
+        self,
+        kind: UploadKind,
+        *,
+        key_id: str,
+        file_name: str | None,
+        content_type: str,
+        file_ttl_s: float | None = None,
+    ) -> Upload:
         self._require_open()
         now = self._clock()
         upload = Upload(
@@ -149,10 +166,11 @@ class UploadService:
             key_id=key_id,
             expires_at=now + self._expiry_s,
             completed=False,
+            file_ttl_s=file_ttl_s,
         )
         self._db.execute(
             "INSERT INTO uploads (upload_id, kind, file_id, file_name, content_type, key_id, created_at,"
-            " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " expires_at, file_ttl_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 upload.upload_id,
                 kind.value,
@@ -162,6 +180,7 @@ class UploadService:
                 key_id,
                 now,
                 upload.expires_at,
+                file_ttl_s,
             ),
         )
         logger.info("upload started file_id=%s kind=%s key_id=%s", upload.file_id, kind.value, key_id)
@@ -172,16 +191,17 @@ class UploadService:
         rows: list[tuple[Any, ...]] = []
         if _UPLOAD_ID.match(upload_id):
             rows = self._db.query(
-                "SELECT kind, file_id, file_name, content_type, key_id, expires_at, completed_at"
+                "SELECT kind, file_id, file_name, content_type, key_id, expires_at, completed_at, file_ttl_s"
                 " FROM uploads WHERE upload_id = ?",
                 (upload_id,),
             )
         if not rows or rows[0][0] != kind.value:
             raise NotFound(f"no {kind.value} upload {upload_id!r}")
-        _, file_id, file_name, content_type, key_id, expires_at, completed_at = rows[0]
+        _, file_id, file_name, content_type, key_id, expires_at, completed_at, file_ttl_s = rows[0]
         if completed_at is None and expires_at <= self._clock():
             raise NotFound(f"upload {upload_id!r} has expired; start a new one")
-        return Upload(upload_id, kind, file_id, file_name, content_type, key_id, expires_at, completed_at is not None)
+        completed = completed_at is not None
+        return Upload(upload_id, kind, file_id, file_name, content_type, key_id, expires_at, completed, file_ttl_s)
 
     async def put_single(
         self, upload_id: str, body: AsyncIterator[bytes], *, declared_length: str | None
@@ -194,7 +214,7 @@ class UploadService:
             await anyio.to_thread.run_sync(tmp.unlink, True)
             raise _already_complete(upload_id)
         try:
-            return await self._adopt(tmp, upload.file_id, upload.content_type, upload.file_name)
+            return await self._adopt(tmp, upload.file_id, upload.content_type, upload.file_name, upload.file_ttl_s)
         except BaseException:
             self._unclaim(upload_id)
             raise
@@ -235,7 +255,7 @@ class UploadService:
         tmp = self._staging / f"{upload_id}.{secrets.token_hex(8)}.tmp"
         try:
             await anyio.to_thread.run_sync(_join_parts, folder, ordered, tmp, self._max_bytes)
-            stored = await self._adopt(tmp, upload.file_id, upload.content_type, upload.file_name)
+            stored = await self._adopt(tmp, upload.file_id, upload.content_type, upload.file_name, upload.file_ttl_s)
         except BaseException:
             self._unclaim(upload_id)
             with anyio.CancelScope(shield=True):
@@ -304,10 +324,14 @@ class UploadService:
     def _unclaim(self, upload_id: str) -> None:
         self._db.execute("UPDATE uploads SET completed_at = NULL WHERE upload_id = ?", (upload_id,))
 
-    async def _adopt(self, tmp: Path, file_id: str, content_type: str, file_name: str) -> StoredFile:
+    async def _adopt(
+        self, tmp: Path, file_id: str, content_type: str, file_name: str, ttl_s: float | None
+    ) -> StoredFile:
         try:
             stored = await anyio.to_thread.run_sync(
-                lambda: self._files.adopt(tmp, file_id=file_id, content_type=content_type, file_name=file_name)
+                lambda: self._files.adopt(
+                    tmp, file_id=file_id, content_type=content_type, file_name=file_name, ttl_s=ttl_s
+                )
             )
         except BaseException:
             with anyio.CancelScope(shield=True):

@@ -296,6 +296,9 @@ def test_unknown_path_is_404_in_fal_shape(http: httpx.Client) -> None:
 
 def test_health_ready_and_openapi(live_server: LiveServer) -> None:
     assert httpx.get(live_server.base_url + "/healthz").json() == {"status": "ok"}
+    for probe in ("/healthz", "/readyz"):  # load balancers that probe with HEAD
+        head = httpx.head(live_server.base_url + probe)
+        assert head.status_code == 200 and head.content == b"", probe
     ready = httpx.get(live_server.base_url + "/readyz").json()
     assert ready["status"] == "ready"
     assert ready["models"]["stabilityai/sd-turbo"] == "loaded"

@@ -113,6 +113,7 @@ class JobService:
         priority: str | None = None,
         start_timeout: float | None = None,
         webhook_url: str | None = None,
+        file_ttl_s: float | None = None,
     ) -> Job:
         self._generation.check_limits(endpoint, body)
         queued = self._store.count(JobState.QUEUED)
@@ -131,6 +132,7 @@ class JobService:
             base_url=base_url,
             deadline_at=now + start_timeout if start_timeout else None,
             webhook_url=webhook_url,
+            file_ttl_s=file_ttl_s,
         )
         self._store.insert(job)
         logger.info("queued request_id=%s endpoint=%s", job.request_id, endpoint.endpoint_id)
@@ -268,7 +270,12 @@ class JobService:
                 raise RuntimeError(f"job {job.request_id} was started without its input")
             body = endpoint.input_model.model_validate(job.input)
             output = await self._generation.run(
-                endpoint, body, base_url=job.base_url, priority=Priority.QUEUED, cancel=cancel
+                endpoint,
+                body,
+                base_url=job.base_url,
+                priority=Priority.QUEUED,
+                cancel=cancel,
+                file_ttl_s=job.file_ttl_s,
             )
         except asyncio.CancelledError:
             running = self._running.get(job.request_id)

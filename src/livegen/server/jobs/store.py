@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_status INTEGER,
     error_json   TEXT,
     attempts     INTEGER NOT NULL DEFAULT 0,
-    logs_json    TEXT NOT NULL DEFAULT '[]'
+    logs_json    TEXT NOT NULL DEFAULT '[]',
+    file_ttl_s   REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority, created_at);
 CREATE INDEX IF NOT EXISTS jobs_deadline ON jobs (deadline_at) WHERE state = 'queued' AND deadline_at IS NOT NULL;
@@ -57,7 +58,7 @@ CREATE INDEX IF NOT EXISTS webhook_due ON webhook_deliveries (delivered_at, gave
 
 _COLUMNS = (
     "request_id, app_id, endpoint_id, key_id, input_json, state, priority, created_at, base_url, started_at, "
-    "completed_at, deadline_at, webhook_url, output_json, error_status, error_json, attempts, logs_json"
+    "completed_at, deadline_at, webhook_url, output_json, error_status, error_json, attempts, logs_json, file_ttl_s"
 )
 # Polls (status, result, cancel) never need the input, which can be ~20 MB: NULL is read in its place.
 _COLUMNS_WITHOUT_INPUT = _COLUMNS.replace("input_json", "NULL")
@@ -83,6 +84,7 @@ class Job:
     error: dict[str, Any] | None = None
     attempts: int = 0
     logs: list[dict[str, Any]] = field(default_factory=list)
+    file_ttl_s: float | None = None  # how long its stored images are served (storage.requested_ttl)
 
 
 @dataclass(frozen=True)
@@ -97,11 +99,11 @@ class Delivery:
 
 def _row_to_job(row: tuple[Any, ...]) -> Job:
     (rid, app, endpoint, key, inp, state, prio, created, base, started, completed, deadline, hook, out,
-     err_status, err, attempts, logs) = row  # fmt: skip
+     err_status, err, attempts, logs, file_ttl_s) = row  # fmt: skip
     return Job(
         rid, app, endpoint, key, json.loads(inp) if inp is not None else None, JobState(state), prio, created, base,
         started, completed, deadline, hook, json.loads(out) if out else None, err_status,
-        json.loads(err) if err else None, attempts, json.loads(logs),
+        json.loads(err) if err else None, attempts, json.loads(logs), file_ttl_s,
     )  # fmt: skip
 
 
@@ -109,14 +111,15 @@ class SqliteJobStore:
     def __init__(self, db: Database) -> None:
         self._db = db
         db.migrate(SCHEMA)
+        db.add_column("jobs", "file_ttl_s", "REAL")
 
     def insert(self, job: Job) -> None:
         self._db.execute(
-            f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 18)})",
+            f"INSERT INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 19)})",
             (
                 job.request_id, job.app_id, job.endpoint_id, job.key_id, json.dumps(job.input),
                 job.state.value, job.priority, job.created_at, job.base_url, job.started_at, job.completed_at,
-                job.deadline_at, job.webhook_url, None, None, None, job.attempts, json.dumps(job.logs),
+                job.deadline_at, job.webhook_url, None, None, None, job.attempts, json.dumps(job.logs), job.file_ttl_s,
             ),
         )  # fmt: skip
 

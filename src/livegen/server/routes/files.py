@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,7 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from livegen.protocol.errors import InvalidInput, NotFound
 from livegen.server import deps
-from livegen.server.storage import check_content_type, file_url
+from livegen.server.storage import check_content_type, file_url, requested_ttl
 from livegen.server.uploads import MAX_PARTS, PartRef, UploadKind, UploadService
 
 router = APIRouter(prefix="/cdn", tags=["files"])
@@ -57,6 +58,7 @@ FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
 @router.head("/files/{file_id}/{file_name}", response_class=Response, responses=FILE_RESPONSES)
 async def get_file(file_id: str, file_name: str, store: deps.FilesDep) -> FileResponse:
     stored = await anyio.to_thread.run_sync(store.get, file_id)
+    cacheable_s = max(0, min(86400, int(stored.expires_at - time.time())))  # no cache keeps it past its time
     # content-type as a header, not media_type: Starlette would append "; charset=utf-8" to text/*.
     return FileResponse(
         stored.path,
@@ -66,7 +68,7 @@ async def get_file(file_id: str, file_name: str, store: deps.FilesDep) -> FileRe
             # Uploads share an origin with the playground (unlike fal's separate CDN host): an
             # uploaded HTML or SVG file opened in a browser must not run scripts as this origin.
             "Content-Security-Policy": FILE_CSP,
-            "Cache-Control": "public, max-age=86400, immutable",
+            "Cache-Control": f"public, max-age={cacheable_s}, immutable",
         },
     )
 
@@ -83,6 +85,7 @@ async def cdn_upload(
         declared_length=request.headers.get("content-length"),
         content_type=_content_type(request),
         file_name=request.headers.get("x-fal-file-name"),
+        file_ttl_s=requested_ttl(request.headers),
     )
     return {"access_url": stored.url(base_url)}
 
@@ -96,6 +99,7 @@ async def cdn_multipart_create(
         key_id=key_id,
         file_name=request.headers.get("x-fal-file-name"),
         content_type=_content_type(request),
+        file_ttl_s=requested_ttl(request.headers),
     )
     return {"access_url": file_url(base_url, upload.file_id, upload.file_name), "uploadId": upload.upload_id}
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from livegen.protocol.apps import ENDPOINTS, Endpoint
 from livegen.protocol.schemas import Output
 from livegen.server import deps
+from livegen.server.storage import requested_ttl
 
 SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Server-sent events", "content": {"text/event-stream": {}}}
@@ -31,7 +32,7 @@ def _handler(endpoint: Endpoint) -> Any:
         base_url: deps.BaseUrlDep,
     ) -> dict[str, Any]:
         assert isinstance(body, BaseModel)
-        return await service.run(endpoint, body, base_url=base_url)
+        return await service.run(endpoint, body, base_url=base_url, file_ttl_s=requested_ttl(request.headers))
 
     run.__name__ = "run_" + endpoint.slug
     return run
@@ -67,7 +68,7 @@ def _get_handler(endpoint: Endpoint) -> Any:
         except ValidationError as exc:
             errors = [{**e, "loc": ("query", *e["loc"])} for e in exc.errors(include_url=False, include_input=False)]
             raise RequestValidationError(errors) from None
-        return await service.run(endpoint, body, base_url=base_url)
+        return await service.run(endpoint, body, base_url=base_url, file_ttl_s=requested_ttl(request.headers))
 
     run_get.__name__ = "run_get_" + endpoint.slug
     return run_get
@@ -96,6 +97,7 @@ def _stream_handler(endpoint: Endpoint) -> Any:
     input_model = endpoint.input_model
 
     async def stream(
+        request: Request,
         body: input_model,  # type: ignore[valid-type]
         service: deps.GenerationDep,
         base_url: deps.BaseUrlDep,
@@ -103,7 +105,7 @@ def _stream_handler(endpoint: Endpoint) -> Any:
         """Server-sent events: one ``data:`` event holding the output (these models produce
         their images all at once). Errors before generation ends are plain fal error responses."""
         assert isinstance(body, BaseModel)
-        output = await service.run(endpoint, body, base_url=base_url)
+        output = await service.run(endpoint, body, base_url=base_url, file_ttl_s=requested_ttl(request.headers))
 
         async def events() -> AsyncIterator[str]:
             yield f"data: {json.dumps(output)}\n\n"

@@ -15,11 +15,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from livegen.server import deps, tokens
-from livegen.server.storage import check_content_type, file_url
+from livegen.server.storage import check_content_type, file_url, requested_ttl
 from livegen.server.uploads import UploadKind, UploadService
 
 router = APIRouter(prefix="/rest/storage", tags=["storage"])
@@ -58,6 +58,7 @@ async def cdn_token(
 
 @router.post("/upload/initiate")
 async def initiate(
+    request: Request,
     body: InitiateRequest,
     key_id: deps.KeyDep,
     uploads: deps.UploadsDep,
@@ -65,11 +66,12 @@ async def initiate(
     storage_type: StorageType = "gcs",
 ) -> dict[str, str]:
     """``upload_url`` takes one PUT of the whole file; ``file_url`` serves it afterwards."""
-    return _initiate(uploads, UploadKind.SINGLE, body, key_id, base_url)
+    return _initiate(uploads, UploadKind.SINGLE, body, key_id, base_url, requested_ttl(request.headers))
 
 
 @router.post("/upload/initiate-multipart")
 async def initiate_multipart(
+    request: Request,
     body: InitiateRequest,
     key_id: deps.KeyDep,
     uploads: deps.UploadsDep,
@@ -77,14 +79,23 @@ async def initiate_multipart(
     storage_type: StorageType = "fal-cdn-v3",
 ) -> dict[str, str]:
     """Parts go to ``{upload_url}/{n}``, then ``POST {upload_url}/complete`` with the parts."""
-    return _initiate(uploads, UploadKind.MULTIPART, body, key_id, base_url)
+    return _initiate(uploads, UploadKind.MULTIPART, body, key_id, base_url, requested_ttl(request.headers))
 
 
 def _initiate(
-    uploads: UploadService, kind: UploadKind, body: InitiateRequest, key_id: str, base_url: str
+    uploads: UploadService,
+    kind: UploadKind,
+    body: InitiateRequest,
+    key_id: str,
+    base_url: str,
+    file_ttl_s: float | None,
 ) -> dict[str, str]:
     upload = uploads.initiate(
-        kind, key_id=key_id, file_name=body.file_name, content_type=check_content_type(body.content_type)
+        kind,
+        key_id=key_id,
+        file_name=body.file_name,
+        content_type=check_content_type(body.content_type),
+        file_ttl_s=file_ttl_s,
     )
     return {
         "upload_url": f"{base_url}/cdn/uploads/{upload.upload_id}",
