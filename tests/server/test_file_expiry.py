@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,16 +18,9 @@ from livegen.server.db import Database
 from livegen.server.jobs.store import JobState, SqliteJobStore
 from livegen.server.storage import ORPHAN_AGE_S, FileStore, requested_ttl
 from tests.conftest import LiveServer, start_server, stop_server, wait_for
+from tests.server.test_uploads import Clock
 
 TTL = 100.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

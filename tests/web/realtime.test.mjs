@@ -90,7 +90,7 @@ let tokenAnswer;
 function makeClient(extra = {}) {
   return new RealtimeClient({
     app: TURBO,
-    origin: "http://127.0.0.1:8000",
+    base: "http://127.0.0.1:8000",
     tokenProvider: async (alias, seconds) => {
       tokens.push([alias, seconds]);
       return tokenAnswer(tokens.length);
@@ -136,11 +136,22 @@ test("the first send fetches an app-scoped token and opens the socket with it", 
 
 test("https pages use wss and tokens are URL-encoded", async () => {
   tokenAnswer = () => "a+b/c=";
-  const client = makeClient({ origin: "https://gen.example:8443" });
+  const client = makeClient({ base: "https://gen.example:8443" });
   client.send({ prompt: "a" });
   await settle();
   assert.ok(sockets[0].url.startsWith("wss://gen.example:8443/"));
   assert.equal(new URL(sockets[0].url).searchParams.get("fal_jwt_token"), "a+b/c=");
+});
+
+test("a base URL with a path prefix (a server behind a reverse proxy) keeps the prefix", async () => {
+  for (const base of ["https://example.com/livegen", "https://example.com/livegen/"]) {
+    sockets = [];
+    const client = makeClient({ base });
+    client.send({ prompt: "a" });
+    await settle();
+    assert.equal(sockets.at(-1).url.split("?")[0], `wss://example.com/livegen/${TURBO}/realtime`);
+    client.close();
+  }
 });
 
 test("latest wins while connecting and while the in-flight window is full", async () => {
@@ -319,7 +330,7 @@ test("requestToken sends the key only in the Authorization header", async () => 
   };
   assert.equal(await requestToken("secret-key", "fast-lcm-diffusion", { fetchImpl }), "tok");
   const [url, init] = calls[0];
-  assert.equal(url, "/rest/tokens/");
+  assert.equal(url, "rest/tokens/"); // relative to the page: a path prefix in front of livegen is kept
   assert.equal(init.method, "POST");
   assert.equal(init.headers.Authorization, "Key secret-key");
   assert.deepEqual(JSON.parse(init.body), { allowed_apps: ["fast-lcm-diffusion"], token_expiration: 120 });

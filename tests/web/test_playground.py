@@ -18,6 +18,7 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request
 
 from tests.conftest import LiveServer, start_server, stop_server
+from tests.web.prefix_proxy import prefix_proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
@@ -40,9 +41,12 @@ class Recorder:
         return [t for url in self.sockets for t in parse_qs(urlsplit(url).query).get("fal_jwt_token", [])]
 
 
-def open_page(browser: Browser, server: LiveServer) -> tuple[Page, Recorder]:
+def open_page(browser: Browser, server: LiveServer | str) -> tuple[Page, Recorder]:
+    """The playground of ``server``, or at the URL ``server`` (behind a proxy)."""
+    url = server if isinstance(server, str) else server.base_url + "/"
     context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.grant_permissions(["camera"], origin=server.base_url)
+    parts = urlsplit(url)
+    context.grant_permissions(["camera"], origin=f"{parts.scheme}://{parts.netloc}")
     page = context.new_page()
     rec = Recorder()
     page.on("request", lambda request: rec.requests.append(request))
@@ -50,7 +54,7 @@ def open_page(browser: Browser, server: LiveServer) -> tuple[Page, Recorder]:
     page.on("console", rec.console)
     page.on("pageerror", lambda error: rec.problems.append(f"page error: {error}"))
     page.set_default_timeout(WAIT_S * 1000)
-    page.goto(server.base_url + "/")
+    page.goto(url)
     return page, rec
 
 
@@ -147,6 +151,24 @@ def test_text_webcam_and_sketch(browser: Browser, live_server: LiveServer) -> No
     assert page.evaluate("sessionStorage.getItem('livegen.apiKey')") == live_server.key
     assert rec.problems == []
     page.context.close()
+
+
+def test_behind_a_reverse_proxy_under_a_path_prefix(browser: Browser, live_server: LiveServer) -> None:
+    """Served at https://example.com/livegen/ by a proxy that strips the prefix: every request
+    the page makes (static files, readiness, tokens, the WebSocket) keeps the prefix."""
+    with prefix_proxy(live_server.base_url, "/livegen") as base:
+        page, rec = open_page(browser, base + "/")
+        enter_key(page, live_server.key)
+        page.select_option("#size", "256")
+        page.fill("#prompt", "a lighthouse behind a proxy")
+        result_for(page, "a lighthouse behind a proxy")
+        assert page.is_hidden("#error"), page.text_content("#error")
+        http = [r.url for r in rec.requests if r.url.startswith("http")]
+        assert any(u.endswith("/livegen/static/app.js") for u in http) and any("/rest/tokens/" in u for u in http)
+        assert all(urlsplit(u).path.startswith("/livegen/") for u in http), http
+        assert rec.sockets and all(urlsplit(u).path.startswith("/livegen/fal-ai/") for u in rec.sockets), rec.sockets
+        assert rec.problems == []
+        page.context.close()
 
 
 def test_a_wrong_key_is_explained(browser: Browser, live_server: LiveServer) -> None:

@@ -182,7 +182,7 @@ function onError(error) {
 async function explainRefusal(secs) {
   let message;
   try {
-    const ready = await (await fetch("/readyz", { cache: "no-store" })).json();
+    const ready = await (await fetch("readyz", { cache: "no-store" })).json();
     if (ready.status === "loading") message = "The server is still loading its models.";
     else if (ready.status === "failed") message = `The server failed to start: ${ready.error}.`;
     else if (ready.status === "draining") message = "The server is shutting down.";
@@ -239,7 +239,7 @@ async function fillModels() {
   $("steps").value = config.steps;
   $("guidance").value = config.guidance;
   try {
-    const ready = await (await fetch("/readyz", { cache: "no-store" })).json();
+    const ready = await (await fetch("readyz", { cache: "no-store" })).json();
     for (const option of options) {
       const state = ready.models?.[option.value];
       if (state && state !== "loaded") option.textContent = `${option.value} (${state})`;

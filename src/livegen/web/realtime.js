@@ -27,11 +27,12 @@ export const MAX_BUFFERING = 2;
 export class AuthError extends Error {}
 export class TokenError extends Error {}
 
-/** POST /rest/tokens/ with the key in the Authorization header; returns the bare token string. */
+/** POST rest/tokens/ (relative to the page, so a server behind a path prefix works) with the key in
+ * the Authorization header; returns the bare token string. */
 export async function requestToken(key, alias, { seconds = TOKEN_SECONDS, fetchImpl = (...a) => fetch(...a) } = {}) {
   let response;
   try {
-    response = await fetchImpl("/rest/tokens/", {
+    response = await fetchImpl("rest/tokens/", {
       method: "POST",
       headers: { Authorization: `Key ${key}`, "Content-Type": "application/json" },
       body: JSON.stringify({ allowed_apps: [alias], token_expiration: seconds }),
@@ -53,14 +54,15 @@ export class RealtimeClient {
    * @param {object} o
    * @param {string} o.app              e.g. "fal-ai/fast-turbo-diffusion"
    * @param {(alias: string, seconds: number) => Promise<string>} o.tokenProvider
-   * @param {string} [o.origin]         the server's http(s) origin (default: this page's)
+   * @param {string} [o.base]           the server's http(s) base URL, a path prefix included
+   *                                    (default: the folder of this page, which livegen serves at its root)
    * @param {object} [o.on]             handlers: result(output, {latencyMs, meta}), timing(seconds),
    *                                    error({kind, code, message, retryInMs}), status(state, info)
    */
   constructor(o) {
     this.app = o.app;
     this.tokenProvider = o.tokenProvider;
-    this.origin = o.origin ?? globalThis.location.origin;
+    this.base = new URL(o.base ?? ".", globalThis.location?.href).href.replace(/\/?$/, "/");
     this.on = o.on ?? {};
     this.tokenSeconds = o.tokenSeconds ?? TOKEN_SECONDS;
     this.maxInFlight = o.maxInFlight ?? 1;
@@ -160,7 +162,7 @@ export class RealtimeClient {
       return;
     }
     if (epoch !== this.epoch) return;
-    const url = new URL(`/${this.app}/realtime`, this.origin);
+    const url = new URL(`${this.app}/realtime`, this.base);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
     url.search = new URLSearchParams({ fal_jwt_token: token, max_buffering: String(MAX_BUFFERING) }).toString();
     const ws = new this.WebSocketImpl(url.toString());
