@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from livegen.bench import free_port
 
@@ -47,7 +48,16 @@ def prefix_app(upstream: str, prefix: str) -> Starlette:
             url += "?" + ws.url.query
         # The browser's Origin is the proxy's; livegen compares it with the Host it sees, which
         # this proxy does not forward (nginx would, with proxy_set_header Host $host): leave it out.
-        async with connect(url, max_size=None, compression=None) as upstream_ws:
+        # Credentials (fal-client's use_jwt=False) go along.
+        forwarded = {k: v for k, v in ws.headers.items() if k in ("authorization", "user-agent")}
+        try:
+            upstream_ws = await connect(url, max_size=None, compression=None, additional_headers=forwarded)
+        except InvalidStatus as refused:  # livegen's refusal, passed on as it is
+            answer = refused.response
+            headers = {"content-type": answer.headers.get("content-type", "application/json")}
+            await ws.send_denial_response(Response(answer.body, status_code=answer.status_code, headers=headers))
+            return
+        async with upstream_ws:
             await ws.accept()
 
             async def down() -> None:
@@ -56,7 +66,8 @@ def prefix_app(upstream: str, prefix: str) -> Starlette:
                         await ws.send_bytes(message)
                     else:
                         await ws.send_text(message)
-                await ws.close(upstream_ws.close_code or 1000, upstream_ws.close_reason or "")
+                with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # unless the browser left first
+                    await ws.close(upstream_ws.close_code or 1000, upstream_ws.close_reason or "")
 
             async def up() -> None:
                 with contextlib.suppress(WebSocketDisconnect):
@@ -83,9 +94,9 @@ def prefix_app(upstream: str, prefix: str) -> Starlette:
 
 
 @contextlib.contextmanager
-def prefix_proxy(upstream: str, prefix: str) -> Iterator[str]:
+def prefix_proxy(upstream: str, prefix: str, port: int | None = None) -> Iterator[str]:
     """Run the proxy on a loopback port; yields its base URL, the prefix included."""
-    port = free_port()
+    port = port or free_port()
     config = uvicorn.Config(prefix_app(upstream, prefix), host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
