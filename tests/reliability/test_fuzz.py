@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import string
 from collections import Counter
@@ -40,6 +41,7 @@ from livegen.protocol.schemas import (
     resolve_image_size,
 )
 from livegen.server.generation import output_size
+from livegen.server.storage import LIFECYCLE_HEADERS, requested_ttl
 from livegen.server.urlfetch import FetchPolicy, fetch_bytes
 from tests.conftest import LiveServer, start_server, stop_server
 from tests.reliability.conftest import SERVER_ENV, record
@@ -178,6 +180,32 @@ def test_data_url_parser_returns_bytes_or_raises_its_own_errors(url: str, max_by
         return
     assert isinstance(mime, str) and mime == mime.lower()
     assert isinstance(data, bytes) and len(data) <= max_bytes
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@FAST
+@given(
+    value=st.one_of(
+        st.text(max_size=60),
+        JSON_VALUES.map(json.dumps),
+        st.dictionaries(st.sampled_from(["expiration_duration_seconds", "initial_acl"]), JSON_VALUES).map(json.dumps),
+        st.integers(min_value=-(10**400), max_value=10**400).map(lambda n: f'{{"expiration_duration_seconds": {n}}}'),
+    ),
+    name=st.sampled_from(LIFECYCLE_HEADERS),
+)
+def test_lifecycle_headers_give_a_lifetime_or_invalid_input(value: str, name: str) -> None:
+    try:
+        ttl = requested_ttl({name: value})
+    except InvalidInput as exc:
+        assert exc.loc == ("header", name)
+        return
+    assert ttl is None or (isinstance(ttl, float) and 0 < ttl < float("inf"))
 
 
 @FAST

@@ -110,7 +110,8 @@ def test_requested_ttl(headers: dict[str, str], expected: float | None) -> None:
 
 @pytest.mark.parametrize(
     "value", ["", "60", "[60]", '{"expiration_duration_seconds": -1}', '{"expiration_duration_seconds": "60"}',
-              '{"expiration_duration_seconds": true}', '{"expiration_duration_seconds": 1e999}'],
+              '{"expiration_duration_seconds": true}', '{"expiration_duration_seconds": 1e999}',
+              '{"expiration_duration_seconds": 1' + '0' * 400 + '}', '{"expiration_duration_seconds": NaN}'],
 )  # fmt: skip
 def test_a_malformed_lifecycle_header_is_invalid_input(value: str) -> None:
     with pytest.raises(InvalidInput) as info:

@@ -80,9 +80,13 @@ def requested_ttl(headers: Mapping[str, str]) -> float | None:
         seconds = preference.get("expiration_duration_seconds")
         if seconds is None or seconds == 0:
             return None
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < math.inf:
+        try:
+            number = float(seconds) if isinstance(seconds, int | float) and not isinstance(seconds, bool) else math.nan
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        if not 0 < number < math.inf:
             raise InvalidInput("expiration_duration_seconds must be a positive number of seconds", loc=loc)
-        return float(seconds)
+        return number
     return None
 
 
