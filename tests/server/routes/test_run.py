@@ -315,6 +315,9 @@ def test_health_ready_and_openapi(live_server: LiveServer) -> None:
         assert "post" in spec["paths"][path]
     schema = spec["components"]["schemas"]["TurboTextToImage"]["properties"]
     assert schema["num_inference_steps"]["maximum"] == 50
+    ids = [op["operationId"] for methods in spec["paths"].values() for op in methods.values()]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)  # code generators need them unique
+    assert "Duplicate Operation ID" not in live_server.log()
 
 
 def test_seed_bound_is_exact_in_the_schema_and_enforced(http: httpx.Client, live_server: LiveServer) -> None:

@@ -12,13 +12,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 router = APIRouter(tags=["health"])
 
 
-# HEAD too: some load balancers and uptime monitors probe with it.
-@router.api_route("/healthz", methods=["GET", "HEAD"])
+# HEAD too: some load balancers and uptime monitors probe with it. Two routes, not one with both
+# methods, which would give both the same OpenAPI operationId.
+@router.get("/healthz")
+@router.head("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.api_route("/readyz", methods=["GET", "HEAD"])
+@router.get("/readyz")
+@router.head("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     engine = request.app.state.engine
     body: dict[str, Any] = {"status": "ready" if engine.ready else "loading", **engine.status()}
