@@ -57,6 +57,19 @@ def test_bench_realtime_8_sessions(live_server: LiveServer) -> None:
     print(json.dumps(report, indent=2))  # shown with -s; the CPU figures go nowhere else
 
 
+def test_bench_realtime_image_to_image_runs_one_step_by_default(live_server: LiveServer) -> None:
+    """--image without --steps: 2 steps at the default strength 0.5, one step run. It sent 1 step,
+    which runs none (int(1 x 0.5)), and every frame came back INVALID_INPUT; the README's example
+    did that."""
+    cmd = [sys.executable, "-m", "livegen", "bench", "realtime", "--url", live_server.base_url, "--key",
+           live_server.key, "--image", "--size", "64", "--sessions", "1", "--fps", "5", "--duration", "2",
+           "--json"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["errors"] == 0 and report["results"] > 0, report["error_samples"]
+
+
 def test_bench_realtime_says_in_one_line_why_it_cannot_start(live_server: LiveServer) -> None:
     """A server that cannot be reached, or that refuses the key, is one line and exit 1 (both
     were httpx tracebacks); the key is not echoed."""

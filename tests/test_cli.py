@@ -139,6 +139,11 @@ def test_bad_weights_value_is_a_usage_error() -> None:
         (["bench", "--steps", "0"], "Invalid value for '--steps'"),
         (["bench", "--task", "i2i", "--strength", "0"], "Invalid value for '--strength'"),
         (["bench", "--iters", "0"], "Invalid value for '--iters'"),
+        (["bench", "realtime", "--size", "100"], "100 is not within 64..2048 and a multiple of 8"),
+        (["bench", "realtime", "--steps", "51"], "Invalid value for '--steps'"),
+        (["bench", "realtime", "--max-buffering", "0"], "Invalid value for '--max-buffering'"),
+        (["bench", "realtime", "--image", "--steps", "1"], "--steps 1 at --strength 0.5 runs no step"),
+        (["bench", "realtime", "--image", "--strength", "0.01"], "--steps 50 at --strength 0.01 runs no step"),
     ],
 )
 def test_bad_serve_and_bench_values_are_usage_errors(args: list[str], said: str) -> None:

@@ -21,7 +21,7 @@ import click
 from pydantic import ValidationError
 
 from livegen import __version__
-from livegen.protocol.schemas import MAX_SIDE, MIN_SIDE
+from livegen.protocol.schemas import MAX_SIDE, MAX_STEPS, MIN_SIDE
 
 
 def _settings(**overrides: Any) -> Any:
@@ -56,6 +56,13 @@ class IntList(click.ParamType):
                 multiple = f" and a multiple of {self.multiple_of}" if self.multiple_of > 1 else ""
                 self.fail(f"{n} is not within {self.minimum}..{self.maximum}{multiple}", param, ctx)
         return numbers
+
+
+def _image_side(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """An image side the server accepts: MIN_SIDE..MAX_SIDE, a multiple of 8."""
+    if not MIN_SIDE <= value <= MAX_SIDE or value % 8:
+        raise click.BadParameter(f"{value} is not within {MIN_SIDE}..{MAX_SIDE} and a multiple of 8")
+    return value
 
 
 def _check_device(settings: Any) -> None:
@@ -520,12 +527,19 @@ def bench(
     "--duration", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
     help="Seconds of sending.",
 )  # fmt: skip
-@click.option("--size", default=512, show_default=True)
-@click.option("--steps", default=1, show_default=True)
-@click.option("--strength", default=0.5, show_default=True, help="With --image.")
+@click.option("--size", type=int, default=512, show_default=True, callback=_image_side)
+@click.option(
+    "--steps",
+    type=click.IntRange(1, MAX_STEPS),
+    help="[default: 1; with --image the fewest that run one step at --strength (diffusers runs int(steps x "
+    "strength)): 2 at 0.5]",
+)
+@click.option(
+    "--strength", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True, help="With --image."
+)
 @click.option("--image/--no-image", default=False, help="Send a --size image as a data URL (image-to-image).")
 @click.option("--image-format", type=click.Choice(["jpeg", "png"]), default="jpeg", show_default=True)
-@click.option("--max-buffering", type=int)
+@click.option("--max-buffering", type=click.IntRange(1, 60))
 @click.option(
     "--new-prompts", is_flag=True,
     help="Every frame with a prompt the server has not seen (its embeddings are encoded, not cached), as a "
@@ -572,7 +586,7 @@ def bench_realtime(
     fps: float,
     duration: float,
     size: int,
-    steps: int,
+    steps: int | None,
     strength: float,
     image: bool,
     image_format: str,
@@ -591,6 +605,13 @@ def bench_realtime(
 
     from livegen.bench.realtime import BenchConfig, BenchSetupError, format_report, input_image_data_url, run_bench
 
+    if steps is None:
+        steps = next((n for n in range(1, MAX_STEPS + 1) if int(n * strength) >= 1), MAX_STEPS) if image else 1
+    if image and int(steps * strength) < 1:
+        raise click.UsageError(
+            f"--steps {steps} at --strength {strength} runs no step (diffusers runs int(steps x strength)); "
+            "raise --steps or --strength"
+        )
     frame: dict[str, Any] = {"prompt": "a photo of a red fox in the snow", "model_name": model}
     frame.update(num_inference_steps=steps, sync_mode=True)
     if image:
