@@ -20,6 +20,10 @@
 //   with the original URL in the x-fal-target-url header; livegen dispatches it internally.
 //   The caller still needs a key: livegen's proxy route injects none.
 //
+// To keep the key out of a browser, use mode "middleware" with a `proxyUrl` of your backend's
+// route running fal's @fal-ai/server-proxy, which adds the key (its allowedUrlPatterns set to
+// livegen's host): URLs are rewritten to livegen's first, then sent through that proxy (README).
+//
 // One call bypasses both: fal.stream(..., {connectionMode: "client"}) (a browser holding a
 // token, not a key) fetches https://fal.run/{app}/stream?fal_jwt_token=... with the client's
 // `fetch` directly, so in both modes the client also gets a `fetch` that rewrites fal's hosts the
