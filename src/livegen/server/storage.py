@@ -37,8 +37,8 @@ _FILE_ID = re.compile(r"^[0-9a-f]{32}$")
 # Printable ASCII only: the value goes back out verbatim as a response header.
 _CONTENT_TYPE = re.compile(r"^[!-~][ -~]{0,254}$")
 DEFAULT_TTL_S = 7 * 24 * 3600.0
-# A file in the folder without a row (a crash between writing and registering it) is removed
-# once it is this old: long past any write still in progress.
+# A file in the folder without a row (a crash between writing and registering it) is removed by
+# the first sweep after a start once it is this old: long past any write still in progress.
 ORPHAN_AGE_S = 3600.0
 
 
@@ -52,8 +52,6 @@ CREATE TABLE IF NOT EXISTS files (
     expires_at   REAL
 );
 """
-# Rows from before expires_at existed expire ttl_s after they were stored.
-_EXPIRES_AT = "COALESCE(expires_at, created_at + ?)"
 
 # fal's lifecycle preference: ``x-fal-object-lifecycle-preference`` on run and queue requests
 # (what the generated files get), ``X-Fal-Object-Lifecycle`` on uploads (fal-client sends both
@@ -138,6 +136,13 @@ class FileStore:
         self._db = db
         db.migrate(SCHEMA)
         db.add_column("files", "expires_at", "REAL")
+        # Rows from before expires_at existed, and rows stored under a longer files_ttl_s than
+        # today's, expire ttl_s after they were stored (normally no row needs it).
+        db.execute(
+            "UPDATE files SET expires_at = created_at + ? WHERE expires_at IS NULL OR expires_at > created_at + ?",
+            (ttl_s, ttl_s),
+        )
+        db.migrate("CREATE INDEX IF NOT EXISTS files_expiry ON files (expires_at);")
         self._root = root
         self._ttl_s = ttl_s
         self._clock = clock
@@ -184,9 +189,8 @@ class FileStore:
     def get(self, file_id: str) -> StoredFile:
         if not _FILE_ID.match(file_id):
             raise NotFound("file not found")
-        rows = self._db.query(
-            f"SELECT content_type, size, file_name, {_EXPIRES_AT} FROM files WHERE file_id = ?", (self._ttl_s, file_id)
-        )
+        query = "SELECT content_type, size, file_name, expires_at FROM files WHERE file_id = ?"
+        rows = self._db.query(query, (file_id,))
         path = self._root / file_id
         if not rows or not path.is_file():
             raise NotFound("file not found")
@@ -195,22 +199,26 @@ class FileStore:
             raise NotFound("file has expired")
         return StoredFile(file_id, content_type, size, name, path, expires_at)
 
-    def expire(self) -> int:
-        """Delete the files past their time, and files without a row that are older than
+    def expire(self, *, orphans: bool = False) -> int:
+        """Delete the files past their time and, with ``orphans`` (a crash leaves them, so the
+        first sweep after a start looks), files without a row that are older than
         ``ORPHAN_AGE_S``; the number of files deleted. Blocking: runs in a worker thread."""
         now = self._clock()
-        rows = self._db.query(f"SELECT file_id FROM files WHERE {_EXPIRES_AT} <= ?", (self._ttl_s, now))
+        rows = self._db.query("SELECT file_id FROM files WHERE expires_at <= ?", (now,))
         gone = [row[0] for row in rows]
         for file_id in gone:
             # The row first: a file without a row is never served, a row without a file is a 404 anyway.
             self._db.execute("DELETE FROM files WHERE file_id = ?", (file_id,))
             (self._root / file_id).unlink(missing_ok=True)
+        return len(gone) + (self._remove_orphans(now) if orphans else 0)
+
+    def _remove_orphans(self, now: float) -> int:
         known = {row[0] for row in self._db.query("SELECT file_id FROM files")}
-        orphans = 0
+        removed = 0
         for entry in self._root.iterdir():
             with contextlib.suppress(FileNotFoundError):
                 if entry.name in known or not entry.is_file() or entry.stat().st_mtime > now - ORPHAN_AGE_S:
                     continue
                 entry.unlink()
-                orphans += 1
-        return len(gone) + orphans
+                removed += 1
+        return removed

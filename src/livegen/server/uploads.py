@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import hashlib
 import logging
 import os
@@ -298,10 +299,12 @@ class UploadService:
         """The data dir's sweeper: unfinished uploads (``sweep``) and stored files past their time
         (``FileStore.expire``)."""
         interval = max(1.0, min(300.0, self._expiry_s / 4, self._files_ttl_s / 4))
+        first = True
         while True:
             try:
                 await anyio.to_thread.run_sync(self.sweep)
-                expired = await anyio.to_thread.run_sync(self._files.expire)
+                expired = await anyio.to_thread.run_sync(functools.partial(self._files.expire, orphans=first))
+                first = False
                 if expired:
                     logger.info("expired files removed count=%d", expired)
             except Exception:  # noqa: BLE001 - a failed sweep is retried on the next round
