@@ -22,5 +22,15 @@ for (const mode of MODES) {
         assert.deepEqual(Buffer.from(await response.arrayBuffer()), bytes);
       });
     }
+
+    test("a Blob over 90 MB goes up in parts (initiate-multipart, part PUTs, complete)", async () => {
+      const bytes = randomBytes(90 * 1024 * 1024 + 4099); // the client's threshold is 90 MB
+      const url = await clientFor(mode).storage.upload(new Blob([bytes], { type: "application/octet-stream" }));
+      const response = await fetch(url);
+      assert.equal(response.status, 200);
+      const got = Buffer.from(await response.arrayBuffer());
+      assert.equal(got.length, bytes.length);
+      assert.ok(got.equals(bytes), "byte-identical");
+    });
   });
 }
