@@ -6,17 +6,20 @@ livegen accepted it looks like fal's ingress (retried), an accepted request's er
 
 from __future__ import annotations
 
+import asyncio
 import json
 from types import SimpleNamespace
 
 import pytest
 from fal_client.client import _should_retry_response as fal_client_retries
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from livegen.protocol.errors import (
     GpuOutOfMemory,
@@ -27,7 +30,7 @@ from livegen.protocol.errors import (
     ShuttingDown,
 )
 from livegen.server.errors import livegen_error
-from livegen.server.middleware import DrainCutMiddleware, RequestIdMiddleware
+from livegen.server.middleware import CorsMiddleware, DrainCutMiddleware, RequestIdMiddleware, origin_allowed
 
 ERRORS: dict[str, LivegenError] = {
     "overloaded": Overloaded("the server has 1 requests in flight, its limit; retry later"),
@@ -114,3 +117,51 @@ def test_a_refusal_body_in_pieces_is_marked_whole() -> None:
     assert json.loads(response.content) == {"detail": "busy", "error_type": "server_overloaded", "ingress": "nginx"}
     assert int(response.headers["content-length"]) == len(response.content)
     assert fal_client_retries(response)
+
+
+# -- CORS (the live-server checks: tests/server/routes/test_cors.py) ------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    origin=st.one_of(st.none(), st.text(max_size=40), st.sampled_from(["http://app.example", "null", ""])),
+    requested=st.one_of(st.none(), st.text(max_size=60)),
+    method=st.sampled_from(["OPTIONS", "GET", "POST"]),
+    preflight=st.booleans(),
+    allowed=st.sampled_from([[], ["*"], ["http://app.example"]]),
+)
+def test_cors_answers_any_headers_with_one_well_formed_response(
+    origin: str | None, requested: str | None, method: str, preflight: bool, allowed: list[str]
+) -> None:
+    """Whatever Origin and Access-Control-Request-Headers hold (as latin-1, as ASGI gives them):
+    one response start and one body, header values that round-trip, and CORS headers only for
+    an allowed origin."""
+    headers = [(b"host", b"livegen:8000")]
+    if origin is not None:
+        headers.append((b"origin", origin.encode("utf-8").decode("latin-1").encode("latin-1")))
+    if preflight:
+        headers.append((b"access-control-request-method", b"POST"))
+    if requested is not None:
+        headers.append((b"access-control-request-headers", requested.encode("utf-8")))
+    messages: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Message) -> None:
+        messages.append(message)
+
+    scope = {"type": "http", "method": method, "path": "/x", "headers": headers}
+    asyncio.run(CorsMiddleware(app, allowed)(scope, receive, send))
+    assert [m["type"] for m in messages] == ["http.response.start", "http.response.body"]
+    answer = {k.decode("latin-1"): v for k, v in messages[0]["headers"]}
+    for value in answer.values():
+        assert isinstance(value, bytes) and b"\r" not in value and b"\n" not in value
+    is_allowed = origin is not None and origin_allowed(origin.encode().decode("latin-1"), "livegen:8000", allowed)
+    assert ("access-control-allow-origin" in answer) == is_allowed
+    if method == "OPTIONS" and preflight and origin is not None:
+        assert messages[0]["status"] == (204 if is_allowed else 403)
