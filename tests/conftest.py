@@ -7,7 +7,9 @@ settings, lifespan, uvicorn, the engine thread and real (tiny, random) diffusers
 from __future__ import annotations
 
 import base64
+import datetime
 import io
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -20,6 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from PIL import Image
 
 from livegen.bench import free_port
@@ -199,3 +205,48 @@ def hub_cache(root: Path, repo_id: str, checkpoint: Path) -> Path:
     (repo / "refs" / "main").write_text(revision)
     copy_checkpoint(checkpoint, repo / "snapshots" / revision)
     return root
+
+
+# ---- TLS ----
+
+
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "livegen test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def wait_ready_tls(server: LiveServer, base: str, cert: Path) -> None:
+    """``wait_until_ready`` for a server started with ``--ssl-certfile``: https, trusting ``cert``."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert server.process.poll() is None, server.log()[-3000:]
+        try:
+            if httpx.get(base + "/readyz", verify=str(cert), timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"not ready over https:\n{server.log()[-3000:]}")

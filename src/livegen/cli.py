@@ -65,6 +65,24 @@ def _image_side(ctx: click.Context, param: click.Parameter, value: int) -> int:
     return value
 
 
+def _check_tls(settings: Any) -> None:
+    """Both TLS files or neither, and a certificate and key that load together: a usage error now,
+    not uvicorn's traceback at start."""
+    cert, key = settings.ssl_certfile, settings.ssl_keyfile
+    if cert is None and key is None:
+        return
+    if cert is None or key is None:
+        raise click.UsageError("--ssl-certfile and --ssl-keyfile go together: give both")
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        raise click.UsageError(f"cannot read {exc.filename}: no such file") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise click.UsageError(f"--ssl-certfile {cert} and --ssl-keyfile {key} do not load: {exc}") from None
+
+
 def _check_device(settings: Any) -> None:
     """``--device cuda`` where torch sees no CUDA device: a usage error now, not a failed model load."""
     if settings.device != "cuda":
@@ -181,6 +199,16 @@ def main() -> None:
 @click.option("--host", help="Interface to bind. [env LIVEGEN_HOST; default 127.0.0.1]")
 @click.option("--port", type=int, help="Port to bind. [env LIVEGEN_PORT; default 8000]")
 @click.option(
+    "--ssl-certfile",
+    type=click.Path(path_type=Path),
+    help="Serve HTTPS/WSS with this PEM certificate (chain). [env LIVEGEN_SSL_CERTFILE]",
+)
+@click.option(
+    "--ssl-keyfile",
+    type=click.Path(path_type=Path),
+    help="The certificate's PEM private key. [env LIVEGEN_SSL_KEYFILE]",
+)
+@click.option(
     "--data-dir",
     type=click.Path(path_type=Path),
     help="Keys, files, synthesized checkpoints. [env LIVEGEN_DATA_DIR; default ./.livegen]",
@@ -241,6 +269,7 @@ def serve(log_level: str, **flags: Any) -> None:
         raise click.UsageError(f"unknown model(s) in --models: {', '.join(unknown)}; known: {', '.join(MODELS)}")
     _check_device(settings)
     _check_data_dir(settings)
+    _check_tls(settings)
     setup_logging(log_level)
     _ensure_a_key(settings)
 
@@ -299,6 +328,8 @@ def serve(log_level: str, **flags: Any) -> None:
         log_config=None,
         **connection_options(settings),
         timeout_graceful_shutdown=settings.drain_timeout_s,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
     )
     server = DrainingServer(config)
     server.run()

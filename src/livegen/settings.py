@@ -26,6 +26,10 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)  # 0: any free port
+    # HTTPS and WSS served directly (a GPU box on a LAN: browsers open cameras only on https or
+    # localhost, and fal-client's FAL_RUN_HOST speaks https only): a PEM certificate (chain) and its key.
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
     data_dir: Path = Path(".livegen")
     # hub: real checkpoints by Hugging Face id; PATH: a folder with one diffusers folder per
     # model; random / tiny-random: synthesized checkpoints (see engine/synth.py).

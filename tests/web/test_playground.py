@@ -17,7 +17,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request
 
-from tests.conftest import LiveServer, start_server, stop_server
+from tests.conftest import LiveServer, make_certificate, start_server, stop_server, wait_ready_tls
 from tests.web.prefix_proxy import prefix_proxy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,6 +169,35 @@ def test_behind_a_reverse_proxy_under_a_path_prefix(browser: Browser, live_serve
         assert rec.sockets and all(urlsplit(u).path.startswith("/livegen/fal-ai/") for u in rec.sockets), rec.sockets
         assert rec.problems == []
         page.context.close()
+
+
+def test_over_https_with_the_servers_own_certificate(browser: Browser, tmp_path: Path, shared_data_dir: Path) -> None:
+    """``--ssl-certfile/--ssl-keyfile``: the page over https, its WebSocket over wss, and the
+    webcam allowed (a secure context), as on a GPU box reached from another machine."""
+    cert, key = make_certificate(tmp_path)
+    args = ("--weights", "tiny-random", "--device", "cpu", "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    server = start_server(tmp_path / "data", *args, synth_from=shared_data_dir, wait_ready=False)
+    try:
+        base = server.base_url.replace("http://", "https://")
+        wait_ready_tls(server, base, cert)
+        context = browser.new_context(ignore_https_errors=True)  # the test's own certificate
+        context.grant_permissions(["camera"], origin=base)
+        page = context.new_page()
+        page.set_default_timeout(WAIT_S * 1000)
+        sockets: list[str] = []
+        page.on("websocket", lambda ws: sockets.append(ws.url))
+        page.goto(base + "/")
+        assert page.evaluate("window.isSecureContext")
+        enter_key(page, server.key)
+        page.select_option("#size", "256")
+        page.fill("#prompt", "a lighthouse over tls")
+        result_for(page, "a lighthouse over tls")
+        assert sockets and all(u.startswith("wss://127.0.0.1:") for u in sockets), sockets
+        page.click("button[data-mode=webcam]")
+        until(page, "document.querySelector('#result').dataset.source === 'webcam'", "a webcam result over wss")
+        context.close()
+    finally:
+        stop_server(server)
 
 
 def test_a_wrong_key_is_explained(browser: Browser, live_server: LiveServer) -> None:
