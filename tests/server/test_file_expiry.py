@@ -18,6 +18,7 @@ from livegen.server.db import Database
 from livegen.server.jobs.store import JobState, SqliteJobStore
 from livegen.server.storage import ORPHAN_AGE_S, FileStore, requested_ttl
 from tests.conftest import LiveServer, start_server, stop_server, wait_for
+from tests.reliability.conftest import scrape
 from tests.server.test_uploads import Clock
 
 TTL = 100.0
@@ -83,12 +84,17 @@ def test_a_served_file_expires_and_the_sweeper_deletes_it(short_lived: LiveServe
     file_id = url.split("/cdn/files/")[1].split("/")[0]
     stored = short_lived.data_dir / "files" / file_id
     assert httpx.get(url).status_code == 200 and stored.is_file()
+    before = scrape(short_lived)
+    assert before["livegen_stored_files"] >= 1 and before["livegen_stored_bytes"] >= stored.stat().st_size
     wait_for(lambda: httpx.get(url).status_code == 404, timeout=10)
     # 404 from its expiry (or, if the sweeper came first, from its absence)
     assert httpx.get(url).json()["detail"] in ("file has expired", "file not found")
     wait_for(lambda: not stored.exists(), timeout=10)  # the sweeper runs every second at this TTL
     assert httpx.get(url).json()["detail"] == "file not found"
     assert "expired files removed count=1" in short_lived.log()
+    after = scrape(short_lived)  # /metrics: what an operator watches the disk with
+    assert after["livegen_files_expired_total"] >= 1
+    assert after["livegen_stored_files"] == before["livegen_stored_files"] - after["livegen_files_expired_total"]
 
 
 # -- fal's lifecycle preference ------------------------------------------------------------------

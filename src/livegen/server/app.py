@@ -115,6 +115,7 @@ async def _open_jobs(app: FastAPI, settings: Settings, db: Database, stack: Asyn
 
     jobs = JobService(settings, store, app.state.generation, on_terminal=on_terminal)
     metrics.watch(app.state.engine.status, store.counts)
+    metrics.watch_files(app.state.files.usage)
     app.state.webhook_signer = signer
     app.state.jobs = jobs
     sender.start()

@@ -40,6 +40,23 @@ class Metrics:
     def watch(self, engine_status: Callable[[], dict[str, Any]], queue_depth: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_StateCollector(engine_status, queue_depth))
 
+    def watch_files(self, usage: Callable[[], tuple[int, int, int]]) -> None:
+        """``usage``: the stored files now, their bytes, and how many have expired (deleted) so far."""
+        self.registry.register(_FilesCollector(usage))
+
+
+class _FilesCollector(Collector):
+    def __init__(self, usage: Callable[[], tuple[int, int, int]]) -> None:
+        self._usage = usage
+
+    def collect(self) -> Iterator[Any]:
+        count, size, expired = self._usage()
+        yield GaugeMetricFamily(
+            "livegen_stored_files", "Files served back (uploads, sync_mode false outputs) until they expire", count
+        )
+        yield GaugeMetricFamily("livegen_stored_bytes", "Bytes of the stored files", size)
+        yield CounterMetricFamily("livegen_files_expired", "Stored files deleted at the end of their time", expired)
+
 
 class _StateCollector(Collector):
     def __init__(self, engine_status: Callable[[], dict[str, Any]], queue_depth: Callable[[], dict[str, int]]) -> None:

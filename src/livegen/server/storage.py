@@ -146,6 +146,7 @@ class FileStore:
         self._root = root
         self._ttl_s = ttl_s
         self._clock = clock
+        self._expired = 0  # deleted by expire() since this store opened
         root.mkdir(parents=True, exist_ok=True)
 
     def put(self, data: bytes, content_type: str, file_name: str, *, ttl_s: float | None = None) -> StoredFile:
@@ -210,7 +211,14 @@ class FileStore:
             # The row first: a file without a row is never served, a row without a file is a 404 anyway.
             self._db.execute("DELETE FROM files WHERE file_id = ?", (file_id,))
             (self._root / file_id).unlink(missing_ok=True)
+        self._expired += len(gone)
         return len(gone) + (self._remove_orphans(now) if orphans else 0)
+
+    def usage(self) -> tuple[int, int, int]:
+        """The stored files (expired ones not yet swept included), their bytes, and how many
+        ``expire`` has deleted since the store opened: for ``/metrics``."""
+        count, size = self._db.query("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM files")[0]
+        return count, size, self._expired
 
     def _remove_orphans(self, now: float) -> int:
         known = {row[0] for row in self._db.query("SELECT file_id FROM files")}

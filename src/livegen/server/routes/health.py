@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -40,4 +41,6 @@ async def readyz(request: Request) -> JSONResponse:
     responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {}}}}},
 )
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # In a worker thread: the collectors read SQLite (queue depth, stored files).
+    body = await anyio.to_thread.run_sync(generate_latest, request.app.state.metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
