@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -21,6 +18,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from livegen.bench import free_port
+from livegen.bench.null_engine import uvicorn_in_thread
 
 HOP_BY_HOP = {"connection", "content-length", "transfer-encoding", "content-encoding", "keep-alive"}
 
@@ -96,17 +94,5 @@ def prefix_app(upstream: str, prefix: str) -> Starlette:
 @contextlib.contextmanager
 def prefix_proxy(upstream: str, prefix: str, port: int | None = None) -> Iterator[str]:
     """Run the proxy on a loopback port; yields its base URL, the prefix included."""
-    port = port or free_port()
-    config = uvicorn.Config(prefix_app(upstream, prefix), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the prefix proxy did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}{prefix}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with uvicorn_in_thread(prefix_app(upstream, prefix), port or free_port()) as url:
+        yield url + prefix

@@ -92,24 +92,29 @@ def null_server(data_dir: Path, key: str) -> Iterator[str]:
 @contextmanager
 def serve_in_thread(settings: Settings, engine: Any) -> Iterator[str]:
     """The real app over ``engine``, on a free loopback port in a thread; yields its URL."""
-    import uvicorn
-
     from livegen.bench import free_port
     from livegen.server.app import connection_options, create_app
 
     port = free_port()
     settings = settings.model_copy(update={"port": port})
     app = create_app(settings, engine=engine)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, **connection_options(settings)
-    )
+    with uvicorn_in_thread(app, port, access_log=False, **connection_options(settings)) as url:
+        yield url
+
+
+@contextmanager
+def uvicorn_in_thread(app: Any, port: int, **options: Any) -> Iterator[str]:
+    """uvicorn serving ``app`` on loopback ``port`` in a thread, until the block ends; yields its URL."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="livegen-bench-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the bench's server did not start")
+            raise RuntimeError("the server did not start")
         time.sleep(0.02)
     try:
         yield f"http://127.0.0.1:{port}"
