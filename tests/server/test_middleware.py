@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 from fal_client.client import _should_retry_response as fal_client_retries
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -123,6 +123,8 @@ def test_a_refusal_body_in_pieces_is_marked_whole() -> None:
 
 
 @settings(max_examples=300, deadline=None)
+@example(origin="\n", requested=None, method="GET", preflight=False, allowed=["*"])  # found in CI: echoed a newline
+@example(origin="http://app.example\n", requested="authorization\n,x", method="OPTIONS", preflight=True, allowed=["*"])
 @given(
     origin=st.one_of(st.none(), st.text(max_size=40), st.sampled_from(["http://app.example", "null", ""])),
     requested=st.one_of(st.none(), st.text(max_size=60)),

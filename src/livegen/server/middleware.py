@@ -194,7 +194,11 @@ class DrainCutMiddleware:
 def origin_allowed(origin: str, host: str, allowed: list[str]) -> bool:
     """Whether a browser page at ``origin`` may use this server: the server's own origin (the
     request's ``Host``), or one in ``--allowed-origins`` (``*``: any). Origins are compared as
-    browsers send them, ``scheme://host[:port]`` in lower case."""
+    browsers send them, ``scheme://host[:port]`` in lower case; a value no browser sends
+    (whitespace, control or non-ASCII characters) is never allowed, so it is never echoed back
+    in a header."""
+    if not _ORIGIN.fullmatch(origin):
+        return False
     return "*" in allowed or origin in allowed or origin.split("://", 1)[-1] == host.lower()
 
 
@@ -203,7 +207,8 @@ def origin_allowed(origin: str, host: str, allowed: list[str]) -> bool:
 CORS_EXPOSED = b"x-fal-request-id, x-fal-request-timeout-type, x-fal-error-type, retry-after"
 CORS_METHODS = b"GET, HEAD, POST, PUT, DELETE, OPTIONS"
 CORS_MAX_AGE = b"600"
-_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP token (fullmatch)
+_ORIGIN = re.compile(r"[!-~]+")  # printable ASCII, no spaces (fullmatch)
 
 
 class CorsMiddleware:
@@ -264,7 +269,7 @@ class CorsMiddleware:
             (b"access-control-max-age", CORS_MAX_AGE),
             (b"vary", b"Origin"),
         ]
-        names = [h for h in requested if _HEADER_NAME.match(h)]
+        names = [h for h in requested if _HEADER_NAME.fullmatch(h)]
         if names:
             answer.append((b"access-control-allow-headers", ", ".join(names).encode("latin-1")))
         # Chrome's Private Network Access: a page on a public site asking for a server on this network.
