@@ -161,6 +161,16 @@ def counted_compile(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+class Clock:
+    """A clock the test sets: ``now`` is what it tells the code under test."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0) -> None:
     """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

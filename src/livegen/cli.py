@@ -58,11 +58,12 @@ class IntList(click.ParamType):
         return numbers
 
 
+_SIDES = IntList(minimum=MIN_SIDE, maximum=MAX_SIDE, multiple_of=8)
+
+
 def _image_side(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    """An image side the server accepts: MIN_SIDE..MAX_SIDE, a multiple of 8."""
-    if not MIN_SIDE <= value <= MAX_SIDE or value % 8:
-        raise click.BadParameter(f"{value} is not within {MIN_SIDE}..{MAX_SIDE} and a multiple of 8")
-    return value
+    """One image side the server accepts (``_SIDES``' check)."""
+    return _SIDES.convert(str(value), param, ctx)[0]
 
 
 def _check_tls(settings: Any) -> None:
@@ -424,7 +425,7 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--task", type=click.Choice(["t2i", "i2i"]), default="t2i", show_default=True)
 @click.option(
-    "--size", type=IntList(minimum=MIN_SIDE, maximum=MAX_SIDE, multiple_of=8), default="512", show_default=True,
+    "--size", type=_SIDES, default="512", show_default=True,
     help="Comma-separated square sizes, e.g. 512,768,1024.",
 )  # fmt: skip
 @click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True)
@@ -635,10 +636,12 @@ def bench_realtime(
     import json
 
     from livegen.bench.realtime import BenchConfig, BenchSetupError, format_report, input_image_data_url, run_bench
+    from livegen.engine import Task, unet_steps
 
-    if steps is None:
-        steps = next((n for n in range(1, MAX_STEPS + 1) if int(n * strength) >= 1), MAX_STEPS) if image else 1
-    if image and int(steps * strength) < 1:
+    task = Task.IMAGE_TO_IMAGE if image else Task.TEXT_TO_IMAGE
+    if steps is None:  # the fewest that run one UNet step
+        steps = next((n for n in range(1, MAX_STEPS + 1) if unet_steps(task, n, strength) >= 1), MAX_STEPS)
+    if unet_steps(task, steps, strength) < 1:
         raise click.UsageError(
             f"--steps {steps} at --strength {strength} runs no step (diffusers runs int(steps x strength)); "
             "raise --steps or --strength"

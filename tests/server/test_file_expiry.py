@@ -17,9 +17,8 @@ from livegen.protocol.errors import InvalidInput, NotFound
 from livegen.server.db import Database
 from livegen.server.jobs.store import JobState, SqliteJobStore
 from livegen.server.storage import ORPHAN_AGE_S, FileStore, requested_ttl
-from tests.conftest import LiveServer, start_server, stop_server, wait_for
+from tests.conftest import Clock, LiveServer, start_server, stop_server, wait_for
 from tests.reliability.conftest import scrape
-from tests.server.test_uploads import Clock
 
 TTL = 100.0
 

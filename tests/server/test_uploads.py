@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -15,16 +14,9 @@ from livegen.server.db import Database
 from livegen.server.storage import FileStore
 from livegen.server.uploads import PartRef, UploadKind, UploadService
 from livegen.settings import Settings
+from tests.conftest import Clock
 
 EXPIRY = 60.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def body(data: bytes) -> AsyncIterator[bytes]:

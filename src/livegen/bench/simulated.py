@@ -26,8 +26,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from livegen.bench.null_engine import flat_jpeg, serve_in_thread
-from livegen.engine import EncodedImage, GenerationRequest, Task
-from livegen.engine.fastpath import Deferred, unet_steps
+from livegen.engine import EncodedImage, GenerationRequest, Task, unet_steps
+from livegen.engine.fastpath import Deferred
 from livegen.engine.pipelines import common
 from livegen.engine.registry import spec_for
 from livegen.engine.worker import Worker

@@ -21,7 +21,17 @@ if TYPE_CHECKING:
 
     from livegen.engine.device_decode import JpegDecoder
 
-__all__ = ["DeviceImage", "Engine", "EncodedImage", "GenerationRequest", "GenerationResult", "Priority", "Task"]
+__all__ = [
+    "DeviceImage", "Engine", "EncodedImage", "GenerationRequest", "GenerationResult", "Priority", "Task", "unet_steps",
+]  # fmt: skip
+
+
+def unet_steps(task: Task, steps: int, strength: float) -> int:
+    """The UNet steps a request runs: every one for text-to-image; for image-to-image and
+    inpainting the last ``int(steps * strength)``, as the diffusers pipelines (at most ``steps``)."""
+    if task is Task.TEXT_TO_IMAGE:
+        return steps
+    return min(int(steps * strength), steps)
 
 
 class Priority(enum.IntEnum):

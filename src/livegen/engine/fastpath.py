@@ -40,7 +40,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from livegen.engine import DeviceImage, EncodedImage, Task, layout
+from livegen.engine import DeviceImage, EncodedImage, Task, layout, unet_steps
 from livegen.engine.text_graph import graph_text_encoders
 
 logger = logging.getLogger(__name__)
@@ -990,14 +990,6 @@ def _side_stream(purpose: Literal["warmup", "jpeg"], device: torch.device) -> to
     if (purpose, index) not in _STREAMS:
         _STREAMS[purpose, index] = torch.cuda.Stream(device=index)
     return _STREAMS[purpose, index]
-
-
-def unet_steps(task: Task, steps: int, strength: float) -> int:
-    """The UNet steps a request runs: every one for text-to-image; for image-to-image and
-    inpainting the last ``int(steps * strength)``, as the diffusers pipelines (at most ``steps``)."""
-    if task is Task.TEXT_TO_IMAGE:
-        return steps
-    return min(int(steps * strength), steps)
 
 
 def _draw(gen: torch.Generator, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -11,7 +11,7 @@ from livegen.protocol.errors import Unauthorized
 from livegen.server.auth import KeyStore, parse_authorization
 from livegen.server.generation import GenerationService
 from livegen.server.jobs.service import JobService
-from livegen.server.storage import FileStore
+from livegen.server.storage import FileStore, requested_ttl
 from livegen.server.tokens import CDN, REALTIME, TokenSigner
 from livegen.server.uploads import UploadService
 from livegen.settings import Settings
@@ -88,6 +88,11 @@ def rate_limited_key(request: Request) -> str:
     return key_id
 
 
+def file_ttl(request: Request) -> float | None:
+    """The lifetime the request asks for the files it stores (fal's lifecycle headers), or None."""
+    return requested_ttl(request.headers)
+
+
 def base_url(request: Request) -> str:
     configured: str = request.app.state.settings.public_url
     if configured:
@@ -98,6 +103,7 @@ def base_url(request: Request) -> str:
 GenerationDep = Annotated[GenerationService, Depends(generation)]
 FilesDep = Annotated[FileStore, Depends(files)]
 BaseUrlDep = Annotated[str, Depends(base_url)]
+FileTtlDep = Annotated[float | None, Depends(file_ttl)]
 SettingsDep = Annotated[Settings, Depends(settings)]
 TokensDep = Annotated[TokenSigner, Depends(token_signer)]
 JobsDep = Annotated[JobService, Depends(jobs)]

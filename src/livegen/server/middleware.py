@@ -191,6 +191,15 @@ class DrainCutMiddleware:
             await send_error(send, ShuttingDown())
 
 
+# What a page's fetch may read besides the CORS-safelisted headers: both clients read the request
+# id and the timeout type; the error type and Retry-After are for callers of their own.
+CORS_EXPOSED = b"x-fal-request-id, x-fal-request-timeout-type, x-fal-error-type, retry-after"
+CORS_METHODS = b"GET, HEAD, POST, PUT, DELETE, OPTIONS"
+CORS_MAX_AGE = b"600"
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP token (fullmatch)
+_ORIGIN = re.compile(r"[!-~]+")  # printable ASCII, no spaces (fullmatch)
+
+
 def origin_allowed(origin: str, host: str, allowed: list[str]) -> bool:
     """Whether a browser page at ``origin`` may use this server: the server's own origin (the
     request's ``Host``), or one in ``--allowed-origins`` (``*``: any). Origins are compared as
@@ -200,15 +209,6 @@ def origin_allowed(origin: str, host: str, allowed: list[str]) -> bool:
     if not _ORIGIN.fullmatch(origin):
         return False
     return "*" in allowed or origin in allowed or origin.split("://", 1)[-1] == host.lower()
-
-
-# What a page's fetch may read besides the CORS-safelisted headers: both clients read the request
-# id and the timeout type; the error type and Retry-After are for callers of their own.
-CORS_EXPOSED = b"x-fal-request-id, x-fal-request-timeout-type, x-fal-error-type, retry-after"
-CORS_METHODS = b"GET, HEAD, POST, PUT, DELETE, OPTIONS"
-CORS_MAX_AGE = b"600"
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP token (fullmatch)
-_ORIGIN = re.compile(r"[!-~]+")  # printable ASCII, no spaces (fullmatch)
 
 
 class CorsMiddleware:

@@ -11,8 +11,8 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 from PIL import Image
 
-from livegen.engine import DeviceImage, GenerationRequest, Task
-from livegen.engine.fastpath import Deferred, FastPath, Job, Output, VaeChoice, unet_steps
+from livegen.engine import DeviceImage, GenerationRequest, Task, unet_steps
+from livegen.engine.fastpath import Deferred, FastPath, Job, Output, VaeChoice
 from livegen.protocol.errors import InvalidInput
 
 logger = logging.getLogger(__name__)

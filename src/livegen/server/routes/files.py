@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from livegen.protocol.errors import InvalidInput, NotFound
 from livegen.server import deps
-from livegen.server.storage import check_content_type, file_url, requested_ttl
+from livegen.server.storage import check_content_type, file_url
 from livegen.server.uploads import MAX_PARTS, PartRef, UploadKind, UploadService
 
 router = APIRouter(prefix="/cdn", tags=["files"])
@@ -78,28 +78,36 @@ async def get_file(file_id: str, file_name: str, store: deps.FilesDep) -> FileRe
 
 @router.post("/files/upload")
 async def cdn_upload(
-    request: Request, key_id: deps.CdnKeyDep, uploads: deps.UploadsDep, base_url: deps.BaseUrlDep
+    request: Request,
+    key_id: deps.CdnKeyDep,
+    uploads: deps.UploadsDep,
+    base_url: deps.BaseUrlDep,
+    file_ttl_s: deps.FileTtlDep,
 ) -> dict[str, str]:
     stored = await uploads.receive_file(
         _body(request),
         declared_length=request.headers.get("content-length"),
         content_type=_content_type(request),
         file_name=request.headers.get("x-fal-file-name"),
-        file_ttl_s=requested_ttl(request.headers),
+        file_ttl_s=file_ttl_s,
     )
     return {"access_url": stored.url(base_url)}
 
 
 @router.post("/files/upload/multipart")
 async def cdn_multipart_create(
-    request: Request, key_id: deps.CdnKeyDep, uploads: deps.UploadsDep, base_url: deps.BaseUrlDep
+    request: Request,
+    key_id: deps.CdnKeyDep,
+    uploads: deps.UploadsDep,
+    base_url: deps.BaseUrlDep,
+    file_ttl_s: deps.FileTtlDep,
 ) -> dict[str, str]:
     upload = uploads.initiate(
         UploadKind.MULTIPART,
         key_id=key_id,
         file_name=request.headers.get("x-fal-file-name"),
         content_type=_content_type(request),
-        file_ttl_s=requested_ttl(request.headers),
+        file_ttl_s=file_ttl_s,
     )
     return {"access_url": file_url(base_url, upload.file_id, upload.file_name), "uploadId": upload.upload_id}
 

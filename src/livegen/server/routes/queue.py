@@ -16,7 +16,6 @@ from livegen.protocol.errors import InvalidInput, NotFound
 from livegen.server import deps
 from livegen.server.jobs.service import JobService, urls
 from livegen.server.jobs.store import Job
-from livegen.server.storage import requested_ttl
 from livegen.server.urlfetch import check_target
 
 KEEPALIVE_S = 15.0
@@ -67,12 +66,12 @@ def _submit_handler(endpoint: Endpoint) -> Any:
     input_model = endpoint.input_model
 
     async def submit(
-        request: Request,
         body: input_model,  # type: ignore[valid-type]
         key_id: deps.RateLimitedKeyDep,
         jobs: deps.JobsDep,
         settings: deps.SettingsDep,
         base_url: deps.BaseUrlDep,
+        file_ttl_s: deps.FileTtlDep,
         fal_webhook: Annotated[str | None, Query()] = None,
         x_fal_queue_priority: Annotated[str | None, Header()] = None,
         x_fal_request_timeout: Annotated[str | None, Header()] = None,
@@ -89,7 +88,7 @@ def _submit_handler(endpoint: Endpoint) -> Any:
             priority=x_fal_queue_priority,
             start_timeout=_parse_timeout(x_fal_request_timeout),
             webhook_url=fal_webhook,
-            file_ttl_s=requested_ttl(request.headers),
+            file_ttl_s=file_ttl_s,
         )
         content = {
             "status": "IN_QUEUE",

@@ -15,7 +15,6 @@ from pydantic import BaseModel, ValidationError
 from livegen.protocol.apps import ENDPOINTS, Endpoint
 from livegen.protocol.schemas import Output
 from livegen.server import deps
-from livegen.server.storage import requested_ttl
 
 SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Server-sent events", "content": {"text/event-stream": {}}}
@@ -30,9 +29,10 @@ def _handler(endpoint: Endpoint) -> Any:
         body: input_model,  # type: ignore[valid-type]
         service: deps.GenerationDep,
         base_url: deps.BaseUrlDep,
+        file_ttl_s: deps.FileTtlDep,
     ) -> dict[str, Any]:
         assert isinstance(body, BaseModel)
-        return await service.run(endpoint, body, base_url=base_url, file_ttl_s=requested_ttl(request.headers))
+        return await service.run(endpoint, body, base_url=base_url, file_ttl_s=file_ttl_s)
 
     run.__name__ = "run_" + endpoint.slug
     return run
@@ -60,6 +60,7 @@ def _get_handler(endpoint: Endpoint) -> Any:
         request: Request,
         service: deps.GenerationDep,
         base_url: deps.BaseUrlDep,
+        file_ttl_s: deps.FileTtlDep,
     ) -> dict[str, Any]:
         """The same run with the input in the query string: what ``fal.run(id, {method: "get"})`` sends."""
         raw = {key: _query_value(request.query_params.getlist(key)) for key in request.query_params.keys()}
@@ -68,7 +69,7 @@ def _get_handler(endpoint: Endpoint) -> Any:
         except ValidationError as exc:
             errors = [{**e, "loc": ("query", *e["loc"])} for e in exc.errors(include_url=False, include_input=False)]
             raise RequestValidationError(errors) from None
-        return await service.run(endpoint, body, base_url=base_url, file_ttl_s=requested_ttl(request.headers))
+        return await service.run(endpoint, body, base_url=base_url, file_ttl_s=file_ttl_s)
 
     run_get.__name__ = "run_get_" + endpoint.slug
     return run_get
@@ -97,15 +98,15 @@ def _stream_handler(endpoint: Endpoint) -> Any:
     input_model = endpoint.input_model
 
     async def stream(
-        request: Request,
         body: input_model,  # type: ignore[valid-type]
         service: deps.GenerationDep,
         base_url: deps.BaseUrlDep,
+        file_ttl_s: deps.FileTtlDep,
     ) -> StreamingResponse:
         """Server-sent events: one ``data:`` event holding the output (these models produce
         their images all at once). Errors before generation ends are plain fal error responses."""
         assert isinstance(body, BaseModel)
-        output = await service.run(endpoint, body, base_url=base_url, file_ttl_s=requested_ttl(request.headers))
+        output = await service.run(endpoint, body, base_url=base_url, file_ttl_s=file_ttl_s)
 
         async def events() -> AsyncIterator[str]:
             yield f"data: {json.dumps(output)}\n\n"

@@ -15,11 +15,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from livegen.server import deps, tokens
-from livegen.server.storage import check_content_type, file_url, requested_ttl
+from livegen.server.storage import check_content_type, file_url
 from livegen.server.uploads import UploadKind, UploadService
 
 router = APIRouter(prefix="/rest/storage", tags=["storage"])
@@ -58,28 +58,28 @@ async def cdn_token(
 
 @router.post("/upload/initiate")
 async def initiate(
-    request: Request,
     body: InitiateRequest,
     key_id: deps.KeyDep,
     uploads: deps.UploadsDep,
     base_url: deps.BaseUrlDep,
+    file_ttl_s: deps.FileTtlDep,
     storage_type: StorageType = "gcs",
 ) -> dict[str, str]:
     """``upload_url`` takes one PUT of the whole file; ``file_url`` serves it afterwards."""
-    return _initiate(uploads, UploadKind.SINGLE, body, key_id, base_url, requested_ttl(request.headers))
+    return _initiate(uploads, UploadKind.SINGLE, body, key_id, base_url, file_ttl_s)
 
 
 @router.post("/upload/initiate-multipart")
 async def initiate_multipart(
-    request: Request,
     body: InitiateRequest,
     key_id: deps.KeyDep,
     uploads: deps.UploadsDep,
     base_url: deps.BaseUrlDep,
+    file_ttl_s: deps.FileTtlDep,
     storage_type: StorageType = "fal-cdn-v3",
 ) -> dict[str, str]:
     """Parts go to ``{upload_url}/{n}``, then ``POST {upload_url}/complete`` with the parts."""
-    return _initiate(uploads, UploadKind.MULTIPART, body, key_id, base_url, requested_ttl(request.headers))
+    return _initiate(uploads, UploadKind.MULTIPART, body, key_id, base_url, file_ttl_s)
 
 
 def _initiate(
