@@ -16,7 +16,7 @@ import pytest
 from livegen.protocol.errors import InvalidInput, NotFound
 from livegen.server.db import Database
 from livegen.server.jobs.store import JobState, SqliteJobStore
-from livegen.server.storage import ORPHAN_AGE_S, FileStore, requested_ttl
+from livegen.server.storage import EXPIRY_GRACE_S, ORPHAN_AGE_S, FileStore, requested_ttl
 from tests.conftest import Clock, LiveServer, start_server, stop_server, wait_for
 from tests.reliability.conftest import scrape
 
@@ -42,10 +42,25 @@ def test_a_file_is_served_until_its_time_then_deleted(store: tuple[FileStore, Cl
     with pytest.raises(NotFound, match="file has expired"):
         files.get(old.file_id)  # gone at once, before any sweep
     assert files.get(new.file_id).size == 3
+    assert files.expire() == 0 and (root / old.file_id).is_file()  # on disk a little longer
+    clock.now += EXPIRY_GRACE_S
     assert files.expire() == 1
     assert not (root / old.file_id).exists() and (root / new.file_id).is_file()
     with pytest.raises(NotFound, match="file not found"):
         files.get(old.file_id)
+
+
+def test_a_file_found_just_in_time_can_still_be_read(store: tuple[FileStore, Clock, Path]) -> None:
+    """A GET (or an image_url read) finds the file, then opens it on another thread: a sweep in
+    between must not have deleted it, or the response would be a 500 instead of the file."""
+    files, clock, _ = store
+    stored = files.put(b"last", "text/plain", "last.txt")
+    clock.now += TTL - 0.001
+    found = files.get(stored.file_id)
+    clock.now += 0.002  # past its time when the sweep runs
+    assert files.expire() == 0 and found.path.read_bytes() == b"last"
+    clock.now += EXPIRY_GRACE_S
+    assert files.expire() == 1 and not found.path.exists()
 
 
 def test_files_left_without_a_row_are_removed_once_old(store: tuple[FileStore, Clock, Path]) -> None:
@@ -96,6 +111,30 @@ def test_a_served_file_expires_and_the_sweeper_deletes_it(short_lived: LiveServe
     assert after["livegen_stored_files"] == before["livegen_stored_files"] - after["livegen_files_expired_total"]
 
 
+def test_an_expired_file_as_image_url_says_so(short_lived: LiveServer) -> None:
+    """The server reads its own file URLs from disk. One it no longer serves is a 422 that says
+    why, not a fetch of its own URL (refused as a loopback address, which would mislead)."""
+    body = {"prompt": "a boat", "model_name": "stabilityai/sd-turbo", "image_size": {"width": 64, "height": 64}}
+    with short_lived.client() as http:
+        url = http.post("/fal-ai/fast-turbo-diffusion", json={**body, "sync_mode": False}).json()["images"][0]["url"]
+        i2i = {**body, "image_url": url, "strength": 0.5}
+        assert http.post("/fal-ai/fast-turbo-diffusion/image-to-image", json=i2i).status_code == 200
+        wait_for(lambda: httpx.get(url).status_code == 404, timeout=10)
+        response = http.post("/fal-ai/fast-turbo-diffusion/image-to-image", json=i2i)
+        never = url.replace(url.split("/cdn/files/")[1].split("/")[0], "0" * 32)
+        missing = http.post("/fal-ai/fast-turbo-diffusion/image-to-image", json={**i2i, "image_url": never})
+    assert response.status_code == 422
+    (detail,) = response.json()["detail"]
+    assert detail["loc"] == ["body", "image_url"] and detail["type"] == "file_download_error"
+    assert detail["msg"] in (
+        "image_url could not be read from this server's files: file has expired",
+        "image_url could not be read from this server's files: file not found",  # the sweeper came first
+    )
+    assert "--allow-private-urls" not in response.text
+    assert missing.status_code == 422
+    assert missing.json()["detail"][0]["msg"] == "image_url could not be read from this server's files: file not found"
+
+
 # -- fal's lifecycle preference ------------------------------------------------------------------
 
 
@@ -133,6 +172,7 @@ def test_a_file_asked_for_less_goes_sooner_and_more_is_capped(store: tuple[FileS
     clock.now += 10
     with pytest.raises(NotFound, match="expired"):
         files.get(brief.file_id)
+    clock.now += EXPIRY_GRACE_S
     assert files.expire() == 1 and files.get(long.file_id).size == 4
 
 
@@ -163,7 +203,7 @@ def test_a_data_dir_from_before_expiry_is_migrated(tmp_path: Path) -> None:
             " file_name TEXT NOT NULL, created_at REAL NOT NULL);"
         )
         (tmp_path / "files").mkdir()
-        for file_id, age in (("a" * 32, TTL + 1), ("b" * 32, TTL - 10)):
+        for file_id, age in (("a" * 32, TTL + EXPIRY_GRACE_S), ("b" * 32, TTL - 10)):
             (tmp_path / "files" / file_id).write_bytes(b"old")
             db.execute("INSERT INTO files VALUES (?, 'text/plain', 3, 'x.txt', ?)", (file_id, clock.now - age))
         db.migrate(OLD_JOBS)

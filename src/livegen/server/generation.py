@@ -38,7 +38,7 @@ from livegen.engine.imaging import (
     to_data_url,
 )
 from livegen.protocol.apps import BY_ID, Endpoint, Task
-from livegen.protocol.errors import InvalidInput, NotFound, PayloadTooLarge
+from livegen.protocol.errors import FetchRefused, InvalidInput, NotFound, PayloadTooLarge
 from livegen.protocol.schemas import MAX_SIDE, MIN_SIDE, resolve_image_size
 from livegen.server.admission import SyncAdmission
 from livegen.server.storage import FileStore
@@ -261,7 +261,7 @@ class GenerationService:
         """The input image, decoded off the event loop. ``on_device``: given the image's size,
         may the engine's ``input_decoder`` decode it (if the engine has one)?"""
         if raw is not None:
-            data: bytes | None = raw
+            data = raw
             field = "image_bytes"
             if len(raw) > self._settings.max_input_image_bytes:
                 raise PayloadTooLarge(f"image_bytes is larger than {self._settings.max_input_image_bytes} bytes")
@@ -269,12 +269,10 @@ class GenerationService:
             assert url is not None
             if url[:5].lower() == "data:":  # base64 and the decode together, off the event loop
                 return await anyio.to_thread.run_sync(self._decode_data_url, url, field, on_device)
-            data = None
             if (file_id := self._local_file_id(url, base_url)) is not None:  # string checks only: no thread
                 data = await anyio.to_thread.run_sync(self._local_file, file_id, field)
-        if data is None:
-            assert url is not None
-            data = await fetch_bytes(url, self._fetch_policy, field=field)
+            else:
+                data = await fetch_bytes(url, self._fetch_policy, field=field)
         return await anyio.to_thread.run_sync(self._decode, data, field, on_device)
 
     def _decode_data_url(
@@ -308,16 +306,20 @@ class GenerationService:
             return None
         return target.path[len(prefix) :].split("/", 1)[0]
 
-    def _local_file(self, file_id: str, field: str) -> bytes | None:
+    def _local_file(self, file_id: str, field: str) -> bytes:
         """Bytes of a file this server serves, read from disk instead of over the network
-        (under the same size cap as a download)."""
+        (under the same size cap as a download). One it no longer serves is the 422 a download
+        of it would end in, said plainly: fetching our own URL would be refused as a loopback
+        address on a local server, which misleads."""
         try:
             stored = self._files.get(file_id)
-        except NotFound:
-            return None
-        if stored.size > self._settings.max_input_image_bytes:
-            raise PayloadTooLarge(f"{field} is larger than the {self._settings.max_input_image_bytes}-byte limit")
-        return stored.path.read_bytes()
+            if stored.size > self._settings.max_input_image_bytes:
+                raise PayloadTooLarge(f"{field} is larger than the {self._settings.max_input_image_bytes}-byte limit")
+            return stored.path.read_bytes()
+        except (NotFound, FileNotFoundError) as exc:
+            why = exc.message if isinstance(exc, NotFound) else "file not found"  # deleted since get()
+            message = f"{field} could not be read from this server's files: {why}"
+            raise FetchRefused(message, loc=("body", field)) from exc
 
     async def render(
         self,

@@ -6,7 +6,8 @@ at ``{base}/cdn/files/{file_id}/{file_name}``. The display name only decorates t
 id alone finds the file. A file is served for ``files_ttl_s`` after it was stored (7 days by
 default, as long as finished jobs are kept), or less where the request that made it asked for
 less with fal's lifecycle header (``requested_ttl``); then it is gone (404), and ``expire``
-deletes it.
+deletes it a little later (``EXPIRY_GRACE_S``), so that a request that found the file just in
+time can still open it.
 
 Methods touch the disk; async callers run them through ``anyio.to_thread``.
 """
@@ -40,6 +41,10 @@ DEFAULT_TTL_S = 7 * 24 * 3600.0
 # A file in the folder without a row (a crash between writing and registering it) is removed by
 # the first sweep after a start once it is this old: long past any write still in progress.
 ORPHAN_AGE_S = 3600.0
+# How long a file stays on disk after it stopped being served: a GET (or an image_url read) that
+# found it a moment before its time opens it a moment after, and must not find it deleted.
+# Capped at the store's TTL, so a store with a TTL of seconds (tests) still sweeps promptly.
+EXPIRY_GRACE_S = 60.0
 
 
 SCHEMA = """
@@ -201,11 +206,13 @@ class FileStore:
         return StoredFile(file_id, content_type, size, name, path, expires_at)
 
     def expire(self, *, orphans: bool = False) -> int:
-        """Delete the files past their time and, with ``orphans`` (a crash leaves them, so the
-        first sweep after a start looks), files without a row that are older than
-        ``ORPHAN_AGE_S``; the number of files deleted. Blocking: runs in a worker thread."""
+        """Delete the files past their time (by ``EXPIRY_GRACE_S``, or the TTL if shorter) and,
+        with ``orphans`` (a crash leaves them, so the first sweep after a start looks), files
+        without a row that are older than ``ORPHAN_AGE_S``; the number of files deleted.
+        Blocking: runs in a worker thread."""
         now = self._clock()
-        rows = self._db.query("SELECT file_id FROM files WHERE expires_at <= ?", (now,))
+        cutoff = now - min(EXPIRY_GRACE_S, self._ttl_s)
+        rows = self._db.query("SELECT file_id FROM files WHERE expires_at <= ?", (cutoff,))
         gone = [row[0] for row in rows]
         for file_id in gone:
             # The row first: a file without a row is never served, a row without a file is a 404 anyway.
