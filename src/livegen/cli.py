@@ -257,7 +257,7 @@ def main() -> None:
 @click.option(
     "--max-sessions",
     type=click.IntRange(min=1),
-    help="Concurrent realtime sessions. [env LIVEGEN_MAX_SESSIONS; default 64]",
+    help="Concurrent WebSocket connections (realtime and HTTP over WebSocket). [env LIVEGEN_MAX_SESSIONS; default 64]",
 )
 @click.option("--log-level", default="INFO", show_default=True)
 def serve(log_level: str, **flags: Any) -> None:

@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=10, ge=1)
     webhook_backoff_base_s: float = Field(default=15.0, gt=0)
     webhook_timeout_s: float = Field(default=10.0, gt=0)
-    max_sessions: int = Field(default=64, ge=1, description="Concurrent realtime sessions")
+    max_sessions: int = Field(default=64, ge=1, description="Concurrent WebSocket connections (realtime, HTTP over WS)")
     session_timeout_s: float = Field(default=60.0, gt=0, description="Idle realtime sessions get TIMEOUT")
     # 1: every newer frame replaces the one waiting, so a busy GPU renders each session's newest
     # frame (BENCHMARKS.md session 15: 16 sessions p50 -33 ms against 2, same frames/s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from collections.abc import Iterator
 
 import fal_client
@@ -110,3 +111,41 @@ def test_wrong_key_is_401(live_server: LiveServer, fal: fal_client.SyncClient) -
         fal_client.SyncClient(key="nope").run("fal-ai/fast-turbo-diffusion", {"prompt": "x"})
     assert info.value.status_code == 401
     assert info.value.error_type == "unauthorized"
+
+
+def _ws_answer(messages: list[str | bytes]) -> tuple[int, dict[str, object]]:
+    """One HTTP-over-WebSocket answer (start, body, end), as fal's ``fal.apps.ws`` reads it."""
+    start, body, end = (json.loads(m) for m in messages)
+    assert start["type"] == "start" and end["type"] == "end" and start["request_id"] == end["request_id"]
+    return start["status"], body
+
+
+@pytest.mark.parametrize("use_jwt", [True, False])
+def test_ws_connect(fal: fal_client.SyncClient, use_jwt: bool) -> None:
+    """``ws_connect`` opens a raw WebSocket on the app's own URL (its default path is empty):
+    livegen answers HTTP over WebSocket there (fal's ws.fal.run protocol). With ``use_jwt`` the
+    URL carries a token for the app; without, the handshake carries the key."""
+    with fal.ws_connect("fal-ai/fast-turbo-diffusion/image-to-image", use_jwt=use_jwt) as ws:
+        image_url = fal_client.encode(png_bytes(128, 128), "image/png")
+        ws.send(json.dumps({"prompt": "a fox", "image_url": image_url, "strength": 1.0, "seed": 3}))
+        status, output = _ws_answer([ws.recv() for _ in range(3)])
+        ws.send(json.dumps({"image_url": image_url}))
+        refused, error = _ws_answer([ws.recv() for _ in range(3)])
+    assert status == 200 and output["seed"] == 3
+    assert _jpeg(output["images"][0]["url"]).size == (128, 128)  # type: ignore[index]
+    assert refused == 422 and error["detail"][0]["loc"] == ["body", "prompt"]  # type: ignore[index]
+
+
+def test_ws_connect_async(live_server: LiveServer, fal: fal_client.SyncClient) -> None:
+    async def go() -> list[tuple[int, dict[str, object]]]:
+        client = fal_client.AsyncClient(key=live_server.key)
+        async with client.ws_connect("fal-ai/fast-lcm-diffusion") as ws:
+            answers = []
+            for seed in (1, 2):  # sent ahead: answered in order
+                await ws.send(json.dumps({"prompt": "a kite", "num_inference_steps": 2, "seed": seed}))
+            for _ in range(2):
+                answers.append(_ws_answer([await ws.recv() for _ in range(3)]))
+            return answers
+
+    answers = asyncio.run(go())
+    assert [(status, output["seed"]) for status, output in answers] == [(200, 1), (200, 2)]

@@ -466,3 +466,55 @@ def test_realtime_frames_fuzz(fuzz_server: LiveServer) -> None:
         ws.send(msgpack.packb({**BASE_FRAME, "request_id": "last"}, use_bin_type=True))
         assert answer() == "result"
     record("fuzz-realtime", {"answers": dict(answers), "error_reasons": dict(reasons.most_common(15))})
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+JSON_OVERRIDES = st.one_of(
+    VALID_OVERRIDES.map(lambda o: {k: v for k, v in o.items() if k != "image_bytes"}),  # bytes are not JSON
+    st.dictionaries(st.sampled_from(FIELDS + ["strength", "image_url", "sync_mode"]), JSON_VALUES, max_size=3),
+    st.fixed_dictionaries({"image_url": st.one_of(data_urls(), st.just(to_data_url(SEEDS[0], "image/png")))}),
+)
+
+
+@pytest.mark.parametrize("endpoint", ["fal-ai/fast-turbo-diffusion", "fal-ai/fast-turbo-diffusion/image-to-image"])
+def test_http_over_websocket_fuzz(fuzz_server: LiveServer, endpoint: str) -> None:
+    """Random messages on one HTTP-over-WebSocket connection (``WS /{endpoint}``): each gets a
+    whole answer (start, body, end, one request id) with a status below 500, and the connection
+    stays open throughout."""
+    from websockets.sync.client import connect
+
+    statuses: Counter[int] = Counter()
+    url = f"{fuzz_server.base_url.replace('http', 'ws', 1)}/{endpoint}"
+    with connect(url, additional_headers={"Authorization": f"Key {fuzz_server.key}"}, max_size=None) as ws:
+
+        def answer() -> tuple[int, Any]:
+            start, body, end = (json.loads(ws.recv(timeout=120)) for _ in range(3))
+            assert (start["type"], end["type"]) == ("start", "end") and start["request_id"] == end["request_id"]
+            assert start["status"] == end["status"]
+            return start["status"], body
+
+        @settings(max_examples=40 * SCALE, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(
+            message=st.one_of(
+                JSON_OVERRIDES.map(lambda o: json.dumps({**BASE_FRAME, **o})),
+                st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=4).map(json.dumps),
+                JSON_VALUES.map(json.dumps),
+                st.binary(max_size=32),
+                st.text(max_size=32),
+            )
+        )
+        def one(message: bytes | str) -> None:
+            ws.send(message)
+            status, body = answer()
+            statuses[status] += 1
+            assert 200 <= status < 500, (status, body, message[:200])
+            assert ("images" in body) if status == 200 else ("detail" in body), body
+
+        one()
+        ws.send(json.dumps({**BASE_FRAME, "image_url": to_data_url(SEEDS[0], "image/png")}))
+        assert answer()[0] == 200
+    record(f"fuzz-http-over-ws-{endpoint.count('/')}", {"statuses": dict(statuses)})

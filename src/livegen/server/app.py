@@ -32,7 +32,7 @@ from livegen.server.jobs.webhooks import WebhookSender, WebhookSigner
 from livegen.server.metrics import Metrics, MetricsMiddleware
 from livegen.server.middleware import BodyLimitMiddleware, CorsMiddleware, DrainCutMiddleware, RequestIdMiddleware
 from livegen.server.ratelimit import RateLimiter
-from livegen.server.routes import files, health, proxy, queue, realtime, rest, run, uploads, web
+from livegen.server.routes import files, health, proxy, queue, realtime, rest, run, uploads, web, ws
 from livegen.server.storage import FileStore
 from livegen.server.tokens import TokenSigner, load_secret
 from livegen.server.uploads import UploadService
@@ -92,6 +92,7 @@ def create_app(
     app.include_router(queue.router())
     app.include_router(run.router())
     realtime.install(app, settings)
+    ws.install(app)
     return app
 
 
@@ -127,15 +128,16 @@ async def _open_jobs(app: FastAPI, settings: Settings, db: Database, stack: Asyn
 def connection_options(settings: Settings) -> dict[str, Any]:
     """uvicorn's connection options for this app.
 
-    WebSocket frames are size-checked by the session (a clear error frame); uvicorn's cap is a
-    backstop; permessage-deflate as ``ws_compression`` says. Idle HTTP keep-alive connections stay
+    WebSocket frames are size-checked by the realtime session (a clear error frame) and HTTP
+    over WebSocket (a 413 answer, at ``max_request_bytes`` as on HTTP); uvicorn's cap is a
+    backstop above both; permessage-deflate as ``ws_compression`` says. Idle HTTP keep-alive connections stay
     open ``keep_alive_timeout_s``: longer than the pools of the clients in front of us (httpx,
     which fal-client uses, expires idle connections after 5 s; nginx upstreams after 60 s), so the
     client always closes first. With uvicorn's own 5 s both sides close together, and a request
     sent on a connection the server has just closed fails with a connection reset."""
     return {
         "ws": "websockets-sansio",
-        "ws_max_size": 2 * settings.max_ws_message_bytes,
+        "ws_max_size": max(2 * settings.max_ws_message_bytes, settings.max_request_bytes),
         "ws_per_message_deflate": settings.ws_compression,
         "timeout_keep_alive": settings.keep_alive_timeout_s,
     }

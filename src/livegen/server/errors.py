@@ -54,7 +54,7 @@ async def livegen_error(request: Request, exc: Exception) -> JSONResponse:
     return _response(exc.http_status, error_body(exc), headers)
 
 
-def _clean(error: dict[str, Any]) -> dict[str, Any]:
+def clean_validation_error(error: dict[str, Any]) -> dict[str, Any]:
     # Never echo the input back: it may be a data URL of many megabytes, or a secret.
     out: dict[str, Any] = {
         "loc": list(error.get("loc", ())),
@@ -69,7 +69,7 @@ def _clean(error: dict[str, Any]) -> dict[str, Any]:
 
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    detail = [_clean(e) for e in exc.errors()]
+    detail = [clean_validation_error(e) for e in exc.errors()]
     return _response(422, {"detail": detail}, {"X-Fal-Error-Type": "validation_error"})
 
 

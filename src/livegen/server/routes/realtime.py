@@ -15,7 +15,7 @@ import functools
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -54,13 +54,21 @@ TOKEN_EXPIRY_FINISH_S = 10.0  # at token expiry, the frame being rendered still 
 KEY_REVOKED_CLOSE = (1008, "the API key this session was opened with has been revoked")  # 1008: policy
 
 
+class Stoppable(Protocol):
+    """An open WebSocket connection that can be closed from outside: a realtime ``Session``, or
+    an HTTP-over-WebSocket connection (``routes/ws.py``)."""
+
+    def stop(self, code: int, reason: str) -> None: ...
+
+
 class SessionSlots:
-    """Counts open sessions against ``max_sessions``, and knows them (to close them at shutdown)."""
+    """Counts open WebSocket connections (realtime sessions and HTTP over WebSocket) against
+    ``max_sessions``, and knows them (to close them at shutdown)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.open = 0
-        self.sessions: set[Session] = set()
+        self.sessions: set[Stoppable] = set()
 
     @contextlib.contextmanager
     def take(self) -> Iterator[None]:
@@ -175,7 +183,7 @@ def _handler(endpoint: Endpoint) -> Any:
     return realtime
 
 
-async def watch_key(session: Session, keys: KeyStore, key_id: str, interval_s: float) -> None:
+async def watch_key(session: Stoppable, keys: KeyStore, key_id: str, interval_s: float) -> None:
     """Close ``session`` (1008 and why) once its API key is revoked, checking every ``interval_s``."""
     while True:
         await asyncio.sleep(interval_s)
@@ -192,7 +200,8 @@ async def watch_key(session: Session, keys: KeyStore, key_id: str, interval_s: f
 
 async def close_sessions(app: FastAPI, timeout_s: float = 2.0) -> int:
     """Close every open session with 1012 and a reason (server shutdown, before uvicorn closes
-    the sockets with a bare 1012); waits up to ``timeout_s`` for them to go. How many there were."""
+    the sockets with a bare 1012); waits up to ``timeout_s`` for them to go (an HTTP-over-WebSocket
+    connection first answers the request it is on). How many there were."""
     slots: SessionSlots = app.state.realtime_slots
     sessions = list(slots.sessions)
     for session in sessions:
