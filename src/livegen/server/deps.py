@@ -1,5 +1,10 @@
 """FastAPI dependencies shared by the routes: the services on app.state, the caller's key,
-and the public base URL that returned file URLs start with."""
+and the public base URL that returned file URLs start with.
+
+FastAPI runs a plain ``def`` dependency in its thread pool, one hop per dependency per request
+(about 60 us each on a small CPU, BENCHMARKS.md session 20): the ones that only read
+``app.state`` or headers are ``async def`` and run inline; the ones that query SQLite (keys,
+jobs) stay ``def``, so a slow disk never stalls the event loop."""
 
 from __future__ import annotations
 
@@ -17,27 +22,27 @@ from livegen.server.uploads import UploadService
 from livegen.settings import Settings
 
 
-def settings(request: Request) -> Settings:
+async def settings(request: Request) -> Settings:
     s: Settings = request.app.state.settings
     return s
 
 
-def generation(request: Request) -> GenerationService:
+async def generation(request: Request) -> GenerationService:
     service: GenerationService = request.app.state.generation
     return service
 
 
-def files(request: Request) -> FileStore:
+async def files(request: Request) -> FileStore:
     store: FileStore = request.app.state.files
     return store
 
 
-def jobs(request: Request) -> JobService:
+async def jobs(request: Request) -> JobService:
     service: JobService = request.app.state.jobs
     return service
 
 
-def token_signer(request: Request) -> TokenSigner:
+async def token_signer(request: Request) -> TokenSigner:
     signer: TokenSigner = request.app.state.tokens
     return signer
 
@@ -64,7 +69,7 @@ def key_or_token(state: Any, token: str | None, authorization: str | None, *, ap
     raise Unauthorized("pass ?fal_jwt_token= (from POST /rest/tokens/) or an 'Authorization: Key' header", public=True)
 
 
-def uploads(request: Request) -> UploadService:
+async def uploads(request: Request) -> UploadService:
     service: UploadService = request.app.state.uploads
     return service
 
@@ -74,7 +79,8 @@ def require_cdn_token(request: Request) -> str:
     scheme, _, token = (request.headers.get("authorization") or "").strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("pass 'Authorization: Bearer <token from /rest/storage/auth/token>'", public=True)
-    key_id = token_signer(request).verify(token.strip(), CDN).key_id
+    signer: TokenSigner = request.app.state.tokens
+    key_id = signer.verify(token.strip(), CDN).key_id
     keys: KeyStore = request.app.state.keys
     if not keys.is_active(key_id):
         raise Unauthorized("the API key this token was issued for has been revoked", public=True)
@@ -88,12 +94,12 @@ def rate_limited_key(request: Request) -> str:
     return key_id
 
 
-def file_ttl(request: Request) -> float | None:
+async def file_ttl(request: Request) -> float | None:
     """The lifetime the request asks for the files it stores (fal's lifecycle headers), or None."""
     return requested_ttl(request.headers)
 
 
-def base_url(request: Request) -> str:
+async def base_url(request: Request) -> str:
     configured: str = request.app.state.settings.public_url
     if configured:
         return configured.rstrip("/")

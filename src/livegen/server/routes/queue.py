@@ -34,7 +34,7 @@ CANCEL_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def logs_flag(logs: Annotated[str | None, Query()] = None) -> bool:
+async def logs_flag(logs: Annotated[str | None, Query()] = None) -> bool:
     """``?logs=``: Python sends true/false, JS 1/0."""
     return (logs or "").strip().lower() in ("1", "true", "yes")
 
