@@ -1,11 +1,12 @@
-"""Revoking an API key ends the realtime sessions it opened, whether opened with the key itself
-(``Authorization: Key``) or with a token issued for it: ``livegen keys revoke`` (another process)
-only marks the key in the database, and each open session re-checks its key every
-``LIVEGEN_KEY_CHECK_S`` seconds, then closes with 1008 and the reason. Sessions of other keys
-carry on."""
+"""Revoking an API key ends the realtime sessions (and HTTP-over-WebSocket connections) it
+opened, whether opened with the key itself (``Authorization: Key``) or with a token issued for
+it: ``livegen keys revoke`` (another process) only marks the key in the database, and each open
+session re-checks its key every ``LIVEGEN_KEY_CHECK_S`` seconds, then closes with 1008 and the
+reason. Sessions of other keys carry on."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,8 +50,11 @@ def server(data_dir: Path, managed_key: str, shared_data_dir: Path) -> Iterator[
     stop_server(srv)
 
 
-def _connect(server: LiveServer, *, key: str | None = None, token: str | None = None) -> ClientConnection:
-    url = server.base_url.replace("http", "ws", 1) + f"/{TURBO}/realtime"
+def _connect(
+    server: LiveServer, *, key: str | None = None, token: str | None = None, path: str = "/realtime"
+) -> ClientConnection:
+    """A realtime session, or with ``path=""`` an HTTP-over-WebSocket connection."""
+    url = server.base_url.replace("http", "ws", 1) + f"/{TURBO}{path}"
     if token:
         return connect(f"{url}?fal_jwt_token={token}", max_size=None, open_timeout=30)
     return connect(url, additional_headers={"Authorization": f"Key {key}"}, max_size=None, open_timeout=30)
@@ -88,15 +92,19 @@ def test_revoking_a_key_closes_its_sessions_and_only_those(
         _connect(server, key=managed_key) as by_key,
         _connect(server, token=token_r.json()) as by_token,
         _connect(server, key=server.key) as other,
+        _connect(server, key=managed_key, path="") as http_over_ws,
     ):
         for i, ws in enumerate((by_key, by_token, other)):
             _frame(ws, f"before-{i}")
+        http_over_ws.send(json.dumps(FRAME))
+        assert json.loads(http_over_ws.recv(timeout=30))["status"] == 200
+        http_over_ws.recv(timeout=30), http_over_ws.recv(timeout=30)  # the output, the end
         time.sleep(4 * CHECK_S)  # several checks pass while the key is valid: nothing closes
         _frame(by_key, "still-open")
 
         revoked = CliRunner().invoke(main, ["keys", "revoke", managed_key.split(":")[0], "--data-dir", str(data_dir)])
         assert revoked.exit_code == 0, revoked.output
-        for ws in (by_key, by_token):
+        for ws in (by_key, by_token, http_over_ws):
             closed = _closed(ws)
             assert closed.rcvd is not None and closed.rcvd.code == 1008, closed
             assert "revoked" in closed.rcvd.reason

@@ -15,11 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import LiveServer, png_bytes, start_server, stop_server
-from tests.server.routes.test_realtime import token
+from tests.server.routes.test_realtime import _refusal, token
 
 TURBO = "fal-ai/fast-turbo-diffusion"
 PNG = base64.b64encode(png_bytes(64, 64)).decode()
@@ -119,13 +119,6 @@ def test_subpaths_and_the_other_app(live_server: LiveServer) -> None:
         ws.send(json.dumps({**lcm, "prompt": "x", "num_inference_steps": 2}))
         start, output, _ = answer(ws)
         assert start["status"] == 200 and len(output["images"]) == 1
-
-
-def _refusal(url: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
-    with pytest.raises(InvalidStatus) as info:
-        connect(url, **kwargs)
-    response = info.value.response
-    return response.status_code, json.loads(response.body or b"{}")
 
 
 def test_refusals_before_the_handshake(live_server: LiveServer) -> None:

@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from fastapi import FastAPI
@@ -54,9 +54,11 @@ TOKEN_EXPIRY_FINISH_S = 10.0  # at token expiry, the frame being rendered still 
 KEY_REVOKED_CLOSE = (1008, "the API key this session was opened with has been revoked")  # 1008: policy
 
 
-class Stoppable(Protocol):
-    """An open WebSocket connection that can be closed from outside: a realtime ``Session``, or
-    an HTTP-over-WebSocket connection (``routes/ws.py``)."""
+class Connection(Protocol):
+    """An accepted WebSocket connection, run to its end and stoppable from outside: a realtime
+    ``Session``, or an HTTP-over-WebSocket connection (``routes/ws.py``)."""
+
+    async def run(self) -> None: ...
 
     def stop(self, code: int, reason: str) -> None: ...
 
@@ -68,7 +70,7 @@ class SessionSlots:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.open = 0
-        self.sessions: set[Stoppable] = set()
+        self.sessions: set[Connection] = set()
 
     @contextlib.contextmanager
     def take(self) -> Iterator[None]:
@@ -124,6 +126,50 @@ async def deny(websocket: WebSocket, exc: LivegenError) -> None:
         await websocket.close(1008, exc.wire_message[:120])
 
 
+def check_handshake(websocket: WebSocket, endpoint: Endpoint) -> tuple[str, float | None]:
+    """What every WebSocket here checks before it is accepted (a ``LivegenError`` to ``refuse``
+    otherwise): the credentials (``authenticate``), the browser origin, the server's state."""
+    state = websocket.app.state
+    key_id, valid_for = authenticate(websocket, endpoint)
+    check_origin(websocket, state.settings)
+    if getattr(state, "fatal_error", None):
+        raise ModelUnavailable(f"the server failed to start: {state.fatal_error}")
+    if state.draining:
+        raise ShuttingDown()
+    return key_id, valid_for
+
+
+async def refuse(websocket: WebSocket, endpoint: Endpoint, exc: LivegenError, kind: str) -> None:
+    logger.info("%s refused endpoint=%s status=%d %s", kind, endpoint.endpoint_id, exc.http_status, exc.error_type)
+    await deny(websocket, exc)
+
+
+def http_base_url(websocket: WebSocket, settings: Settings) -> str:
+    """The base URL that file URLs in answers start with, as ``deps.base_url`` gives HTTP routes."""
+    return settings.public_url.rstrip("/") or str(websocket.base_url).replace("ws", "http", 1).rstrip("/")
+
+
+async def run_connection(
+    state: Any, connection: Connection, *, key_id: str, valid_for: float | None, on_expiry: Callable[[], None]
+) -> None:
+    """Run an accepted connection to its end: known to the server (``close_sessions`` stops it at
+    shutdown), stopped by ``on_expiry`` when its token expires (``valid_for`` seconds; None: a
+    key, which does not) and when its key is revoked."""
+    state.realtime_slots.sessions.add(connection)
+    expiry = None
+    if valid_for is not None:
+        expiry = asyncio.get_running_loop().call_later(max(0.0, valid_for), on_expiry)
+    # `livegen keys revoke` (another process) only changes the database: watch it.
+    watch = asyncio.create_task(watch_key(connection, state.keys, key_id, state.settings.key_check_s))
+    try:
+        await connection.run()
+    finally:
+        if expiry is not None:
+            expiry.cancel()
+        watch.cancel()
+        state.realtime_slots.sessions.discard(connection)
+
+
 def _handler(endpoint: Endpoint) -> Any:
     model = input_model(endpoint)
 
@@ -131,23 +177,14 @@ def _handler(endpoint: Endpoint) -> Any:
         state = websocket.app.state
         settings: Settings = state.settings
         try:
-            key_id, valid_for = authenticate(websocket, endpoint)
-            check_origin(websocket, settings)
+            key_id, valid_for = check_handshake(websocket, endpoint)
             buffering = max_buffering(websocket, settings)
-            if getattr(state, "fatal_error", None):
-                raise ModelUnavailable(f"the server failed to start: {state.fatal_error}")
-            if state.draining:
-                raise ShuttingDown()
             slot = state.realtime_slots.take()
             slot.__enter__()
         except LivegenError as exc:
-            logger.info(
-                "realtime refused endpoint=%s status=%d %s", endpoint.endpoint_id, exc.http_status, exc.error_type
-            )
-            await deny(websocket, exc)
+            await refuse(websocket, endpoint, exc, "realtime")
             return
         try:
-            base_url = settings.public_url.rstrip("/") or str(websocket.base_url).replace("ws", "http", 1).rstrip("/")
             session = Session(
                 websocket,
                 endpoint,
@@ -156,26 +193,14 @@ def _handler(endpoint: Endpoint) -> Any:
                 settings,
                 state.metrics,
                 max_buffering=buffering,
-                base_url=base_url,
+                base_url=http_base_url(websocket, settings),
             )
-            state.realtime_slots.sessions.add(session)
             # A session lives no longer than its token. 1000 with a reason: fal's JS client then
             # fetches a new token and reconnects on its next send without calling onError, and
             # fal-client's recv() returns None (PROTOCOL.md §8.4). A frame being rendered then is
             # still answered before the close (frames still waiting are dropped).
-            expiry = None
-            if valid_for is not None:
-                stop = functools.partial(session.stop, *TOKEN_EXPIRED_CLOSE, finish_frame_s=TOKEN_EXPIRY_FINISH_S)
-                expiry = asyncio.get_running_loop().call_later(max(0.0, valid_for), stop)
-            # Nor longer than its key: `livegen keys revoke` (another process) only changes the database.
-            watch = asyncio.create_task(watch_key(session, state.keys, key_id, settings.key_check_s))
-            try:
-                await session.run()
-            finally:
-                if expiry is not None:
-                    expiry.cancel()
-                watch.cancel()
-                state.realtime_slots.sessions.discard(session)
+            on_expiry = functools.partial(session.stop, *TOKEN_EXPIRED_CLOSE, finish_frame_s=TOKEN_EXPIRY_FINISH_S)
+            await run_connection(state, session, key_id=key_id, valid_for=valid_for, on_expiry=on_expiry)
         finally:
             slot.__exit__(None, None, None)
 
@@ -183,7 +208,7 @@ def _handler(endpoint: Endpoint) -> Any:
     return realtime
 
 
-async def watch_key(session: Stoppable, keys: KeyStore, key_id: str, interval_s: float) -> None:
+async def watch_key(session: Connection, keys: KeyStore, key_id: str, interval_s: float) -> None:
     """Close ``session`` (1008 and why) once its API key is revoked, checking every ``interval_s``."""
     while True:
         await asyncio.sleep(interval_s)

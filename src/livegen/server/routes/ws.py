@@ -44,13 +44,19 @@ from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from livegen.protocol.apps import ENDPOINTS, Endpoint
-from livegen.protocol.errors import LivegenError, ModelUnavailable, PayloadTooLarge, ShuttingDown, error_body
+from livegen.protocol.errors import LivegenError, PayloadTooLarge, ShuttingDown, error_body
 from livegen.protocol.schemas import Output
 from livegen.server.disk import storage_error
 from livegen.server.errors import clean_validation_error
 from livegen.server.metrics import Metrics
 from livegen.server.middleware import request_id_var
-from livegen.server.routes.realtime import TOKEN_EXPIRED_CLOSE, authenticate, check_origin, deny, watch_key
+from livegen.server.routes.realtime import (
+    TOKEN_EXPIRED_CLOSE,
+    check_handshake,
+    http_base_url,
+    refuse,
+    run_connection,
+)
 from livegen.server.storage import requested_ttl
 from livegen.settings import Settings
 
@@ -223,37 +229,19 @@ def _error(exc: LivegenError) -> tuple[int, Any, dict[str, str]]:
 def _handler(endpoint: Endpoint) -> Any:
     async def http_over_ws(websocket: WebSocket) -> None:
         state = websocket.app.state
-        settings: Settings = state.settings
         try:
-            key_id, valid_for = authenticate(websocket, endpoint)
-            check_origin(websocket, settings)
+            key_id, valid_for = check_handshake(websocket, endpoint)
             file_ttl_s = requested_ttl(websocket.headers)
-            if getattr(state, "fatal_error", None):
-                raise ModelUnavailable(f"the server failed to start: {state.fatal_error}")
-            if state.draining:
-                raise ShuttingDown()
             slot = state.realtime_slots.take()
             slot.__enter__()
         except LivegenError as exc:
-            logger.info("ws refused endpoint=%s status=%d %s", endpoint.endpoint_id, exc.http_status, exc.error_type)
-            await deny(websocket, exc)
+            await refuse(websocket, endpoint, exc, "ws")
             return
         try:
-            base_url = settings.public_url.rstrip("/") or str(websocket.base_url).replace("ws", "http", 1).rstrip("/")
+            base_url = http_base_url(websocket, state.settings)
             connection = HttpOverWs(websocket, endpoint, key_id=key_id, base_url=base_url, file_ttl_s=file_ttl_s)
-            state.realtime_slots.sessions.add(connection)
-            expiry = None
-            if valid_for is not None:
-                stop = functools.partial(connection.stop, *TOKEN_EXPIRED_CLOSE)
-                expiry = asyncio.get_running_loop().call_later(max(0.0, valid_for), stop)
-            watch = asyncio.create_task(watch_key(connection, state.keys, key_id, settings.key_check_s))
-            try:
-                await connection.run()
-            finally:
-                if expiry is not None:
-                    expiry.cancel()
-                watch.cancel()
-                state.realtime_slots.sessions.discard(connection)
+            on_expiry = functools.partial(connection.stop, *TOKEN_EXPIRED_CLOSE)
+            await run_connection(state, connection, key_id=key_id, valid_for=valid_for, on_expiry=on_expiry)
         finally:
             slot.__exit__(None, None, None)
 
