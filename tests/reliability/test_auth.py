@@ -209,6 +209,24 @@ def test_bad_api_keys_are_401_in_fals_shape_on_every_route(
             assert r.status_code != 401, f"{method} {path}: {r.text[:200]}"
 
 
+def test_fal_client_with_key_id_and_secret(
+    server: LiveServer, managed: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fal's other way to give the key: ``FAL_KEY_ID`` and ``FAL_KEY_SECRET``, which fal-client
+    joins with ``:``. A key from ``livegen keys create`` is ``id:secret``, so its two halves work."""
+    key_id, secret = managed["kept"].split(":", 1)
+    monkeypatch.delenv("FAL_KEY", raising=False)
+    monkeypatch.setenv("FAL_KEY_ID", key_id)
+    monkeypatch.setenv("FAL_KEY_SECRET", secret)
+    point_fal_client(server.base_url)
+    result = fal_client.SyncClient().run(TURBO, {"prompt": "a fox", **SMALL})
+    assert result["images"][0]["url"].startswith("data:image/jpeg;base64,")
+    monkeypatch.setenv("FAL_KEY_SECRET", secret[:-1])
+    with pytest.raises(fal_client.FalClientHTTPError) as info:
+        fal_client.SyncClient().run(TURBO, {"prompt": "a fox", **SMALL})
+    assert info.value.status_code == 401
+
+
 def test_revoking_a_key_ends_its_outstanding_tokens(
     server: LiveServer, keys_dir: Path, managed: dict[str, str]
 ) -> None:
