@@ -5,6 +5,7 @@ at shutdown. The official client's ``ws_connect``: ``tests/compat/test_fal_clien
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import signal
@@ -200,3 +201,35 @@ def test_limits_and_shutdown(own_server: LiveServer) -> None:
     assert closed.value.rcvd is not None
     assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1012, "server shutting down; reconnect")
     assert own_server.process.wait(30) == 0
+
+
+def test_a_bug_is_a_500_answer_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An exception nobody mapped (a bug) becomes the 500 the POST would give, in fal's shape,
+    and the connection carries on; it is logged with its traceback."""
+    from types import SimpleNamespace
+
+    from livegen.protocol.apps import ENDPOINTS
+    from livegen.server.metrics import Metrics
+    from livegen.server.ratelimit import RateLimiter
+    from livegen.server.routes.ws import HttpOverWs
+    from livegen.settings import Settings
+
+    class Broken:
+        async def run(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            raise RuntimeError("a bug")
+
+    state = SimpleNamespace(
+        settings=Settings(data_dir=tmp_path),
+        metrics=Metrics(),
+        rate_limiter=RateLimiter(0, 0),
+        generation=Broken(),
+        draining=False,
+    )
+    websocket = SimpleNamespace(app=SimpleNamespace(state=state))
+    endpoint = next(e for e in ENDPOINTS if e.endpoint_id == TURBO)
+    connection = HttpOverWs(websocket, endpoint, key_id="k", base_url="http://x", file_ttl_s=None)  # type: ignore[arg-type]
+    message = {"type": "websocket.receive", "text": json.dumps({"prompt": "x"})}
+    with caplog.at_level("ERROR"):
+        answer = asyncio.run(connection._respond(message))
+    assert answer == (500, {"detail": "Internal Server Error"}, {})
+    assert "unhandled error on WS" in caplog.text and "RuntimeError: a bug" in caplog.text

@@ -167,9 +167,15 @@ class HttpOverWs:
             return _unprocessable([exc.error])
         except OSError as exc:
             if (mapped := storage_error(exc)) is None:
-                raise
+                return self._internal_error()
             logger.error("storage fault on WS %s: %s: %s", self._route, type(exc).__name__, exc)
             return _error(mapped)
+        except Exception:  # noqa: BLE001 - a bug is a 500 answer, as on HTTP; the connection goes on
+            return self._internal_error()
+
+    def _internal_error(self) -> tuple[int, Any, dict[str, str]]:
+        logger.exception("unhandled error on WS %s", self._route)
+        return 500, {"detail": "Internal Server Error"}, {}
 
     async def _run(self, message: Message) -> dict[str, Any]:
         if self._state.draining:
