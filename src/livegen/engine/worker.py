@@ -23,7 +23,6 @@ than ``batch_fill`` of the bucket it would be padded to is cut to the largest bu
 from __future__ import annotations
 
 import enum
-import gc
 import itertools
 import logging
 import os
@@ -40,7 +39,7 @@ from typing import Any
 
 import torch
 
-from livegen.engine import EncodedImage, GenerationRequest, GenerationResult, Priority, fastpath
+from livegen.engine import EncodedImage, GenerationRequest, GenerationResult, Priority, fastpath, freeze_heap
 from livegen.engine.device_decode import JpegDecoder
 from livegen.engine.fastpath import Deferred, FastOptions, FastPath
 from livegen.engine.imaging import content_type_for, encode_image
@@ -226,23 +225,6 @@ def _inductor_default_cache_dir() -> str:
 
         return os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
     return default_cache_dir()
-
-
-def freeze_heap(after: str) -> None:
-    """Collect once, then take every object alive out of the collector's reach (``gc.freeze``).
-
-    A serving process holds the objects of torch, diffusers, transformers, FastAPI and the loaded
-    models: ~550,000 tracked objects. Each full collection walks them all with the GIL held,
-    stopping the event loop and the engine for ~330 ms on a 2-core VM (BENCHMARKS.md session 20),
-    and CPython starts one every ~60,000-90,000 requests. These objects live as long as the process
-    (models are never unloaded), so later collections need not look at them: they then take ~2 ms.
-    Objects made afterwards are collected as usual."""
-    started = time.perf_counter()
-    gc.collect()  # the garbage of loading goes first, not into the frozen set
-    gc.freeze()
-    logger.info(
-        "gc: %d objects frozen after %s (%.0f ms)", gc.get_freeze_count(), after, (time.perf_counter() - started) * 1e3
-    )
 
 
 def _vram() -> int:

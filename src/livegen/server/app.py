@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from livegen import __version__
-from livegen.engine import Engine
+from livegen.engine import Engine, freeze_heap
 from livegen.server import errors
 from livegen.server.auth import KeyStore
 from livegen.server.db import Database
@@ -151,7 +151,9 @@ def _start_worker(settings: Settings) -> Any:
 
 async def _watch_startup(app: FastAPI, engine: Engine, on_fatal: Callable[[str], None] | None) -> None:
     startup = getattr(engine, "startup", None)
-    if startup is None:
+    if startup is None:  # an engine that is ready at once (the bench's NullEngine): freeze here
+        if app.state.settings.gc_freeze:
+            freeze_heap("start-up")
         return
     try:
         await asyncio.wrap_future(startup)

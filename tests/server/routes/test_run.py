@@ -295,7 +295,7 @@ def test_unknown_path_is_404_in_fal_shape(http: httpx.Client) -> None:
 
 
 def test_the_heap_is_frozen_once_the_engine_is_ready(live_server: LiveServer) -> None:
-    """gc.freeze() after start-up (worker.freeze_heap): full collections then skip the objects of
+    """gc.freeze() after start-up (engine.freeze_heap): full collections then skip the objects of
     torch, diffusers and the models. The log says how many it froze: hundreds of thousands."""
     line = next(line for line in live_server.log().splitlines() if "objects frozen after start-up" in line)
     assert int(line.split("gc: ")[1].split()[0]) > 100_000, line
