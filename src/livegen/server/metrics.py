@@ -2,7 +2,8 @@
 
 Counters and histograms are updated where things happen (HTTP middleware, job completion,
 webhook attempts); gauges that mirror state (queue depth, engine batches, device busy time)
-are read from their owners at scrape time by ``_StateCollector``.
+are read from their owners at scrape time by ``_StateCollector``. prometheus_client's standard
+``process_*`` and ``python_gc_*`` families come with them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, GCCollector, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,6 +37,10 @@ class Metrics:
         self.webhooks = Counter(
             "livegen_webhook_deliveries", "Webhook delivery attempts, by result", ["result"], registry=self.registry
         )
+        # The process (CPU seconds, resident memory, open files) and Python's collector (collections
+        # per generation: generation 2 is the one that stops everything, see engine.freeze_heap).
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
     def watch(self, engine_status: Callable[[], dict[str, Any]], queue_depth: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_StateCollector(engine_status, queue_depth))

@@ -361,6 +361,10 @@ def test_metrics(http: httpx.Client, live_server: LiveServer) -> None:
     assert 'livegen_http_requests_total{method="POST",route="/fal-ai/fast-turbo-diffusion",status="422"}' in text
     for name in ("livegen_engine_batches_total", "livegen_engine_busy_seconds_total", "livegen_queue_jobs"):
         assert name in text
+    # The process and Python's collector: what an operator watches memory and full collections with.
+    resident = next(line for line in text.splitlines() if line.startswith("process_resident_memory_bytes "))
+    assert float(resident.split()[1]) > 50 * 2**20  # torch and diffusers are loaded
+    assert 'python_gc_collections_total{generation="2"}' in text
     assert live_server.key not in text
 
 
