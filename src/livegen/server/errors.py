@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -46,12 +47,25 @@ def _response(status: int, body: dict[str, Any], headers: dict[str, str] | None 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def livegen_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, LivegenError)
+# fal's answer as (status, body, headers): the HTTP handlers below and HTTP over WebSocket
+# (``routes/ws.py``, which sends the same three in its start and body messages) build from these.
+Answer = tuple[int, Any, dict[str, str]]
+INTERNAL_ERROR: Answer = (500, {"detail": "Internal Server Error"}, {})
+
+
+def error_answer(exc: LivegenError) -> Answer:
     if exc.http_status >= 500 and type(exc) is LivegenError:
         logger.error("request failed: %s", exc.message)
-    headers = {"X-Fal-Error-Type": exc.error_type, **exc.headers()}
-    return _response(exc.http_status, error_body(exc), headers)
+    return exc.http_status, error_body(exc), {"X-Fal-Error-Type": exc.error_type, **exc.headers()}
+
+
+def validation_answer(errors: Sequence[dict[str, Any]]) -> Answer:
+    return 422, {"detail": [clean_validation_error(e) for e in errors]}, {"X-Fal-Error-Type": "validation_error"}
+
+
+async def livegen_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LivegenError)
+    return _response(*error_answer(exc))
 
 
 def clean_validation_error(error: dict[str, Any]) -> dict[str, Any]:
@@ -69,8 +83,7 @@ def clean_validation_error(error: dict[str, Any]) -> dict[str, Any]:
 
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    detail = [clean_validation_error(e) for e in exc.errors()]
-    return _response(422, {"detail": detail}, {"X-Fal-Error-Type": "validation_error"})
+    return _response(*validation_answer(exc.errors()))
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -95,7 +108,7 @@ async def os_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def unhandled_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return _response(500, {"detail": "Internal Server Error"})
+    return _response(*INTERNAL_ERROR)
 
 
 def install(app: FastAPI) -> None:

@@ -44,10 +44,10 @@ from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from livegen.protocol.apps import ENDPOINTS, Endpoint
-from livegen.protocol.errors import LivegenError, PayloadTooLarge, ShuttingDown, error_body
+from livegen.protocol.errors import LivegenError, PayloadTooLarge, ShuttingDown
 from livegen.protocol.schemas import Output
 from livegen.server.disk import storage_error
-from livegen.server.errors import clean_validation_error
+from livegen.server.errors import INTERNAL_ERROR, Answer, error_answer, validation_answer
 from livegen.server.metrics import Metrics
 from livegen.server.middleware import request_id_var
 from livegen.server.routes.realtime import (
@@ -150,32 +150,32 @@ class HttpOverWs:
         self._metrics.http_requests.labels(self._route, "WS", str(status)).inc()
         self._metrics.http_latency.labels(self._route, "WS").observe(ttfb)
         meta = {"request_id": request_id, "status": status}
-        headers = {**JSON_HEADERS, "x-fal-request-id": request_id, **headers}
+        headers = {**JSON_HEADERS, "x-fal-request-id": request_id, **{k.lower(): v for k, v in headers.items()}}
         await self._ws.send_text(json.dumps({"type": "start", **meta, "headers": headers}))
         await self._ws.send_text(json.dumps(body, ensure_ascii=False))
         await self._ws.send_text(json.dumps({"type": "end", **meta, "time_to_first_byte_seconds": round(ttfb, 6)}))
 
-    async def _respond(self, message: Message) -> tuple[int, Any, dict[str, str]]:
+    async def _respond(self, message: Message) -> Answer:
         """What ``POST /{endpoint_id}`` would answer to this message's body: status, body, headers."""
         try:
             return 200, await self._run(message), {}
         except LivegenError as exc:
-            return _error(exc)
+            return error_answer(exc)
         except ValidationError as exc:
-            return _unprocessable([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
+            return validation_answer([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
         except _BodyNotJson as exc:
-            return _unprocessable([exc.error])
+            return validation_answer([exc.error])
         except OSError as exc:
             if (mapped := storage_error(exc)) is None:
                 return self._internal_error()
             logger.error("storage fault on WS %s: %s: %s", self._route, type(exc).__name__, exc)
-            return _error(mapped)
+            return error_answer(mapped)
         except Exception:  # noqa: BLE001 - a bug is a 500 answer, as on HTTP; the connection goes on
             return self._internal_error()
 
-    def _internal_error(self) -> tuple[int, Any, dict[str, str]]:
+    def _internal_error(self) -> Answer:
         logger.exception("unhandled error on WS %s", self._route)
-        return 500, {"detail": "Internal Server Error"}, {}
+        return INTERNAL_ERROR
 
     async def _run(self, message: Message) -> dict[str, Any]:
         if self._state.draining:
@@ -219,17 +219,6 @@ class _BodyNotJson(Exception):
 
     def __init__(self, error: dict[str, Any]) -> None:
         self.error = error
-
-
-def _unprocessable(errors: list[Any]) -> tuple[int, Any, dict[str, str]]:
-    return 422, {"detail": [clean_validation_error(e) for e in errors]}, {"x-fal-error-type": "validation_error"}
-
-
-def _error(exc: LivegenError) -> tuple[int, Any, dict[str, str]]:
-    if exc.http_status >= 500 and type(exc) is LivegenError:
-        logger.error("request failed: %s", exc.message)
-    headers = {"x-fal-error-type": exc.error_type, **{name.lower(): value for name, value in exc.headers().items()}}
-    return exc.http_status, error_body(exc), headers
 
 
 def _handler(endpoint: Endpoint) -> Any:
