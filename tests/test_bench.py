@@ -373,6 +373,7 @@ def test_bench_refuses_an_unknown_variant() -> None:
             "compile+dyn-batch+keep-cl",
             {"torch_compile": "default", "compile_dynamic_batch": True, "keep_channels_last": True},
         ),
+        ("compile+fp8", {"torch_compile": "default", "fp8_linear": True}),
         (
             "eager+taesd-relu+taesd-fold",
             {"cuda_graphs": False, "tiny_vae_conv_relu": True, "tiny_vae_fold_upsample": True},

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     # gelu and the product run vectorized on contiguous halves (fastpath.split_geglu). Off until
     # measured on a GPU (BENCHMARKS.md, session 8).
     split_geglu: bool = False
+    # Fast path on a GPU with float8 matmuls (compute capability 8.9 or 9.0+): the UNet's transformer
+    # linear layers (attention projections, feed-forwards) with float8 weights and per-token float8
+    # inputs (engine/fp8.py). Images move by more than the fp16 fast path's tolerance (tests/gpu
+    # measures how much); the plain pipelines share the UNet and use it too. Off: a choice of speed over
+    # fidelity, measured in BENCHMARKS.md (session 21).
+    fp8_linear: bool = False
     # Fast path: the tiny VAE's residual blocks as cuDNN convolutions with the ReLU and residual add
     # fused in (engine/tiny_vae.py), and its decoder's nearest upsample + convolution pairs as one
     # transposed convolution. Off until measured on a GPU (BENCHMARKS.md, session 10).

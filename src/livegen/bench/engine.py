@@ -40,7 +40,7 @@ PROMPT = "a photo of a red fox in the snow, detailed, 4k"
 VARIANTS = ("default", "plain", "eager", "graph", "compile", "compile-ro")
 MODIFIERS = (
     "bf16", "fp16", "fp32", "tiny-vae", "full-vae", "no-cl", "fuse-qkv", "tuned", "dyn-batch", "cudnn-bench",
-    "sdpa-cudnn", "nhwc-gn", "split-geglu", "taesd-relu", "taesd-fold", "keep-cl", "no-text-graph",
+    "sdpa-cudnn", "nhwc-gn", "split-geglu", "taesd-relu", "taesd-fold", "keep-cl", "no-text-graph", "fp8",
 )  # fmt: skip
 
 
@@ -61,6 +61,7 @@ _MODIFIER_SETTINGS: dict[str, tuple[str, Any]] = {
     "taesd-fold": ("tiny_vae_fold_upsample", True),
     "keep-cl": ("keep_channels_last", True),
     "no-text-graph": ("text_encoder_graph", False),
+    "fp8": ("fp8_linear", True),
 }
 
 
@@ -96,7 +97,8 @@ def variant_settings(settings: Settings, variant: str) -> Settings:
     (GroupNorms kept in channels_last), ``graph+split-geglu`` (GEGLU's halves projected apart),
     ``graph+taesd-relu`` / ``graph+taesd-fold`` (the tiny VAE's fused convolutions / folded upsampling),
     ``compile+keep-cl`` (activations kept channels_last: engine/layout.py), ``graph+no-text-graph``
-    (new prompts encoded eagerly: engine/text_graph.py).
+    (new prompts encoded eagerly: engine/text_graph.py), ``compile+fp8`` (the UNet's transformer
+    linears in float8: engine/fp8.py).
     BASE: default (what ``livegen serve`` does on this device), plain
     (stock pipelines, no fast path), eager (fast path, no graph), graph (fast path + CUDA
     graphs), compile (torch.compile default mode inside CUDA graphs), compile-ro (torch.compile
@@ -553,6 +555,8 @@ def format_table(report: dict[str, Any]) -> str:
         )
         if fast.get("graph_failures"):
             extra += f", {fast['graph_failures']} CAPTURES FAILED (ran eagerly): {fast.get('graph_error')}"
+        if fast.get("fp8_linears"):
+            extra += f", {fast['fp8_linears']} UNet linears in float8"
         if fast.get("compiled_shapes") or fast.get("uncompiled_shapes"):
             extra += f", {fast.get('compiled_shapes', 0)} shapes compiled"
             if fast.get("channels_last_cats"):

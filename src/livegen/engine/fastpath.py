@@ -40,7 +40,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from livegen.engine import DeviceImage, EncodedImage, Task, layout, unet_steps
+from livegen.engine import DeviceImage, EncodedImage, Task, fp8, layout, unet_steps
 from livegen.engine.text_graph import graph_text_encoders
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class FastOptions:
     nhwc_group_norm: bool = False
     keep_channels_last: bool = False  # with channels_last (engine/layout.py): no NCHW transformer outputs or cats
     split_geglu: bool = False
+    fp8_linear: bool = False  # the UNet's transformer matmuls in float8 (engine/fp8.py)
     tiny_vae_conv_relu: bool = False
     tiny_vae_fold_upsample: bool = False
     gpu_jpeg: bool = True
@@ -173,6 +174,7 @@ class FastStats:
     graph_error: str = ""
     text_graphs: int = 0  # text encoders' CUDA graphs captured (engine/text_graph.py)
     text_graph_replays: int = 0  # prompts encoded by replaying one
+    fp8_linears: int = 0  # fp8_linear: the UNet's linear layers running in float8 (engine/fp8.py)
 
 
 class FastPath:
@@ -241,6 +243,13 @@ class FastPath:
                     keep_channels_last_in_group_norms(m)
         if self.options.keep_channels_last and self.options.channels_last:
             layout.transformer_outputs_channels_last(self.unet)
+        if self.options.fuse_qkv:  # before fp8 (it fuses 16-bit weights) and split_geglu (it reads them)
+            try:
+                fuse_qkv(self.unet)
+            except ValueError as exc:  # e.g. added KV projections, which diffusers does not fuse
+                logger.warning("attention projections stay unfused: %s", exc)
+        if self.options.fp8_linear:  # before split_geglu: a GEGLU whose projection is float8 keeps one matmul
+            self.stats.fp8_linears = self._convert_fp8()
         if self.options.split_geglu:
             split_geglu(self.unet)
         if self.tiny_vae is not None:  # after the layout change above: the folded kernels copy it
@@ -250,11 +259,6 @@ class FastPath:
                 fold_upsample_convs(self.tiny_vae)
             if self.options.tiny_vae_conv_relu:
                 fuse_conv_relu(self.tiny_vae)
-        if self.options.fuse_qkv:
-            try:
-                fuse_qkv(self.unet)
-            except ValueError as exc:  # e.g. added KV projections, which diffusers does not fuse
-                logger.warning("attention projections stay unfused: %s", exc)
         for m in modules:  # the rewrites above included
             # Inference, as from_pretrained leaves a model: a module built with from_config is in
             # training mode, where diffusers' ResnetBlock2D copies its shortcut's input with
@@ -263,6 +267,22 @@ class FastPath:
                 m.eval()
         if self.device.type == "cuda":
             self._pool = torch.cuda.graph_pool_handle()
+
+    def _convert_fp8(self) -> int:
+        """The UNet's transformer linears in float8 (engine/fp8.py); none, with a warning, where
+        the device or this torch cannot run float8 matmuls."""
+        reason = fp8.unsupported_reason(self.device)
+        if reason is None:
+            try:
+                recipe = fp8.probe(self.device, self.dtype)
+            except RuntimeError as exc:
+                reason = str(exc)
+        if reason is not None:
+            logger.warning("the UNet's linear layers stay in %s: %s", str(self.dtype).removeprefix("torch."), reason)
+            return 0
+        converted = fp8.convert(self.unet, recipe)
+        logger.info("%d of the UNet's linear layers run in float8 (%s)", converted, recipe)
+        return converted
 
     def _graph_text_encoders(self, pipe: Any) -> None:
         """On CUDA with graphs: a new prompt's encoding replays a CUDA graph of each text encoder

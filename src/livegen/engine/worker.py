@@ -815,6 +815,7 @@ class Worker:
             nhwc_group_norm=settings.nhwc_group_norm,
             keep_channels_last=settings.keep_channels_last,
             split_geglu=settings.split_geglu,
+            fp8_linear=settings.fp8_linear,
             tiny_vae_conv_relu=settings.tiny_vae_conv_relu,
             tiny_vae_fold_upsample=settings.tiny_vae_fold_upsample,
             compile=settings.torch_compile,
