@@ -15,7 +15,8 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -41,6 +42,7 @@ from livegen.server.sessions import Session
 from livegen.settings import Settings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REALTIME_MODELS: dict[str, type[BaseModel]] = {
     "fal-ai/fast-turbo-diffusion": TurboRealtime,
@@ -144,6 +146,34 @@ async def refuse(websocket: WebSocket, endpoint: Endpoint, exc: LivegenError, ki
     await deny(websocket, exc)
 
 
+@dataclass
+class Admitted(Generic[T]):
+    """A WebSocket that passed ``admit``: its credentials' key and lifetime (``check_handshake``),
+    what the route's own check returned, and its ``--max-sessions`` slot, held until ``slot`` is
+    closed (``with admitted.slot:`` around the connection's life)."""
+
+    key_id: str
+    valid_for: float | None
+    checked: T
+    slot: contextlib.ExitStack
+
+
+async def admit(websocket: WebSocket, endpoint: Endpoint, kind: str, check: Callable[[], T]) -> Admitted[T] | None:
+    """Everything a WebSocket route does before it accepts: ``check_handshake``, the route's own
+    ``check`` (its query or headers), then a ``--max-sessions`` slot. The first ``LivegenError``
+    refuses the handshake (``refuse``) and gives None."""
+    state = websocket.app.state
+    with contextlib.ExitStack() as stack:
+        try:
+            key_id, valid_for = check_handshake(websocket, endpoint)
+            checked = check()
+            stack.enter_context(state.realtime_slots.take())
+        except LivegenError as exc:
+            await refuse(websocket, endpoint, exc, kind)
+            return None
+        return Admitted(key_id, valid_for, checked, stack.pop_all())
+
+
 def http_base_url(websocket: WebSocket, settings: Settings) -> str:
     """The base URL that file URLs in answers start with, as ``deps.base_url`` gives HTTP routes."""
     return settings.public_url.rstrip("/") or str(websocket.base_url).replace("ws", "http", 1).rstrip("/")
@@ -176,15 +206,10 @@ def _handler(endpoint: Endpoint) -> Any:
     async def realtime(websocket: WebSocket) -> None:
         state = websocket.app.state
         settings: Settings = state.settings
-        try:
-            key_id, valid_for = check_handshake(websocket, endpoint)
-            buffering = max_buffering(websocket, settings)
-            slot = state.realtime_slots.take()
-            slot.__enter__()
-        except LivegenError as exc:
-            await refuse(websocket, endpoint, exc, "realtime")
+        admitted = await admit(websocket, endpoint, "realtime", lambda: max_buffering(websocket, settings))
+        if admitted is None:
             return
-        try:
+        with admitted.slot:
             session = Session(
                 websocket,
                 endpoint,
@@ -192,7 +217,7 @@ def _handler(endpoint: Endpoint) -> Any:
                 state.generation,
                 settings,
                 state.metrics,
-                max_buffering=buffering,
+                max_buffering=admitted.checked,
                 base_url=http_base_url(websocket, settings),
             )
             # A session lives no longer than its token. 1000 with a reason: fal's JS client then
@@ -200,9 +225,9 @@ def _handler(endpoint: Endpoint) -> Any:
             # fal-client's recv() returns None (PROTOCOL.md §8.4). A frame being rendered then is
             # still answered before the close (frames still waiting are dropped).
             on_expiry = functools.partial(session.stop, *TOKEN_EXPIRED_CLOSE, finish_frame_s=TOKEN_EXPIRY_FINISH_S)
-            await run_connection(state, session, key_id=key_id, valid_for=valid_for, on_expiry=on_expiry)
-        finally:
-            slot.__exit__(None, None, None)
+            await run_connection(
+                state, session, key_id=admitted.key_id, valid_for=admitted.valid_for, on_expiry=on_expiry
+            )
 
     realtime.__name__ = "realtime_" + endpoint.slug
     return realtime

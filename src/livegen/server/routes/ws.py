@@ -50,13 +50,7 @@ from livegen.server.disk import storage_error
 from livegen.server.errors import INTERNAL_ERROR, Answer, error_answer, validation_answer
 from livegen.server.metrics import Metrics
 from livegen.server.middleware import request_id_var
-from livegen.server.routes.realtime import (
-    TOKEN_EXPIRED_CLOSE,
-    check_handshake,
-    http_base_url,
-    refuse,
-    run_connection,
-)
+from livegen.server.routes.realtime import TOKEN_EXPIRED_CLOSE, admit, http_base_url, run_connection
 from livegen.server.storage import requested_ttl
 from livegen.settings import Settings
 
@@ -93,6 +87,7 @@ class HttpOverWs:
         self._stopping: tuple[int, str] | None = None
         self._stopped = asyncio.Event()  # close now: no request in progress, or out of time
         self._busy = False
+        self._deadline: asyncio.TimerHandle | None = None  # a stop's limit for the request in progress
 
     def stop(self, code: int, reason: str, *, finish_frame_s: float = FINISH_S) -> None:
         """Close with ``code`` and ``reason`` once the request in progress is answered (within
@@ -103,7 +98,7 @@ class HttpOverWs:
         if not self._busy:
             self._stopped.set()
         else:
-            asyncio.get_running_loop().call_later(finish_frame_s, self._stopped.set)
+            self._deadline = asyncio.get_running_loop().call_later(finish_frame_s, self._stopped.set)
 
     async def run(self) -> None:
         await self._ws.accept()
@@ -131,6 +126,8 @@ class HttpOverWs:
             pass  # the client went while we sent
         finally:
             reader.cancel()
+            if self._deadline is not None:  # the answer came in time: nothing left to cut short
+                self._deadline.cancel()
 
     async def _read(self, inbox: asyncio.Queue[Message], gone: asyncio.Event) -> None:
         with contextlib.suppress(WebSocketDisconnect):
@@ -224,21 +221,14 @@ class _BodyNotJson(Exception):
 def _handler(endpoint: Endpoint) -> Any:
     async def http_over_ws(websocket: WebSocket) -> None:
         state = websocket.app.state
-        try:
-            key_id, valid_for = check_handshake(websocket, endpoint)
-            file_ttl_s = requested_ttl(websocket.headers)
-            slot = state.realtime_slots.take()
-            slot.__enter__()
-        except LivegenError as exc:
-            await refuse(websocket, endpoint, exc, "ws")
+        admitted = await admit(websocket, endpoint, "ws", lambda: requested_ttl(websocket.headers))
+        if admitted is None:
             return
-        try:
-            base_url = http_base_url(websocket, state.settings)
-            connection = HttpOverWs(websocket, endpoint, key_id=key_id, base_url=base_url, file_ttl_s=file_ttl_s)
+        with admitted.slot:
+            key_id, base_url = admitted.key_id, http_base_url(websocket, state.settings)
+            connection = HttpOverWs(websocket, endpoint, key_id=key_id, base_url=base_url, file_ttl_s=admitted.checked)
             on_expiry = functools.partial(connection.stop, *TOKEN_EXPIRED_CLOSE)
-            await run_connection(state, connection, key_id=key_id, valid_for=valid_for, on_expiry=on_expiry)
-        finally:
-            slot.__exit__(None, None, None)
+            await run_connection(state, connection, key_id=key_id, valid_for=admitted.valid_for, on_expiry=on_expiry)
 
     http_over_ws.__name__ = "ws_" + endpoint.slug
     return http_over_ws
