@@ -33,6 +33,7 @@ weights are released (a float8 copy is half their size).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,10 +65,13 @@ class Fp8Linear(torch.nn.Module):
     weight_bytes: torch.Tensor  # buffers, registered in __init__
     weight_scale: torch.Tensor
 
-    def __init__(self, linear: torch.nn.Linear, recipe: Recipe) -> None:
+    def __init__(
+        self, linear: torch.nn.Linear, recipe: Recipe, quantize: Callable[[torch.Tensor], Quantized] | None = None
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.recipe = recipe
+        self.quantize = quantize or quantize_rows
         weight = linear.weight.detach()
         amax = torch.linalg.vector_norm(weight, ord=float("inf"), dim=1, keepdim=True, dtype=torch.float32)
         scale = amax.clamp_min(1e-12) / FP8_MAX
@@ -77,7 +81,6 @@ class Fp8Linear(torch.nn.Module):
         self.register_buffer("weight_scale", scale.reshape(1, -1))  # (1, out): one per output channel
         bias = linear.bias
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
-        self.compute_dtype = weight.dtype
 
     @property
     def weight(self) -> torch.Tensor:
@@ -89,12 +92,7 @@ class Fp8Linear(torch.nn.Module):
         return self.weight.float() * self.weight_scale.reshape(-1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).contiguous()
-        amax = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True, dtype=torch.float32)
-        # Rows of zeros keep a finite scale; the floor keeps 1/scale within float16's range (65504).
-        amax = amax.clamp_min(_TARGET / 60000.0)
-        scale = amax / _TARGET
-        quantized = (rows * (_TARGET / amax).to(rows.dtype)).to(FP8)
+        quantized, scale = self.quantize(x.reshape(-1, self.in_features).contiguous())
         out_dtype = self.recipe.out_dtype or x.dtype
         bias: torch.Tensor | None = self.bias if self.recipe.bias_in_matmul else None
         if bias is not None and bias.dtype != out_dtype:
@@ -111,6 +109,45 @@ class Fp8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, float8_e4m3fn"
+
+
+Quantized = tuple[torch.Tensor, torch.Tensor]  # float8 rows, and each row's float32 scale (rows, 1)
+
+
+def quantize_rows(rows: torch.Tensor) -> Quantized:
+    """Each row of ``rows`` (2-D, row-major) in float8, its largest magnitude mapped to ~440, and the
+    scale that undoes it. As PyTorch ops these are three passes over ``rows`` (the row maxima, the
+    multiply, the cast); under torch.compile, one fused kernel (``RowQuantizer``)."""
+    amax = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True, dtype=torch.float32)
+    # Rows of zeros keep a finite scale; the floor keeps 1/scale within float16's range (65504).
+    amax = amax.clamp_min(_TARGET / 60000.0)
+    return (rows * (_TARGET / amax).to(rows.dtype)).to(FP8), amax / _TARGET
+
+
+class RowQuantizer:
+    """``quantize_rows`` compiled (torch.compile, inductor): one kernel that reads each row once
+    and writes its float8 bytes, where the three PyTorch ops read it three times and write it
+    twice. For CUDA graphs without a compiled UNet (a compiled UNet fuses ``quantize_rows`` into
+    its own kernels). The row count is dynamic, so the batch buckets share one compile per
+    input width (SD-Turbo has 5 widths, SDXL 4; ~1-2 s each, during warm-up). Should compiling
+    fail (no Triton, say), a warning and the PyTorch ops from then on."""
+
+    def __init__(self) -> None:
+        self._compiled: Callable[[torch.Tensor], Quantized] | None = None
+        self.failure = ""
+
+    def __call__(self, rows: torch.Tensor) -> Quantized:
+        if self.failure or torch.compiler.is_compiling():
+            return quantize_rows(rows)
+        if self._compiled is None:
+            self._compiled = torch.compile(quantize_rows, fullgraph=True)
+        torch._dynamo.maybe_mark_dynamic(rows, 0)
+        try:
+            return self._compiled(rows)
+        except Exception as exc:  # noqa: BLE001 - any compile failure: the same arithmetic, uncompiled
+            self.failure = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            logger.warning("float8 input quantization runs as PyTorch ops: compiling it failed (%s)", self.failure)
+            return quantize_rows(rows)
 
 
 def unsupported_reason(device: torch.device) -> str | None:
@@ -172,12 +209,13 @@ def fp8_linears(unet: torch.nn.Module) -> list[str]:
     return names
 
 
-def convert(unet: torch.nn.Module, recipe: Recipe) -> int:
-    """Replace ``unet``'s transformer linears (``fp8_linears``) by ``Fp8Linear``s. Returns how
-    many were replaced (a second call replaces none)."""
+def convert(unet: torch.nn.Module, recipe: Recipe, quantize: Callable[[torch.Tensor], Quantized] | None = None) -> int:
+    """Replace ``unet``'s transformer linears (``fp8_linears``) by ``Fp8Linear``s that quantize
+    their inputs with ``quantize`` (default ``quantize_rows``). Returns how many were replaced (a
+    second call replaces none)."""
     names = fp8_linears(unet)
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
-        setattr(parent, leaf, Fp8Linear(getattr(parent, leaf), recipe))
+        setattr(parent, leaf, Fp8Linear(getattr(parent, leaf), recipe, quantize))
     return len(names)
