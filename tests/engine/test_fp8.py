@@ -51,7 +51,15 @@ def test_a_float8_layer_computes_its_quantized_product_exactly() -> None:
     torch.testing.assert_close(q.dequantized_weight().double(), weight, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("recipe", [fp8.Recipe(True, None), fp8.Recipe(False, None), fp8.Recipe(False, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        fp8.Recipe(True, None),
+        fp8.Recipe(False, None),
+        fp8.Recipe(True, torch.bfloat16),
+        fp8.Recipe(False, torch.bfloat16),
+    ],
+)
 def test_every_recipe_is_a_few_percent_from_the_full_precision_layer(recipe: fp8.Recipe) -> None:
     """e4m3 rounds each operand by up to 1/16 of its value; over 64-term sums the errors average
     out to ~2 % of the output's spread. Each way of calling the matmul gives that (the bfloat16
@@ -99,9 +107,12 @@ def test_the_compiled_row_quantizer_gives_the_ops_result(dtype: torch.dtype, max
     dynamic), a new width compiles once more. In 16 bits inductor computes the multiply in float32
     and casts once, where the PyTorch ops round it to 16 bits first: some values land one float8
     step apart (measured: 3.1 % in bfloat16, whose 8-bit mantissa rounds coarsely; fewer in float16)."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     quantizer = fp8.RowQuantizer()
-    for rows, width in ((64, 320), (192, 320), (64, 640)):
+    for rows, width in ((64, 320), (192, 320), (128, 640), (64, 640), (96, 1280)):
         x = (torch.randn(rows, width) * torch.linspace(0.01, 30, rows)[:, None]).to(dtype)
         (q, scale), (q_ops, scale_ops) = quantizer(x), fp8.quantize_rows(x)
         assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (rows, 1)
@@ -110,6 +121,9 @@ def test_the_compiled_row_quantizer_gives_the_ops_result(dtype: torch.dtype, max
         assert differ <= max_differing, differ
         torch.testing.assert_close(q.float(), q_ops.float(), rtol=0.125, atol=2**-9)  # one e4m3 step at most
     assert not quantizer.failure
+    # One per width, whatever the rows: the widths stay static (dynamo's automatic dynamic shapes
+    # would have made the second width symbolic and compiled twice in all).
+    assert counters["stats"]["unique_graphs"] == 3
 
 
 def test_a_quantizer_that_cannot_compile_falls_back_to_the_ops(
@@ -196,6 +210,24 @@ def test_a_converted_unet_predicts_near_the_16_bit_one_and_holds_half_the_bytes(
 def test_probe_finds_the_full_recipe_on_a_cpu() -> None:
     assert fp8.unsupported_reason(torch.device("cpu")) is None
     assert fp8.probe(torch.device("cpu"), torch.float32) == fp8.Recipe(True, None)
+
+
+def test_probe_takes_a_bfloat16_output_where_per_row_scales_need_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch's CUTLASS per-row kernel (sm90 without cuBLAS 12.9) takes only a bfloat16 output:
+    the probe then multiplies into bfloat16 with the bias, and the layer casts to its dtype."""
+    real = torch._scaled_mm
+
+    def bf16_only(*args: Any, out_dtype: torch.dtype | None = None, **kwargs: Any) -> torch.Tensor:
+        if out_dtype != torch.bfloat16:
+            raise RuntimeError("Only bf16 high precision output types are supported for row-wise scaling.")
+        return real(*args, out_dtype=out_dtype, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", bf16_only)
+    recipe = fp8.probe(torch.device("cpu"), torch.float16)
+    assert recipe == fp8.Recipe(True, torch.bfloat16)
+    layer = linear().half()
+    out = fp8.Fp8Linear(layer, recipe)(torch.randn(4, 64).half())
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
 
 
 def test_a_device_without_float8_matmuls_keeps_16_bit_layers(

@@ -128,9 +128,12 @@ class RowQuantizer:
     """``quantize_rows`` compiled (torch.compile, inductor): one kernel that reads each row once
     and writes its float8 bytes, where the three PyTorch ops read it three times and write it
     twice. For CUDA graphs without a compiled UNet (a compiled UNet fuses ``quantize_rows`` into
-    its own kernels). The row count is dynamic, so the batch buckets share one compile per
-    input width (SD-Turbo has 5 widths, SDXL 4; ~1-2 s each, during warm-up). Should compiling
-    fail (no Triton, say), a warning and the PyTorch ops from then on."""
+    its own kernels). The row count is dynamic, so the batch buckets share one compile per input
+    width; the width stays static (``dynamic=False``: torch's automatic dynamic shapes would make
+    it symbolic at the second width, and a reduction of unknown length reads its row twice).
+    SD 1.5/2.x have 5 widths, SDXL 4 of the same: within dynamo's 8 compiles per function, ~1-2 s
+    each, during warm-up. Should compiling fail (no Triton, say), a warning and the PyTorch ops
+    from then on."""
 
     def __init__(self) -> None:
         self._compiled: Callable[[torch.Tensor], Quantized] | None = None
@@ -140,7 +143,7 @@ class RowQuantizer:
         if self.failure or torch.compiler.is_compiling():
             return quantize_rows(rows)
         if self._compiled is None:
-            self._compiled = torch.compile(quantize_rows, fullgraph=True)
+            self._compiled = torch.compile(quantize_rows, fullgraph=True, dynamic=False)
         torch._dynamo.maybe_mark_dynamic(rows, 0)
         try:
             return self._compiled(rows)
@@ -165,13 +168,16 @@ def unsupported_reason(device: torch.device) -> str | None:
 def probe(device: torch.device, dtype: torch.dtype) -> Recipe:
     """The first way of calling ``torch._scaled_mm`` with per-row scales that ``device`` takes for
     ``dtype`` activations: with the bias and the output in ``dtype``, then the bias added after,
-    then the output in bfloat16 and cast. Raises RuntimeError when none works."""
+    then the output in bfloat16 (cast after) with the bias, then without. Some builds take per-row
+    scales only with a bfloat16 output (PyTorch's CUTLASS kernel, used where cuBLAS cannot).
+    Raises RuntimeError when none works."""
     a = torch.ones(16, 32, device=device).to(FP8)
     b = torch.ones(16, 32, device=device).to(FP8)
     scale_a, scale_b = torch.ones(16, 1, device=device), torch.ones(1, 16, device=device)
     bias = torch.ones(16, device=device, dtype=dtype)
     errors = []
-    for recipe in (Recipe(True, None), Recipe(False, None), Recipe(False, torch.bfloat16)):
+    recipes = (Recipe(True, None), Recipe(False, None), Recipe(True, torch.bfloat16), Recipe(False, torch.bfloat16))
+    for recipe in recipes:
         out_dtype = recipe.out_dtype or dtype
         try:
             out = torch._scaled_mm(
