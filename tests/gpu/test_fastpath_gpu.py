@@ -210,6 +210,12 @@ def test_float8_linears_stay_near_the_plain_pipeline(loaded: dict[tuple[str, str
     assert fast.fast.stats.fp8_linears > 0, "the device refused float8 matmuls (see the log)"
     batch = [req(model, seed=s, vae="tiny") for s in (1, 2)]
     eight = pixels(fast(batch))
+    from livegen.engine.fp8 import Fp8Linear, RowQuantizer
+
+    quantizers = {id(m.quantize): m.quantize for m in fast.fast.unet.modules() if isinstance(m, Fp8Linear)}
+    assert len(quantizers) == 1, quantizers  # one RowQuantizer, compiled (graphs without compile)
+    (quantizer,) = quantizers.values()
+    assert isinstance(quantizer, RowQuantizer) and not quantizer.failure, quantizer.failure
     plain = pixels(adapter(loaded, model, "plain-tiny")(batch))
     compare(f"{model}:fp8:tiny:graph-vs-plain", eight, plain, min_psnr=20.0, max_mean=8.0, max_levels=255)
 
