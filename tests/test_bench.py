@@ -631,6 +631,24 @@ def test_a_best_batch_target_takes_the_two_in_flight_throughput_a_batch_1_target
     assert (best["measured"], best["from"]) == (400.0, "graph, batch 16, 2 batches in flight")
 
 
+def test_float8_rows_get_a_line_of_their_own() -> None:
+    """A faster ``+fp8`` row does not stand for the target: its images are outside the fp16
+    tolerance. It gets its own line, only where a run has such rows."""
+    from livegen.bench.targets import evaluate
+
+    def row(variant: str, batch: int, ms: float) -> dict[str, object]:
+        return {"model": "stabilityai/sd-turbo", "task": "t2i", "size": 512, "batch": batch, "variant": variant,
+                "livegen_ms_per_img": ms, "livegen_img_per_s": 1000 / ms}  # fmt: skip
+
+    report = {"steps": 1, "rows": [row("compile", 16, 2.2), row("compile+fp8", 16, 1.9), row("compile", 1, 6.0)]}
+    entries = {e["target"]: e for e in evaluate([report])}
+    best = entries["SD-Turbo t2i 1 step, best batch"]
+    assert (best["measured"], best["from"], best["met"]) == (454.55, "compile, batch 16", False)
+    fp8 = entries["SD-Turbo t2i 1 step, best batch, float8 linears (images outside the fp16 tolerance)"]
+    assert (fp8["measured"], fp8["from"], fp8["met"]) == (526.32, "compile+fp8, batch 16", True)
+    assert not any("float8" in t for t in entries if t.startswith("SD-Turbo t2i 1 step, batch 1"))
+
+
 def test_the_compile_variant_compiles_the_shapes_it_benches(
     shared_data_dir: object, counted_compile: list[int]
 ) -> None:
