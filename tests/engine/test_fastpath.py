@@ -268,6 +268,42 @@ def test_compiled_shapes_are_the_warm_up_shapes_unless_on_demand(
         assert stats["compiled_shapes"] == 2 and stats["uncompiled_shapes"] == 1
 
 
+def test_a_shape_whose_compile_fails_still_renders_and_compiling_stops(
+    settings: Settings, adapters: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error from torch.compile (inductor failing to lower an op, say) is the compile's, not
+    the request's: the shape runs uncompiled and gives the uncompiled images, the stats and the log
+    say so, and no later shape tries to compile again, even with compile_on_demand (each attempt
+    costs a minute or more on a GPU). torch.compile is a stand-in that fails every call."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    attempts = [0]
+
+    def failing_compile(fn: Any, **_: Any) -> Any:
+        def compiled(*args: Any, **kwargs: Any) -> Any:
+            attempts[0] += 1
+            raise TorchDynamoException("inductor cannot lower aten._scaled_mm here")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    s = settings.model_copy(update={"torch_compile": "default", "compile_on_demand": True})
+    adapter = Worker(s)._load(SD)
+    batch = [req(SD, seed=s, vae="tiny") for s in (1, 2)]
+    with caplog.at_level(logging.ERROR, logger="livegen.engine.fastpath"):
+        out = pixels(adapter(batch))
+    with plain(adapters[SD], "tiny"):
+        assert_close(out, pixels(adapters[SD](batch)))
+    stats = adapter.fast.stats
+    assert (stats.compile_failures, stats.compiled_shapes, stats.uncompiled_shapes) == (1, 0, 1)
+    assert "inductor cannot lower" in stats.compile_error and "compiling stops" in caplog.text
+    tried = attempts[0]
+    assert tried >= 1
+    pixels(adapter([req(SD, seed=3, vae="tiny", width=96, height=96)]))  # a new shape: not compiled
+    pixels(adapter(batch))  # the failed shape again: not retried
+    assert attempts[0] == tried and stats.uncompiled_shapes == 2
+
+
 def test_kernel_choices_are_set_only_around_the_fast_paths_own_calls(adapters: dict[str, Any]) -> None:
     """cuDNN autotuning and the attention backends' order are process-wide: the fast path sets
     them for its UNet/VAE calls and puts them back, so the plain pipelines (and stock diffusers in

@@ -555,6 +555,8 @@ def format_table(report: dict[str, Any]) -> str:
         )
         if fast.get("graph_failures"):
             extra += f", {fast['graph_failures']} CAPTURES FAILED (ran eagerly): {fast.get('graph_error')}"
+        if fast.get("compile_failures"):
+            extra += f", {fast['compile_failures']} COMPILES FAILED (ran uncompiled): {fast.get('compile_error')}"
         if fast.get("fp8_linears"):
             extra += f", {fast['fp8_linears']} UNet linears in float8"
         if fast.get("compiled_shapes") or fast.get("uncompiled_shapes"):

@@ -165,6 +165,8 @@ class FastStats:
     compile_s: float = 0.0  # first runs of compiled shapes: compiling (and capturing) them
     uncompiled_shapes: int = 0  # shapes first seen after warm-up, with compiling closed: graphs only
     compile_reused_shapes: int = 0  # compile_dynamic_batch: buckets that ran another bucket's compiled code
+    compile_failures: int = 0  # shapes whose compile raised: they run as uncompiled graphs, and compiling stops
+    compile_error: str = ""
     # keep_channels_last: concatenations pinned channels_last by the graphs inductor compiled in this
     # process (a graph loaded from inductor's cache runs no pass and adds none)
     channels_last_cats: int = 0
@@ -637,7 +639,30 @@ class FastPath:
             return self._forward(plan, vae, guidance, kw, compiled)
 
         with _cudnn_benchmark(self.options.cudnn_benchmark), _sdpa_order(self.options.sdpa_cudnn):
-            return self._run_with(key, compiled, fn, inputs)
+            try:
+                return self._run_with(key, compiled, fn, inputs)
+            except torch._dynamo.exc.TorchDynamoException as exc:  # raised by compiled code only
+                if not compiled:
+                    raise
+                self._compile_failed(key, exc)
+
+            def uncompiled(**kw: torch.Tensor) -> torch.Tensor:
+                return self._forward(plan, vae, guidance, kw, False)
+
+            return self._run_with(key, False, uncompiled, inputs)
+
+    def _compile_failed(self, key: tuple[Any, ...], exc: Exception) -> None:
+        """A shape's compile raised (inductor cannot lower an op, say): it runs as uncompiled
+        graphs, the batch still gets its images, and no further shape is compiled (each attempt
+        costs a minute or more and would likely fail the same way)."""
+        logger.error("compiling %s failed; it runs uncompiled, and compiling stops: %s", key, exc, exc_info=exc)
+        self._compiled_keys.discard(key)
+        self._uncompiled_keys.add(key)
+        self._graphs.pop(key, None)
+        self.stats.compiled_shapes -= 1
+        self.stats.uncompiled_shapes += 1
+        self.stats.compile_failures += 1
+        self.stats.compile_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
     def _run_with(
         self, key: tuple[Any, ...], compiled: bool, fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor]
@@ -662,6 +687,8 @@ class FastPath:
         if key not in self._graphs:
             try:
                 self._graphs[key] = _Graph(fn, inputs, self._pool, self.options.graph_warmup_iters)
+            except torch._dynamo.exc.TorchDynamoException:
+                raise  # compiling failed (in the warm-up runs), not capturing: _run's to handle
             except RuntimeError as exc:  # a capture-unsafe op: serve this shape eagerly, and say so
                 logger.exception("CUDA graph capture failed for %s; this shape runs eagerly", key)
                 self._graphs[key] = None
@@ -695,15 +722,18 @@ class FastPath:
             self._compiled_keys.add(key)
             self.stats.compile_reused_shapes += 1
             return True
-        if not self.compile_new_shapes:
+        if not self.compile_new_shapes or self.stats.compile_failures:
             if key not in self._uncompiled_keys:
                 self._uncompiled_keys.add(key)
                 self.stats.uncompiled_shapes += 1
-                logger.warning(
-                    "%s was not compiled at warm-up; it runs uncompiled (add its size and batch bucket to "
-                    "LIVEGEN_WARMUP_SIZES / LIVEGEN_WARMUP_BUCKETS, or set LIVEGEN_COMPILE_ON_DEMAND=true)",
-                    key,
-                )
+                if self.stats.compile_failures:
+                    logger.warning("%s runs uncompiled: compiling stopped at a failure (logged above)", key)
+                else:
+                    logger.warning(
+                        "%s was not compiled at warm-up; it runs uncompiled (add its size and batch bucket to "
+                        "LIVEGEN_WARMUP_SIZES / LIVEGEN_WARMUP_BUCKETS, or set LIVEGEN_COMPILE_ON_DEMAND=true)",
+                        key,
+                    )
             return False
         self._compile()
         return True
