@@ -195,6 +195,12 @@ def main() -> None:
     )
     ap.add_argument("--split-geglu", action="store_true", help="with LIVEGEN_SPLIT_GEGLU (fastpath.split_geglu)")
     ap.add_argument("--nhwc-gn", action="store_true", help="with LIVEGEN_NHWC_GROUP_NORM (fastpath.group_norm_nhwc)")
+    ap.add_argument("--fuse-qkv", action="store_true", help="with LIVEGEN_FUSE_QKV (fastpath.fuse_qkv)")
+    ap.add_argument(
+        "--fp8",
+        action="store_true",
+        help="with LIVEGEN_FP8_LINEAR (engine/fp8.py: the transformer linears in float8, bias in the matmul)",
+    )
     ap.add_argument(
         "--taesd-rewrites",
         action="store_true",
@@ -244,6 +250,14 @@ def main() -> None:
             step = Decode(AutoencoderTiny.from_config(_taesd_config(tiny=False)).half().eval())
     else:
         unet, config = meta_unet.build(args.model)
+        if args.fuse_qkv:  # before fp8, as the fast path orders them (it fuses 16-bit weights)
+            from livegen.engine.fastpath import fuse_qkv
+
+            print(f"{fuse_qkv(unet)} attention layers' projections fused")
+        if args.fp8:  # before split_geglu, as the fast path orders them (a float8 GEGLU keeps one matmul)
+            from livegen.engine import fp8
+
+            print(f"{fp8.convert(unet, fp8.Recipe(bias_in_matmul=True, out_dtype=None))} linears in float8")
         if args.split_geglu:
             from livegen.engine.fastpath import split_geglu
 
