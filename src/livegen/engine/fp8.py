@@ -127,8 +127,9 @@ def quantize_rows(rows: torch.Tensor) -> Quantized:
 class RowQuantizer:
     """``quantize_rows`` compiled (torch.compile, inductor): one kernel that reads each row once
     (twice for rows over 1024 values, beyond inductor's persistent reductions) and writes its
-    float8 bytes, where the three PyTorch ops read it three times and write it twice. For CUDA graphs without a compiled UNet (a compiled UNet fuses ``quantize_rows`` into
-    its own kernels). The row count is dynamic, so the batch buckets share one compile per input
+    float8 bytes, where the three PyTorch ops read it three times and write it twice. For CUDA
+    graphs without a compiled UNet (a compiled UNet fuses ``quantize_rows`` into its own
+    kernels). The row count is dynamic, so the batch buckets share one compile per input
     width; the width stays static (``dynamic=False``: torch's automatic dynamic shapes would make
     it symbolic at the second width, and a reduction of unknown length reads its row twice).
     SD 1.5/2.x have 5 widths, SDXL 4 of the same: within dynamo's 8 compiles per function, ~1-2 s
