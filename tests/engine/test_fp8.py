@@ -207,6 +207,30 @@ def test_a_converted_unet_predicts_near_the_16_bit_one_and_holds_half_the_bytes(
     assert not quantizer.failure
 
 
+def test_fused_projections_share_one_float8_copy() -> None:
+    """With fused Q/K/V (``fastpath.fuse_qkv``) the separate projections, which the fused attention
+    does not call, become views of the fused layer's float8 rows: the same bytes their own
+    quantization gives (scales are per output channel), one copy in memory."""
+    from livegen.engine.fastpath import fuse_qkv
+
+    unet = tiny_unet(use_linear_projection=True)
+    fuse_qkv(unet)
+    separate = {n: fp8.Fp8Linear(unet.get_submodule(n), fp8.Recipe(True, None)) for n in fp8.fp8_linears(unet)
+                if n.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v"))}  # fmt: skip
+    assert len(separate) == 4 * 3
+    quantized = fp8.convert(unet, fp8.Recipe(True, None))
+    assert quantized == len(fp8.fp8_linears(tiny_unet(use_linear_projection=True))) - 4 * 2  # 3 layers -> 1
+    for name, alone in separate.items():
+        part = unet.get_submodule(name)
+        joint = unet.get_submodule(name.rpartition(".")[0] + ".to_qkv")
+        assert part.weight_bytes.untyped_storage().data_ptr() == joint.weight_bytes.untyped_storage().data_ptr()
+        assert torch.equal(part.weight_bytes, alone.weight_bytes) and torch.equal(part.weight_scale, alone.weight_scale)
+    x = torch.randn(2, 5, 32)
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    torch.testing.assert_close(torch.cat([block.to_q(x), block.to_k(x), block.to_v(x)], -1), block.to_qkv(x))
+    assert fp8.convert(unet, fp8.Recipe(True, None)) == 0
+
+
 def test_probe_finds_the_full_recipe_on_a_cpu() -> None:
     assert fp8.unsupported_reason(torch.device("cpu")) is None
     assert fp8.probe(torch.device("cpu"), torch.float32) == fp8.Recipe(True, None)
@@ -280,7 +304,8 @@ def test_the_setting_renders_near_the_16_bit_images(shared_data_dir: Path, extra
     eight = Worker(settings.model_copy(update={"fp8_linear": True}))._load(SD)
     unet = eight.fast.unet
     converted = [m for m in unet.modules() if isinstance(m, fp8.Fp8Linear)]
-    assert converted and eight.fast.stats.fp8_linears == len(converted)
+    weights = {m.weight_bytes.untyped_storage().data_ptr() for m in converted}  # fused Q/K/V: views of one
+    assert converted and eight.fast.stats.fp8_linears == len(weights)
     assert eight.t2i.unet is unet  # the plain pipeline shares it: the setting changes the model
     assert all(m.quantize is fp8.quantize_rows for m in converted)  # RowQuantizer: CUDA graphs only
     if extra:

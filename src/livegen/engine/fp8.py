@@ -87,6 +87,16 @@ class Fp8Linear(torch.nn.Module):
         """The float8 weight, ``(out_features, in_features)``."""
         return self.weight_bytes.view(FP8)
 
+    def share_rows(self, joint: Fp8Linear, start: int) -> None:
+        """Make this layer's weight, scales and bias views of rows ``start..`` of ``joint``'s, a
+        fused projection quantized from the same 16-bit rows (per output channel, so the bytes are
+        the same): one copy in memory, as ``fastpath.fuse_qkv`` keeps one in 16 bits."""
+        stop = start + self.out_features
+        self.weight_bytes = joint.weight_bytes[start:stop]
+        self.weight_scale = joint.weight_scale[:, start:stop]
+        if self.bias is not None and joint.bias is not None:
+            self.bias = torch.nn.Parameter(joint.bias.detach()[start:stop], requires_grad=False)
+
     def dequantized_weight(self) -> torch.Tensor:
         """The weight this layer multiplies by, in float32 (for tests and error measurements)."""
         return self.weight.float() * self.weight_scale.reshape(-1, 1)
@@ -219,11 +229,24 @@ def fp8_linears(unet: torch.nn.Module) -> list[str]:
 
 def convert(unet: torch.nn.Module, recipe: Recipe, quantize: Callable[[torch.Tensor], Quantized] | None = None) -> int:
     """Replace ``unet``'s transformer linears (``fp8_linears``) by ``Fp8Linear``s that quantize
-    their inputs with ``quantize`` (default ``quantize_rows``). Returns how many were replaced (a
-    second call replaces none)."""
+    their inputs with ``quantize`` (default ``quantize_rows``). Where Q, K and V were fused
+    (``fastpath.fuse_qkv``), the separate projections become views of the fused one's float8 rows.
+    Returns how many weights were quantized (a second call quantizes none)."""
+    from diffusers.models.attention_processor import Attention
+
     names = fp8_linears(unet)
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
         setattr(parent, leaf, Fp8Linear(getattr(parent, leaf), recipe, quantize))
-    return len(names)
+    shared = 0
+    for module in unet.modules():
+        joint = getattr(module, "to_qkv", None)
+        if isinstance(module, Attention) and module.fused_projections and isinstance(joint, Fp8Linear):
+            start, storage = 0, joint.weight_bytes.untyped_storage().data_ptr()
+            for part in (module.to_q, module.to_k, module.to_v):
+                if isinstance(part, Fp8Linear) and part.weight_bytes.untyped_storage().data_ptr() != storage:
+                    part.share_rows(joint, start)
+                    shared += 1
+                start += part.out_features
+    return len(names) - shared
