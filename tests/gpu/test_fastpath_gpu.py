@@ -64,8 +64,8 @@ def adapter(cache: dict[tuple[str, str], Any], model: str, kind: str) -> Any:
     """kind: fast (graphs), fast-nhwc-gn (and GroupNorms in channels_last), fast-split-geglu (and
     GEGLU's halves projected apart), fast-keep-cl (and transformer outputs kept channels_last),
     fast-taesd-rewrites (and the tiny VAE's fused convolutions and folded upsampling), fast-fp8
-    (and the UNet's transformer linears in float8, with fused Q/K/V as the README pairs them), eager (fast path, no graphs), plain-tiny,
-    plain-full."""
+    (and the UNet's transformer linears in float8, with fused Q/K/V as the README pairs them),
+    eager (fast path, no graphs), plain-tiny, plain-full."""
     if (model, kind) not in cache:
         if len({m for m, _ in cache} | {model}) > 1:  # one model family in memory at a time
             for key in [k for k in cache if k[0] != model]:
