@@ -27,7 +27,8 @@ VAEs are untouched.
 
 The plain diffusers pipelines share the UNet with the fast path, so with the setting on they
 run these layers in float8 too: the setting changes the model, not one code path. The 16-bit
-weights are released (a float8 copy is half their size).
+weights are released (a float8 copy is half their size). With fused Q/K/V (``fastpath.fuse_qkv``,
+applied first), the separate projections diffusers keeps become views of the fused one's rows.
 """
 
 from __future__ import annotations
