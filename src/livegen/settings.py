@@ -58,21 +58,23 @@ class Settings(BaseSettings):
     # Fast path with channels_last, batches of 2+: the UNet's activations stay channels_last (engine/layout.py):
     # its transformer blocks return channels_last views instead of diffusers' NCHW copies, and under
     # torch_compile its skip concatenations are laid out channels_last, so no compiled kernel reads or
-    # writes across layouts. Off until measured on a GPU (BENCHMARKS.md, session 13).
+    # writes across layouts. Measured on an H200 (BENCHMARKS.md, session 20); off until the GPU
+    # correctness suite has run it.
     keep_channels_last: bool = False
     # Fast path: the UNet's GEGLU feed-forwards project value and gate with two matmuls, so the
-    # gelu and the product run vectorized on contiguous halves (fastpath.split_geglu). Off until
-    # measured on a GPU (BENCHMARKS.md, session 8).
+    # gelu and the product run vectorized on contiguous halves (fastpath.split_geglu). Measured on an
+    # H200 (BENCHMARKS.md, session 20); off until the GPU correctness suite has run it.
     split_geglu: bool = False
     # Fast path on a GPU with float8 matmuls (compute capability 8.9 or 9.0+): the UNet's transformer
     # linear layers (attention projections, feed-forwards) with float8 weights and per-token float8
     # inputs (engine/fp8.py). Images move by more than the fp16 fast path's tolerance (tests/gpu
     # measures how much); the plain pipelines share the UNet and use it too. Off: a choice of speed over
-    # fidelity, measured in BENCHMARKS.md (session 21).
+    # fidelity, not yet measured on a GPU (BENCHMARKS.md, session 21: what is expected).
     fp8_linear: bool = False
     # Fast path: the tiny VAE's residual blocks as cuDNN convolutions with the ReLU and residual add
     # fused in (engine/tiny_vae.py), and its decoder's nearest upsample + convolution pairs as one
-    # transposed convolution. Off until measured on a GPU (BENCHMARKS.md, session 10).
+    # transposed convolution. Measured on an H200 (BENCHMARKS.md, session 20); off until the GPU
+    # correctness suite has run them.
     tiny_vae_conv_relu: bool = False
     tiny_vae_fold_upsample: bool = False
     torch_compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
