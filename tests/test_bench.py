@@ -368,7 +368,13 @@ def test_bench_refuses_an_unknown_variant() -> None:
         ("compile+dyn-batch", {"torch_compile": "default", "compile_dynamic_batch": True}),
         ("graph+nhwc-gn", {"cuda_graphs": True, "nhwc_group_norm": True}),
         ("graph+split-geglu", {"cuda_graphs": True, "split_geglu": True, "nhwc_group_norm": False}),
-        ("graph+taesd-relu", {"tiny_vae_conv_relu": True, "tiny_vae_fold_upsample": False}),
+        ("graph+taesd-relu+no-taesd-fold", {"tiny_vae_conv_relu": True, "tiny_vae_fold_upsample": False}),
+        ("graph", {"split_geglu": True, "keep_channels_last": True, "tiny_vae_conv_relu": True}),
+        ("graph+no-split-geglu", {"split_geglu": False, "keep_channels_last": True}),
+        (
+            "graph+no-rewrites",
+            dict.fromkeys(("split_geglu", "keep_channels_last", "tiny_vae_conv_relu", "tiny_vae_fold_upsample"), False),
+        ),
         (
             "compile+dyn-batch+keep-cl",
             {"torch_compile": "default", "compile_dynamic_batch": True, "keep_channels_last": True},

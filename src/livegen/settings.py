@@ -55,28 +55,29 @@ class Settings(BaseSettings):
     # PyTorch's CUDA GroupNorm, which converts to NCHW and back around each one. Off: on an H200 (session 8,
     # BENCHMARKS.md) 3 % less device time at batch 16 and 13 % more at batch 1.
     nhwc_group_norm: bool = False
+    # The fast path's four rewrites below are on by default since session 22: each was timed on an H200
+    # (session 20) and matched the plain pipeline there within 1 level of 255 (tests/gpu, session 22,
+    # 69-73 dB; BENCHMARKS.md). Each can be turned off on its own (the bench's no-* modifiers time that).
     # Fast path with channels_last, batches of 2+: the UNet's activations stay channels_last (engine/layout.py):
     # its transformer blocks return channels_last views instead of diffusers' NCHW copies, and under
     # torch_compile its skip concatenations are laid out channels_last, so no compiled kernel reads or
-    # writes across layouts. Measured on an H200 (BENCHMARKS.md, session 20); off until the GPU
-    # correctness suite has run it.
-    keep_channels_last: bool = False
+    # writes across layouts (compiled batch 16: -13 % per image).
+    keep_channels_last: bool = True
     # Fast path: the UNet's GEGLU feed-forwards project value and gate with two matmuls, so the
-    # gelu and the product run vectorized on contiguous halves (fastpath.split_geglu). Measured on an
-    # H200 (BENCHMARKS.md, session 20); off until the GPU correctness suite has run it.
-    split_geglu: bool = False
+    # gelu and the product run vectorized on contiguous halves (fastpath.split_geglu).
+    split_geglu: bool = True
     # Fast path on a GPU with float8 matmuls (compute capability 8.9 or 9.0+): the UNet's transformer
     # linear layers (attention projections, feed-forwards) with float8 weights and per-token float8
     # inputs (engine/fp8.py). Images move by more than the fp16 fast path's tolerance (tests/gpu
     # measures how much); the plain pipelines share the UNet and use it too. Off: a choice of speed over
-    # fidelity, not yet measured on a GPU (BENCHMARKS.md, session 21: what is expected).
+    # fidelity, and on an H200 not yet faster (session 22: compiled batch 16 2.18 ms/img, as without it;
+    # under graphs even; BENCHMARKS.md).
     fp8_linear: bool = False
     # Fast path: the tiny VAE's residual blocks as cuDNN convolutions with the ReLU and residual add
     # fused in (engine/tiny_vae.py), and its decoder's nearest upsample + convolution pairs as one
-    # transposed convolution. Measured on an H200 (BENCHMARKS.md, session 20); off until the GPU
-    # correctness suite has run them.
-    tiny_vae_conv_relu: bool = False
-    tiny_vae_fold_upsample: bool = False
+    # transposed convolution. Under graphs, with split_geglu, batch 16 went from 4.35 to 3.75 ms/img.
+    tiny_vae_conv_relu: bool = True
+    tiny_vae_fold_upsample: bool = True
     torch_compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "off"
     # Fast path: the diffusers docs' inductor settings for UNets (1x1 convolutions as matmuls,
     # coordinate-descent tuning; compiling takes longer). Only with torch_compile.

@@ -15,17 +15,24 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import pytest
 from click.testing import CliRunner
 
 from livegen.cli import main
-from tests.conftest import API_KEY, make_certificate, start_server, stop_server, wait_ready_tls
+from tests.conftest import API_KEY, LiveServer, make_certificate, start_server, stop_server, wait_ready_tls
+
+
+class Tls(NamedTuple):
+    base: str  # https://127.0.0.1:PORT
+    cert: Path  # the self-signed certificate the clients trust
+    server: LiveServer
 
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory, shared_data_dir: Path) -> Iterator[tuple[str, Path]]:
+def tls(tmp_path_factory: pytest.TempPathFactory, shared_data_dir: Path) -> Iterator[Tls]:
     folder = tmp_path_factory.mktemp("tls")
     cert, key = make_certificate(folder)
     server = start_server(
@@ -36,14 +43,20 @@ def tls(tmp_path_factory: pytest.TempPathFactory, shared_data_dir: Path) -> Iter
     )
     base = server.base_url.replace("http://", "https://")
     wait_ready_tls(server, base, cert)
-    yield base, cert
+    yield Tls(base, cert, server)
     stop_server(server)
 
 
-def run_client(script: str, env: dict[str, str]) -> dict[str, object]:
+# A client that hangs prints every thread's stack (faulthandler) and exits before the test's own
+# timeout, so a failure says where it waited (CI once saw one run out its 300 s with no output).
+CLIENT_STACKS_AFTER_S = 150
+
+
+def run_client(script: str, env: dict[str, str], server: LiveServer) -> dict[str, object]:
     full_env = {**os.environ, **env, "FAL_KEY": API_KEY}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=full_env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    script = f"import faulthandler; faulthandler.dump_traceback_later({CLIENT_STACKS_AFTER_S}, exit=True)\n{script}"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, env=full_env)
+    assert done.returncode == 0, f"{done.stderr[-6000:]}\nserver log:\n{server.log()[-3000:]}"
     result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
@@ -51,8 +64,8 @@ def run_client(script: str, env: dict[str, str]) -> dict[str, object]:
 SMALL = '{"prompt": "a red fox", "model_name": "stabilityai/sd-turbo", "image_size": {"width": 64, "height": 64}}'
 
 
-def test_plain_http_is_refused_and_https_is_served(tls: tuple[str, Path]) -> None:
-    base, cert = tls
+def test_plain_http_is_refused_and_https_is_served(tls: Tls) -> None:
+    base, cert = tls.base, tls.cert
     assert httpx.get(base + "/healthz", verify=str(cert)).json() == {"status": "ok"}
     with pytest.raises(httpx.HTTPError):
         httpx.get(base.replace("https://", "http://") + "/healthz", timeout=5)
@@ -60,10 +73,10 @@ def test_plain_http_is_refused_and_https_is_served(tls: tuple[str, Path]) -> Non
         httpx.get(base + "/healthz")
 
 
-def test_fal_client_by_environment_variables_alone(tls: tuple[str, Path]) -> None:
+def test_fal_client_by_environment_variables_alone(tls: Tls) -> None:
     """The README's route for code that cannot run anything before importing fal_client:
     FAL_RUN_HOST and FAL_QUEUE_RUN_HOST, over TLS (fal-client builds https:// and wss:// URLs)."""
-    base, cert = tls
+    base, cert = tls.base, tls.cert
     host = base.removeprefix("https://")
     script = f"""
 import json, fal_client
@@ -77,13 +90,13 @@ print(json.dumps({{"run": out["images"][0]["width"], "queued": queued["images"][
                   "realtime": frame["images"][0]["width"]}}))
 """
     env = {"FAL_RUN_HOST": host, "FAL_QUEUE_RUN_HOST": host + "/queue", "SSL_CERT_FILE": str(cert)}
-    result = run_client(script, env)
+    result = run_client(script, env, tls.server)
     assert (result["run"], result["queued"], result["realtime"]) == (64, 64, 64)
 
 
-def test_fal_client_pointed_at_an_https_base(tls: tuple[str, Path]) -> None:
+def test_fal_client_pointed_at_an_https_base(tls: Tls) -> None:
     """point_fal_client with an https base: tokens, realtime over wss with a token, uploads."""
-    base, cert = tls
+    base, cert = tls.base, tls.cert
     script = f"""
 import json, fal_client
 from livegen.client import point_fal_client
@@ -94,7 +107,7 @@ with fal_client.realtime("fal-ai/fast-turbo-diffusion") as connection:
 url = fal_client.upload(b"tls bytes", "text/plain")
 print(json.dumps({{"realtime": frame["images"][0]["width"], "upload": url}}))
 """
-    result = run_client(script, {"SSL_CERT_FILE": str(cert)})
+    result = run_client(script, {"SSL_CERT_FILE": str(cert)}, tls.server)
     assert result["realtime"] == 64
     url = str(result["upload"])
     assert url.startswith(base + "/cdn/files/")

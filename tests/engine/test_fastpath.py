@@ -217,7 +217,8 @@ def test_compile_allows_a_shape_per_bucket_size_and_step_count(settings: Setting
 
 def test_inductor_options_reach_torch_compile(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """LIVEGEN_INDUCTOR_OPTIONS: the UNet and the decodes are compiled with the mode's options plus
-    these (torch.compile is recorded, not run); without them, with the mode alone."""
+    these (torch.compile is recorded, not run); without them (and without keep-cl's pass), with the
+    mode alone."""
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
     options = {"split_reductions": False}
@@ -227,7 +228,8 @@ def test_inductor_options_reach_torch_compile(settings: Settings, monkeypatch: p
     assert len(calls) >= 2
     assert all(kw["options"]["split_reductions"] is False and kw["options"]["triton.cudagraphs"] for kw in calls)
     calls.clear()
-    Worker(settings.model_copy(update={"torch_compile": "reduce-overhead"}))._load(SD).fast._compile()
+    alone = {"torch_compile": "reduce-overhead", "keep_channels_last": False}
+    Worker(settings.model_copy(update=alone))._load(SD).fast._compile()
     assert calls and all(kw == {"dynamic": False, "mode": "reduce-overhead"} for kw in calls)
 
 
@@ -657,11 +659,12 @@ def test_split_geglu_leaves_wrapped_projections_alone() -> None:
 
 
 def test_split_geglu_setting_gives_the_same_images(settings: Settings) -> None:
-    """``LIVEGEN_SPLIT_GEGLU``: the fast path's images with it match those without (CPU, fp32)."""
+    """``LIVEGEN_SPLIT_GEGLU`` (on by default): the fast path's images with it match those without
+    (CPU, fp32)."""
     from diffusers.models.activations import GEGLU
 
-    plain = Worker(settings)._load(SD)
-    split = Worker(settings.model_copy(update={"split_geglu": True}))._load(SD)
+    plain = Worker(settings.model_copy(update={"split_geglu": False}))._load(SD)
+    split = Worker(settings)._load(SD)
     changed = [m for m in split.fast.unet.modules() if isinstance(m, GEGLU) and "forward" in vars(m)]
     assert changed and not any("forward" in vars(m) for m in plain.fast.unet.modules() if isinstance(m, GEGLU))
     batch = [req(SD, seed=s, vae="tiny") for s in (5, 6)]

@@ -139,14 +139,14 @@ def test_compile_options_keep_the_mode_and_add_the_pass() -> None:
 def test_keep_channels_last_setting_gives_the_same_images_and_compiles_with_the_pass(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``LIVEGEN_KEEP_CHANNELS_LAST``: the transformer blocks are rewritten (not without
+    """``LIVEGEN_KEEP_CHANNELS_LAST`` (on by default): the transformer blocks are rewritten (not without
     channels_last) and the fast path's images match those without it (CPU, fp32); with
     torch_compile the UNet and the decodes are compiled with inductor's mode options plus the pass
     (torch.compile is recorded, not run)."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    plain = Worker(settings)._load(SD)
-    kept = Worker(settings.model_copy(update={"keep_channels_last": True}))._load(SD)
+    plain = Worker(settings.model_copy(update={"keep_channels_last": False}))._load(SD)
+    kept = Worker(settings)._load(SD)
     blocks = [m for m in kept.fast.unet.modules() if isinstance(m, Transformer2DModel)]
     assert blocks and all("_get_output_for_continuous_inputs" in vars(m) for m in blocks)
     batch = [req(SD, seed=s, vae="tiny") for s in (5, 6)]

@@ -87,12 +87,13 @@ def test_rewritten_taesd_compiles_in_one_graph(backend: str) -> None:
 
 @pytest.mark.parametrize("model", [SD, SDXL])
 def test_the_settings_give_the_same_images(shared_data_dir: Path, model: str) -> None:
-    """``LIVEGEN_TINY_VAE_CONV_RELU`` and ``LIVEGEN_TINY_VAE_FOLD_UPSAMPLE``: the fast path's images
-    with them match those without (CPU, fp32), text-to-image and image-to-image (the encoder)."""
+    """``LIVEGEN_TINY_VAE_CONV_RELU`` and ``LIVEGEN_TINY_VAE_FOLD_UPSAMPLE`` (on by default): the
+    fast path's images with them match those without (CPU, fp32), text-to-image and image-to-image
+    (the encoder)."""
     settings = Settings(weights="tiny-random", device="cpu", data_dir=shared_data_dir, fast_path="on")
-    plain = Worker(settings)._load(model)
-    both = {"tiny_vae_conv_relu": True, "tiny_vae_fold_upsample": True}
-    rewritten = Worker(settings.model_copy(update=both))._load(model)
+    neither = {"tiny_vae_conv_relu": False, "tiny_vae_fold_upsample": False}
+    plain = Worker(settings.model_copy(update=neither))._load(model)
+    rewritten = Worker(settings)._load(model)
     assert any(isinstance(m, FoldedUpsampleConv) for m in rewritten.fast.tiny_vae.modules())
     assert not any(isinstance(m, FoldedUpsampleConv) for m in plain.fast.tiny_vae.modules())
     batch = [

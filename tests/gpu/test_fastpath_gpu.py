@@ -60,29 +60,30 @@ def loaded() -> Iterator[dict[tuple[str, str], Any]]:
     torch.cuda.empty_cache()
 
 
+# The fast path's rewrites on by default (settings.py, session 22).
+REWRITES = ("split_geglu", "keep_channels_last", "tiny_vae_conv_relu", "tiny_vae_fold_upsample")
+
+
 def adapter(cache: dict[tuple[str, str], Any], model: str, kind: str) -> Any:
-    """kind: fast (graphs), fast-nhwc-gn (and GroupNorms in channels_last), fast-split-geglu (and
-    GEGLU's halves projected apart), fast-keep-cl (and transformer outputs kept channels_last),
-    fast-taesd-rewrites (and the tiny VAE's fused convolutions and folded upsampling), fast-fp8
-    (and the UNet's transformer linears in float8, with fused Q/K/V as the README pairs them),
-    eager (fast path, no graphs), plain-tiny, plain-full."""
+    """kind: fast (graphs, the defaults: with the four rewrites below), fast-nhwc-gn (and GroupNorms
+    in channels_last), fast-split-geglu, fast-keep-cl, fast-taesd-rewrites (each rewrite alone, the
+    others off: GEGLU's halves projected apart; transformer outputs kept channels_last; the tiny
+    VAE's fused convolutions and folded upsampling), fast-fp8 (and the UNet's transformer linears
+    in float8, with fused Q/K/V as the README pairs them), eager (fast path, no graphs), plain-tiny,
+    plain-full."""
     if (model, kind) not in cache:
         if len({m for m, _ in cache} | {model}) > 1:  # one model family in memory at a time
             for key in [k for k in cache if k[0] != model]:
                 del cache[key]
             gc.collect()
             torch.cuda.empty_cache()
+        fast, none = {"fast_path": "on", "cuda_graphs": True}, dict.fromkeys(REWRITES, False)
         update: dict[str, Any] = {
-            "fast": {"fast_path": "on", "cuda_graphs": True},
-            "fast-nhwc-gn": {"fast_path": "on", "cuda_graphs": True, "nhwc_group_norm": True},
-            "fast-split-geglu": {"fast_path": "on", "cuda_graphs": True, "split_geglu": True},
-            "fast-keep-cl": {"fast_path": "on", "cuda_graphs": True, "keep_channels_last": True},
-            "fast-taesd-rewrites": {
-                "fast_path": "on",
-                "cuda_graphs": True,
-                "tiny_vae_conv_relu": True,
-                "tiny_vae_fold_upsample": True,
-            },
+            "fast": fast,
+            "fast-nhwc-gn": {**fast, "nhwc_group_norm": True},
+            "fast-split-geglu": {**fast, **none, "split_geglu": True},
+            "fast-keep-cl": {**fast, **none, "keep_channels_last": True},
+            "fast-taesd-rewrites": {**fast, **none, "tiny_vae_conv_relu": True, "tiny_vae_fold_upsample": True},
             "fast-fp8": {"fast_path": "on", "cuda_graphs": True, "fp8_linear": True, "fuse_qkv": True},
             "eager": {"fast_path": "on", "cuda_graphs": False},
             "plain-tiny": {"fast_path": "off", "tiny_vae": True},

@@ -41,11 +41,16 @@ VARIANTS = ("default", "plain", "eager", "graph", "compile", "compile-ro")
 MODIFIERS = (
     "bf16", "fp16", "fp32", "tiny-vae", "full-vae", "no-cl", "fuse-qkv", "tuned", "dyn-batch", "cudnn-bench",
     "sdpa-cudnn", "nhwc-gn", "split-geglu", "taesd-relu", "taesd-fold", "keep-cl", "no-text-graph", "fp8",
+    "no-split-geglu", "no-taesd-relu", "no-taesd-fold", "no-keep-cl", "no-rewrites",
 )  # fmt: skip
 
+# The fast path's rewrites that are on by default (session 22); no-rewrites turns all four off,
+# for the fast path as it was before them.
+_REWRITES = ("split_geglu", "tiny_vae_conv_relu", "tiny_vae_fold_upsample", "keep_channels_last")
 
-# A modifier that sets one engine setting: (setting, value). The others: tiny-vae / full-vae.
-_MODIFIER_SETTINGS: dict[str, tuple[str, Any]] = {
+
+# A modifier that sets one engine setting: (setting, value).
+_ONE_SETTING: dict[str, tuple[str, Any]] = {
     "bf16": ("dtype", "bfloat16"),
     "fp16": ("dtype", "float16"),
     "fp32": ("dtype", "float32"),
@@ -62,7 +67,16 @@ _MODIFIER_SETTINGS: dict[str, tuple[str, Any]] = {
     "keep-cl": ("keep_channels_last", True),
     "no-text-graph": ("text_encoder_graph", False),
     "fp8": ("fp8_linear", True),
+    "no-split-geglu": ("split_geglu", False),
+    "no-taesd-relu": ("tiny_vae_conv_relu", False),
+    "no-taesd-fold": ("tiny_vae_fold_upsample", False),
+    "no-keep-cl": ("keep_channels_last", False),
 }
+# What each modifier sets: {setting: value}. The others: tiny-vae / full-vae.
+_MODIFIER_SETTINGS: dict[str, dict[str, Any]] = {
+    name: {setting: value} for name, (setting, value) in _ONE_SETTING.items()
+}
+_MODIFIER_SETTINGS["no-rewrites"] = dict.fromkeys(_REWRITES, False)
 
 
 @dataclass(frozen=True)
@@ -98,7 +112,9 @@ def variant_settings(settings: Settings, variant: str) -> Settings:
     ``graph+taesd-relu`` / ``graph+taesd-fold`` (the tiny VAE's fused convolutions / folded upsampling),
     ``compile+keep-cl`` (activations kept channels_last: engine/layout.py), ``graph+no-text-graph``
     (new prompts encoded eagerly: engine/text_graph.py), ``compile+fp8`` (the UNet's transformer
-    linears in float8: engine/fp8.py).
+    linears in float8: engine/fp8.py). split-geglu, taesd-relu, taesd-fold and keep-cl are on by default
+    (session 22): ``graph+no-split-geglu`` and the like time the fast path without one, ``graph+no-rewrites``
+    without all four.
     BASE: default (what ``livegen serve`` does on this device), plain
     (stock pipelines, no fast path), eager (fast path, no graph), graph (fast path + CUDA
     graphs), compile (torch.compile default mode inside CUDA graphs), compile-ro (torch.compile
@@ -116,8 +132,7 @@ def variant_settings(settings: Settings, variant: str) -> Settings:
     update = dict(presets.get(base, {}))
     for m in mods:
         if m in _MODIFIER_SETTINGS:
-            name, value = _MODIFIER_SETTINGS[m]
-            update[name] = value
+            update.update(_MODIFIER_SETTINGS[m])
         else:
             update["tiny_vae"] = m == "tiny-vae"
     return settings.model_copy(update=update)

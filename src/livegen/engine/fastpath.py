@@ -78,11 +78,11 @@ class FastOptions:
     buckets: tuple[int, ...] = BUCKETS
     channels_last: bool = True
     nhwc_group_norm: bool = False
-    keep_channels_last: bool = False  # with channels_last (engine/layout.py): no NCHW transformer outputs or cats
-    split_geglu: bool = False
+    keep_channels_last: bool = True  # with channels_last (engine/layout.py): no NCHW transformer outputs or cats
+    split_geglu: bool = True
     fp8_linear: bool = False  # the UNet's transformer matmuls in float8 (engine/fp8.py)
-    tiny_vae_conv_relu: bool = False
-    tiny_vae_fold_upsample: bool = False
+    tiny_vae_conv_relu: bool = True
+    tiny_vae_fold_upsample: bool = True
     gpu_jpeg: bool = True
     jpeg_quality: int = 90
     graph_warmup_iters: int = 2
