@@ -454,7 +454,9 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
     "attention kernels first) | nhwc-gn (GroupNorms kept in channels_last) | split-geglu (GEGLU's value and gate "
     "projected apart) | taesd-relu (the tiny VAE's convolutions fused with their ReLU) | taesd-fold (its "
     "upsamplings folded into transposed convolutions) | keep-cl (activations kept channels_last: no NCHW "
-    "transformer outputs, compiled skip concatenations laid out channels_last).",
+    "transformer outputs, compiled skip concatenations laid out channels_last) | no-split-geglu | no-taesd-relu "
+    "| no-taesd-fold | no-keep-cl (those four are on by default: each turned off) | no-rewrites (all four off) | "
+    "no-text-graph (new prompts encoded eagerly) | fp8 (the UNet's transformer linears in float8).",
 )
 @click.option(
     "--tiny-vae/--full-vae",
