@@ -456,7 +456,8 @@ def keys_revoke(key_id: str, data_dir: Path | None) -> None:
     "upsamplings folded into transposed convolutions) | keep-cl (activations kept channels_last: no NCHW "
     "transformer outputs, compiled skip concatenations laid out channels_last) | no-split-geglu | no-taesd-relu "
     "| no-taesd-fold | no-keep-cl (those four are on by default: each turned off) | no-rewrites (all four off) | "
-    "no-text-graph (new prompts encoded eagerly) | fp8 (the UNet's transformer linears in float8).",
+    "no-text-graph (new prompts encoded eagerly) | fp8 (the UNet's transformer linears in float8) | no-fp8-geglu "
+    "(with fp8: the GEGLUs' quantization by inductor or PyTorch ops, not livegen's kernel).",
 )
 @click.option(
     "--tiny-vae/--full-vae",

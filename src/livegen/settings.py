@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     # fidelity, and on an H200 not yet faster (session 22: compiled batch 16 2.18 ms/img, as without it;
     # under graphs even; BENCHMARKS.md).
     fp8_linear: bool = False
+    # With fp8_linear on CUDA (float16, Triton present): each GEGLU feed-forward's GELU, product and
+    # per-row float8 quantization in one kernel that reads each row once (engine/fp8_geglu.py), where
+    # inductor's code reads it twice (session 22: 3.29 ms of the compiled batch 16 on an H200).
+    # Checked against the PyTorch ops at load; a failure there: a warning and the ops. Not yet timed.
+    fp8_geglu_kernel: bool = True
     # Fast path: the tiny VAE's residual blocks as cuDNN convolutions with the ReLU and residual add
     # fused in (engine/tiny_vae.py), and its decoder's nearest upsample + convolution pairs as one
     # transposed convolution. Under graphs, with split_geglu, batch 16 went from 4.35 to 3.75 ms/img.

@@ -231,6 +231,47 @@ def test_fused_projections_share_one_float8_copy() -> None:
     assert fp8.convert(unet, fp8.Recipe(True, None)) == 0
 
 
+def test_a_fused_geglu_quantization_gives_the_unfused_feed_forward() -> None:
+    """``fuse_geglu_quantization``: each float8 GEGLU feed-forward hands its projection to one
+    quantizing call (here the PyTorch ops, ``geglu_quantize_rows``; on CUDA fp8_geglu's kernel) and
+    multiplies what it returns: the same float8 rows, so the same output, bit for bit."""
+    from diffusers.models.attention import FeedForward
+
+    unet = tiny_unet(use_linear_projection=True)
+    fp8.convert(unet, fp8.Recipe(True, None))
+    fused = copy.deepcopy(unet)
+    calls: list[tuple[int, ...]] = []
+
+    def geglu_quantize(projected: torch.Tensor) -> fp8.Quantized:
+        calls.append(tuple(projected.shape))
+        return fp8.geglu_quantize_rows(projected)
+
+    feed_forwards = [m for m in unet.modules() if isinstance(m, FeedForward)]
+    assert fp8.fuse_geglu_quantization(fused, geglu_quantize) == len(feed_forwards) > 0
+    assert fp8.fuse_geglu_quantization(fused, geglu_quantize) == 0  # once
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([999, 999]), torch.randn(2, 77, 48)
+    with torch.no_grad():
+        assert torch.equal(fused(x, t, ctx).sample, unet(x, t, ctx).sample)
+    assert len(calls) == len(feed_forwards) and all(len(shape) == 2 and shape[1] % 2 == 0 for shape in calls)
+    # a feed-forward whose output layer stayed 16-bit (say, a width cuBLAS cannot take) is left alone
+    mixed = copy.deepcopy(unet)
+    mixed.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[2] = torch.nn.Linear(128, 32)
+    assert fp8.fuse_geglu_quantization(mixed, geglu_quantize) == len(feed_forwards) - 1
+
+
+def test_the_geglu_kernel_is_for_cuda_and_a_cpu_says_so(
+    shared_data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``LIVEGEN_FP8_GEGLU_KERNEL`` (on by default with float8): on a CPU (no Triton, no CUDA) the
+    GEGLUs stay PyTorch ops, with one warning, and the images are those without the setting."""
+    settings = Settings(weights="tiny-random", device="cpu", data_dir=shared_data_dir, fast_path="on", fp8_linear=True)
+    with caplog.at_level("WARNING", logger="livegen.engine.fastpath"):
+        worker = Worker(settings)._load(SD)
+    assert worker.fast.stats.fp8_linears > 0 and worker.fast.stats.fp8_geglus == 0
+    assert [r.message for r in caplog.records if "float8 GEGLUs run as PyTorch ops" in r.message]
+    assert not any("forward" in vars(m) for m in worker.fast.unet.modules() if type(m).__name__ == "FeedForward")
+
+
 def test_probe_finds_the_full_recipe_on_a_cpu() -> None:
     assert fp8.unsupported_reason(torch.device("cpu")) is None
     assert fp8.probe(torch.device("cpu"), torch.float32) == fp8.Recipe(True, None)

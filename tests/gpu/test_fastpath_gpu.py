@@ -209,6 +209,8 @@ def test_float8_linears_stay_near_the_plain_pipeline(loaded: dict[tuple[str, str
     random-weight images are ~10 dB apart. The printed line is the result to record."""
     fast = adapter(loaded, model, "fast-fp8")
     assert fast.fast.stats.fp8_linears > 0, "the device refused float8 matmuls (see the log)"
+    # LIVEGEN_FP8_GEGLU_KERNEL (on with float8): every transformer block's GEGLU in one kernel
+    assert fast.fast.stats.fp8_geglus > 0, "the GEGLU kernel failed its load check (see the log)"
     batch = [req(model, seed=s, vae="tiny") for s in (1, 2)]
     eight = pixels(fast(batch))
     from livegen.engine.fp8 import Fp8Linear, RowQuantizer
@@ -219,6 +221,25 @@ def test_float8_linears_stay_near_the_plain_pipeline(loaded: dict[tuple[str, str
     assert isinstance(quantizer, RowQuantizer) and not quantizer.failure, quantizer.failure
     plain = pixels(adapter(loaded, model, "plain-tiny")(batch))
     compare(f"{model}:fp8:tiny:graph-vs-plain", eight, plain, min_psnr=20.0, max_mean=8.0, max_levels=255)
+
+
+@pytest.mark.parametrize("width", [40, 1280, 2560, 5120])
+def test_the_float8_geglu_kernel_matches_the_pytorch_ops(width: int) -> None:
+    """engine/fp8_geglu.py against ``fp8.geglu_quantize_rows`` on the device, at SD's and SDXL's
+    GEGLU widths and one that is not a power of two, with a row of zeros (the scale's floor): the
+    same scales, and each float8 value at most one step away (the kernel scales in float32)."""
+    from livegen.engine import fp8, fp8_geglu
+
+    generator = torch.Generator("cuda").manual_seed(width)
+    projected = torch.randn(300, 2 * width, device="cuda", generator=generator).mul(4).half()
+    projected[7, :width] = 0
+    got, scales = fp8_geglu.geglu_quantize_rows(projected)
+    expected, expected_scales = fp8.geglu_quantize_rows(projected)
+    torch.testing.assert_close(scales, expected_scales, rtol=1e-3, atol=0)
+    assert fp8_geglu.within_a_step(got, expected)
+    differing = (got.view(torch.uint8) != expected.view(torch.uint8)).float().mean().item()
+    print(f"FASTPATH-GPU fp8-geglu-kernel width={width} values one step away: {differing:.4f}")
+    assert differing < 0.05
 
 
 def test_graph_replay_across_buckets_matches_eager(loaded: dict[tuple[str, str], Any]) -> None:

@@ -41,7 +41,7 @@ VARIANTS = ("default", "plain", "eager", "graph", "compile", "compile-ro")
 MODIFIERS = (
     "bf16", "fp16", "fp32", "tiny-vae", "full-vae", "no-cl", "fuse-qkv", "tuned", "dyn-batch", "cudnn-bench",
     "sdpa-cudnn", "nhwc-gn", "split-geglu", "taesd-relu", "taesd-fold", "keep-cl", "no-text-graph", "fp8",
-    "no-split-geglu", "no-taesd-relu", "no-taesd-fold", "no-keep-cl", "no-rewrites",
+    "no-split-geglu", "no-taesd-relu", "no-taesd-fold", "no-keep-cl", "no-rewrites", "no-fp8-geglu",
 )  # fmt: skip
 
 # The fast path's rewrites that are on by default (session 22); no-rewrites turns all four off,
@@ -71,6 +71,7 @@ _ONE_SETTING: dict[str, tuple[str, Any]] = {
     "no-taesd-relu": ("tiny_vae_conv_relu", False),
     "no-taesd-fold": ("tiny_vae_fold_upsample", False),
     "no-keep-cl": ("keep_channels_last", False),
+    "no-fp8-geglu": ("fp8_geglu_kernel", False),
 }
 # What each modifier sets: {setting: value}. The others: tiny-vae / full-vae.
 _MODIFIER_SETTINGS: dict[str, dict[str, Any]] = {
@@ -574,6 +575,8 @@ def format_table(report: dict[str, Any]) -> str:
             extra += f", {fast['compile_failures']} COMPILES FAILED (ran uncompiled): {fast.get('compile_error')}"
         if fast.get("fp8_linears"):
             extra += f", {fast['fp8_linears']} UNet linears in float8"
+        if fast.get("fp8_geglus"):
+            extra += f", {fast['fp8_geglus']} GEGLUs quantized in one kernel"
         if fast.get("compiled_shapes") or fast.get("uncompiled_shapes"):
             extra += f", {fast.get('compiled_shapes', 0)} shapes compiled"
             if fast.get("channels_last_cats"):

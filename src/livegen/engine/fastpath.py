@@ -81,6 +81,7 @@ class FastOptions:
     keep_channels_last: bool = True  # with channels_last (engine/layout.py): no NCHW transformer outputs or cats
     split_geglu: bool = True
     fp8_linear: bool = False  # the UNet's transformer matmuls in float8 (engine/fp8.py)
+    fp8_geglu_kernel: bool = True  # with fp8_linear on CUDA: GEGLU + quantization in one kernel (engine/fp8_geglu.py)
     tiny_vae_conv_relu: bool = True
     tiny_vae_fold_upsample: bool = True
     gpu_jpeg: bool = True
@@ -177,6 +178,7 @@ class FastStats:
     text_graphs: int = 0  # text encoders' CUDA graphs captured (engine/text_graph.py)
     text_graph_replays: int = 0  # prompts encoded by replaying one
     fp8_linears: int = 0  # fp8_linear: the UNet's linear layers running in float8 (engine/fp8.py)
+    fp8_geglus: int = 0  # fp8_geglu_kernel: feed-forwards whose GEGLU and quantization are one kernel
 
 
 class FastPath:
@@ -287,7 +289,31 @@ class FastPath:
         quantize = fp8.RowQuantizer() if self.device.type == "cuda" and self.options.compile == "off" else None
         converted = fp8.convert(self.unet, recipe, quantize)
         logger.info("%d of the UNet's linear layers run in float8 (%s)", converted, recipe)
+        if self.options.fp8_geglu_kernel:
+            self.stats.fp8_geglus = self._fuse_fp8_geglus()
         return converted
+
+    def _fuse_fp8_geglus(self) -> int:
+        """Each float8 GEGLU feed-forward's GELU, product and quantization in one kernel
+        (engine/fp8_geglu.py), where it runs and agrees with the PyTorch ops; else none, said once."""
+        try:
+            from livegen.engine import fp8_geglu
+        except ImportError as exc:  # no Triton (a CPU build of torch)
+            reason: str | None = f"no Triton ({exc})"
+        else:
+            reason = fp8_geglu.check(self.device, self.dtype)
+        if reason is not None:
+            logger.warning("float8 GEGLUs run as PyTorch ops: %s", reason)
+            return 0
+
+        def geglu_quantize(projected: torch.Tensor) -> fp8.Quantized:
+            if fp8_geglu.supports(projected.shape[-1] // 2):
+                return fp8_geglu.geglu_quantize_rows(projected)
+            return fp8.geglu_quantize_rows(projected)
+
+        fused = fp8.fuse_geglu_quantization(self.unet, geglu_quantize)
+        logger.info("%d float8 GEGLU feed-forwards quantize in one kernel", fused)
+        return fused
 
     def _graph_text_encoders(self, pipe: Any) -> None:
         """On CUDA with graphs: a new prompt's encoding replays a CUDA graph of each text encoder

@@ -34,10 +34,12 @@ applied first), the separate projections diffusers keeps become views of the fus
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,9 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 # A row's largest magnitude is mapped to this, a little under FP8_MAX: the input's scale is applied
 # in the input's dtype (one multiply), whose rounding may push the largest value a hair past it.
-_TARGET = 440.0
+TARGET = 440.0
+# Rows of zeros keep a finite scale; the floor keeps 1/scale within float16's range (65504).
+FLOOR = TARGET / 60000.0
 ALIGN = 16  # cuBLAS's float8 matmuls need both sides of the weight to be multiples of 16
 
 
@@ -104,7 +108,12 @@ class Fp8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quantized, scale = self.quantize(x.reshape(-1, self.in_features).contiguous())
-        out_dtype = self.recipe.out_dtype or x.dtype
+        return self.multiply(quantized, scale, x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def multiply(self, quantized: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The layer's output for inputs already quantized per row (float8 rows and their scales),
+        as 2-D rows in ``dtype``."""
+        out_dtype = self.recipe.out_dtype or dtype
         bias: torch.Tensor | None = self.bias if self.recipe.bias_in_matmul else None
         if bias is not None and bias.dtype != out_dtype:
             bias = bias.to(out_dtype)
@@ -112,11 +121,11 @@ class Fp8Linear(torch.nn.Module):
             quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale.float(), bias=bias,
             out_dtype=out_dtype, use_fast_accum=True,
         )  # fmt: skip
-        if out.dtype != x.dtype:
-            out = out.to(x.dtype)
+        if out.dtype != dtype:
+            out = out.to(dtype)
         if self.bias is not None and not self.recipe.bias_in_matmul:
-            out = out + self.bias.to(x.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+            out = out + self.bias.to(dtype)
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, float8_e4m3fn"
@@ -130,9 +139,21 @@ def quantize_rows(rows: torch.Tensor) -> Quantized:
     scale that undoes it. As PyTorch ops these are three passes over ``rows`` (the row maxima, the
     multiply, the cast); under torch.compile, one fused kernel (``RowQuantizer``)."""
     amax = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, keepdim=True, dtype=torch.float32)
-    # Rows of zeros keep a finite scale; the floor keeps 1/scale within float16's range (65504).
-    amax = amax.clamp_min(_TARGET / 60000.0)
-    return (rows * (_TARGET / amax).to(rows.dtype)).to(FP8), amax / _TARGET
+    amax = amax.clamp_min(FLOOR)
+    return (rows * (TARGET / amax).to(rows.dtype)).to(FP8), amax / TARGET
+
+
+def geglu_rows(projected: torch.Tensor) -> torch.Tensor:
+    """diffusers' GEGLU after its projection: each row's value half times the GELU of its gate half."""
+    value, gate = projected.chunk(2, dim=-1)
+    return value * F.gelu(gate)
+
+
+def geglu_quantize_rows(projected: torch.Tensor) -> Quantized:
+    """The GEGLU of each row of ``projected`` (2-D: value half, then gate half), quantized per row
+    as ``quantize_rows`` does: what a float8 feed-forward's output layer multiplies. As PyTorch ops;
+    on CUDA ``fp8_geglu.geglu_quantize_rows`` does it in one kernel."""
+    return quantize_rows(geglu_rows(projected))
 
 
 class RowQuantizer:
@@ -251,3 +272,32 @@ def convert(unet: torch.nn.Module, recipe: Recipe, quantize: Callable[[torch.Ten
                     shared += 1
                 start += part.out_features
     return len(names) - shared
+
+
+def fuse_geglu_quantization(unet: torch.nn.Module, geglu_quantize: Callable[[torch.Tensor], Quantized]) -> int:
+    """Make each feed-forward of ``unet`` whose GEGLU projection and output layer are both
+    ``Fp8Linear`` compute its GEGLU and the output layer's input quantization with one call of
+    ``geglu_quantize`` (``geglu_quantize_rows``' arithmetic; on CUDA ``fp8_geglu``'s kernel) instead
+    of the GEGLU's PyTorch ops and the output layer's own quantization. The dropout between them
+    is skipped: the fast path runs in eval mode, where it does nothing. Returns how many changed."""
+    from diffusers.models.activations import GEGLU
+    from diffusers.models.attention import FeedForward
+
+    def forward(self: FeedForward, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        geglu, output = self.net[0], self.net[2]
+        projected = geglu.proj(hidden_states)
+        quantized, scale = geglu_quantize(projected.reshape(-1, projected.shape[-1]).contiguous())
+        out = output.multiply(quantized, scale, projected.dtype).reshape(*projected.shape[:-1], output.out_features)
+        for module in self.net[3:]:  # diffusers' final dropout, where configured
+            out = module(out)
+        return out
+
+    changed = 0
+    for module in unet.modules():
+        if not isinstance(module, FeedForward) or "forward" in vars(module) or len(module.net) < 3:
+            continue
+        geglu, output = module.net[0], module.net[2]
+        if isinstance(geglu, GEGLU) and isinstance(geglu.proj, Fp8Linear) and isinstance(output, Fp8Linear):
+            module.forward = types.MethodType(forward, module)
+            changed += 1
+    return changed

@@ -816,6 +816,7 @@ class Worker:
             keep_channels_last=settings.keep_channels_last,
             split_geglu=settings.split_geglu,
             fp8_linear=settings.fp8_linear,
+            fp8_geglu_kernel=settings.fp8_geglu_kernel,
             tiny_vae_conv_relu=settings.tiny_vae_conv_relu,
             tiny_vae_fold_upsample=settings.tiny_vae_fold_upsample,
             compile=settings.torch_compile,
