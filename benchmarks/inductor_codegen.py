@@ -202,6 +202,11 @@ def main() -> None:
         help="with LIVEGEN_FP8_LINEAR (engine/fp8.py: the transformer linears in float8, bias in the matmul)",
     )
     ap.add_argument(
+        "--fp8-geglu-kernel",
+        action="store_true",
+        help="with --fp8: LIVEGEN_FP8_GEGLU_KERNEL (engine/fp8_geglu.py: GEGLU and quantization in one kernel)",
+    )
+    ap.add_argument(
         "--taesd-rewrites",
         action="store_true",
         help="with --part taesd: LIVEGEN_TINY_VAE_FOLD_UPSAMPLE and LIVEGEN_TINY_VAE_CONV_RELU (engine/tiny_vae.py)",
@@ -258,6 +263,11 @@ def main() -> None:
             from livegen.engine import fp8
 
             print(f"{fp8.convert(unet, fp8.Recipe(bias_in_matmul=True, out_dtype=None))} linears in float8")
+            if args.fp8_geglu_kernel:
+                from livegen.engine import fp8_geglu
+
+                fused = fp8.fuse_geglu_quantization(unet, fp8_geglu.geglu_quantize_rows)
+                print(f"{fused} float8 GEGLUs in livegen's kernel")
         if args.split_geglu:
             from livegen.engine.fastpath import split_geglu
 
