@@ -305,13 +305,7 @@ class FastPath:
         if reason is not None:
             logger.warning("float8 GEGLUs run as PyTorch ops: %s", reason)
             return 0
-
-        def geglu_quantize(projected: torch.Tensor) -> fp8.Quantized:
-            if fp8_geglu.supports(projected.shape[-1] // 2):
-                return fp8_geglu.geglu_quantize_rows(projected)
-            return fp8.geglu_quantize_rows(projected)
-
-        fused = fp8.fuse_geglu_quantization(self.unet, geglu_quantize)
+        fused = fp8.fuse_geglu_quantization(self.unet, fp8_geglu.quantize)
         logger.info("%d float8 GEGLU feed-forwards quantize in one kernel", fused)
         return fused
 

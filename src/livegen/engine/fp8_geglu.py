@@ -13,10 +13,11 @@ row and its scale.
 The arithmetic is ``fp8.geglu_quantize_rows``': the GELU and the product rounded to the input's
 16-bit type as PyTorch computes them, then the row scaled so its largest magnitude is ~440. The one
 difference: the scale is applied in float32 where the PyTorch ops apply it in 16 bits, so a value
-may round to the neighbouring float8 number (tests/engine/test_fp8.py bounds it).
+may round to the neighbouring float8 number (``within_a_step`` bounds it, at load and in tests/gpu).
 
 Registered as a ``torch.library.triton_op``: torch.compile puts the kernel into its graph as it is,
-CUDA graphs capture its launch. Imported only on CUDA with Triton present (``available``).
+CUDA graphs capture its launch. Imported only where Triton is (a CPU build of torch has none);
+``check`` says whether it can serve.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from livegen.engine import fp8
-from livegen.engine.fp8 import FLOOR, FP8, TARGET
 
 MAX_WIDTH = 8192  # one row in registers: 8 warps x 32 threads x 32 values
 
@@ -58,19 +58,22 @@ def geglu_quantize_rows(projected: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     projection's output (value half, then gate half), rows contiguous."""
     rows, twice = projected.shape
     width = twice // 2
-    quantized = torch.empty((rows, width), device=projected.device, dtype=FP8)
+    quantized = torch.empty((rows, width), device=projected.device, dtype=fp8.FP8)
     scales = torch.empty((rows, 1), device=projected.device, dtype=torch.float32)
     block = triton.next_power_of_2(width)
     wrap_triton(_geglu_quantize_kernel)[(rows,)](
         projected, quantized, scales, width, projected.stride(0), quantized.stride(0),
-        TARGET=TARGET, FLOOR=FLOOR, BLOCK=block, num_warps=max(1, min(8, block // 256)),
+        TARGET=fp8.TARGET, FLOOR=fp8.FLOOR, BLOCK=block, num_warps=max(1, min(8, block // 256)),
     )  # fmt: skip
     return quantized, scales
 
 
-def supports(width: int) -> bool:
-    """Whether a row of ``width`` values (the GEGLU's output) fits the kernel."""
-    return width <= MAX_WIDTH
+def quantize(projected: torch.Tensor) -> fp8.Quantized:
+    """``fp8.geglu_quantize_rows`` by the kernel where a row fits it (``MAX_WIDTH``), else by the
+    PyTorch ops: what ``fp8.fuse_geglu_quantization`` is given on CUDA."""
+    if projected.shape[-1] // 2 <= MAX_WIDTH:
+        return geglu_quantize_rows(projected)
+    return fp8.geglu_quantize_rows(projected)
 
 
 def check(device: torch.device, dtype: torch.dtype) -> str | None:
