@@ -6,7 +6,8 @@ it, peft's LoRA layers wrap 278 of SD 1.5's layers (788 of SDXL's) and each adds
 matmuls or convolutions, a scale and an add: counted on the meta device, 834 -> 2224 ops that
 launch and 803 -> 898 GFLOP per SD 1.5 call (benchmarks/2026-11-28-session23/lora_fusion_ops.py).
 This times both, eager and as a CUDA graph (the fast path's way), with random weights at the real
-architecture (or the tiny one on a CPU, to check the script). No engine, no server: the UNet alone.
+architecture (or the tiny one on a CPU, to check the script). No engine, no server: the UNet alone,
+its inputs from meta_unet.inputs, graphed by the fast path's own _Graph (inputs copied in, replay).
 
     python benchmarks/lora_fusion.py [--model sd15|sdxl] [--batch 1,4] [--iters 20]
 """
@@ -14,33 +15,21 @@ architecture (or the tiny one on a CPU, to check the script). No engine, no serv
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
 from typing import Any
 
+import meta_unet  # benchmarks/meta_unet.py, beside this file
 import torch
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 
 from livegen.engine import synth
+from livegen.engine.fastpath import _Graph
 
 MODELS = {"sd15": synth.LCM_LORA_SD15, "sdxl": synth.LCM_LORA_SDXL}
-
-
-def _inputs(config: dict[str, Any], batch: int, side: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    kw: dict[str, Any] = {
-        "sample": torch.randn(batch, 4, side, side, device=device, dtype=dtype),
-        "timestep": torch.tensor(999, device=device),
-        "encoder_hidden_states": torch.randn(batch, 77, config["cross_attention_dim"], device=device, dtype=dtype),
-    }
-    if config.get("addition_embed_type") == "text_time":
-        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        kw["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
-            "time_ids": torch.randn(batch, 6, device=device, dtype=dtype),
-        }
-    return kw
 
 
 def _time(fn: Callable[[], Any], iters: int, device: torch.device) -> float:
@@ -63,20 +52,6 @@ def _time(fn: Callable[[], Any], iters: int, device: torch.device) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _graphed(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
-    """``fn`` captured as a CUDA graph (inputs are fixed tensors: the replay is the call)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="sd15")
@@ -93,23 +68,31 @@ def main() -> None:
     unet = UNet2DConditionModel.from_config(config).to(device, dtype).eval()
     if cuda:
         unet = unet.to(memory_format=torch.channels_last)
-    side = (64 if tiny else args.size) // 8
+    size = 64 if tiny else args.size
     batches = [int(b) for b in args.batch.split(",")]
     rows: list[dict[str, Any]] = []
 
+    def forward(**kw: torch.Tensor) -> torch.Tensor:
+        """The UNet over flat tensors (the fast path's graphs take a flat dict): SDXL's two added
+        conditions travel as their own keys."""
+        added = {k: kw.pop(k) for k in ("text_embeds", "time_ids") if k in kw}
+        return unet(**kw, added_cond_kwargs=added or None, return_dict=False)[0]
+
     def run(label: str) -> None:
         for batch in batches:
-            kw = _inputs(config, batch, side, device, dtype)
+            kw = meta_unet.inputs(config, batch, size, device, dtype)
+            flat = {**{k: v for k, v in kw.items() if k != "added_cond_kwargs"}, **kw.get("added_cond_kwargs", {})}
 
-            def call(kw: dict[str, Any] = kw) -> Any:
+            def call(flat: dict[str, torch.Tensor] = flat) -> Any:
                 with torch.inference_mode():
-                    return unet(**kw, return_dict=False)[0]
+                    return forward(**flat)
 
             row: dict[str, Any] = {"model": args.model, "unet": label, "batch": batch,
                                    "eager_ms": round(_time(call, args.iters, device), 3)}  # fmt: skip
-            if cuda:
+            if cuda:  # as the fast path replays a shape: its _Graph, inputs copied in, then the replay
+                replay = functools.partial(_Graph(forward, flat, None, 2).replay, flat)
                 with torch.inference_mode():
-                    row["graph_ms"] = round(_time(_graphed(call, device), args.iters, device), 3)
+                    row["graph_ms"] = round(_time(replay, args.iters, device), 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
 

@@ -83,8 +83,8 @@ def check(device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type != "cuda" or dtype != torch.float16:
         return f"it runs float16 rows on CUDA, not {str(dtype).removeprefix('torch.')} on {device.type}"
     try:
-        rows = torch.Generator(device).manual_seed(0)  # not the global generator: load leaves it as it was
-        projected = torch.randn(64, 2 * 1280, device=device, generator=rows).mul(3).to(dtype)
+        gen = torch.Generator(device).manual_seed(0)  # not the global generator: load leaves it as it was
+        projected = torch.randn(64, 2 * 1280, device=device, generator=gen).mul(3).to(dtype)
         quantized, scales = geglu_quantize_rows(projected)
         expected, expected_scales = fp8.geglu_quantize_rows(projected)
         torch.cuda.synchronize(device)
