@@ -20,6 +20,10 @@ from livegen.protocol.schemas import MAX_IMAGES, MAX_SIDE, MAX_STEPS, MIN_SIDE
 
 WeightsSource = str  # "hub" | "random" | "tiny-random" | a folder path
 
+# The fast path's four rewrites that are on by default since session 22 (each a setting below): the
+# bench's no-rewrites and the GPU suite's one-rewrite-at-a-time cases turn these off.
+DEFAULT_REWRITES = ("split_geglu", "keep_channels_last", "tiny_vae_conv_relu", "tiny_vae_fold_upsample")
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIVEGEN_", extra="ignore")

@@ -38,7 +38,7 @@ pytestmark = [
 from livegen.engine import GenerationRequest, Task  # noqa: E402
 from livegen.engine.fastpath import Deferred  # noqa: E402
 from livegen.engine.worker import Worker  # noqa: E402
-from livegen.settings import Settings  # noqa: E402
+from livegen.settings import DEFAULT_REWRITES, Settings  # noqa: E402
 
 SD, SDXL, LCM = "stabilityai/sd-turbo", "stabilityai/sdxl-turbo", "runwayml/stable-diffusion-v1-5"
 MIN_PSNR_DB = 45.0  # see the module docstring: measured 61.3-76.8 dB
@@ -60,12 +60,8 @@ def loaded() -> Iterator[dict[tuple[str, str], Any]]:
     torch.cuda.empty_cache()
 
 
-# The fast path's rewrites on by default (settings.py, session 22).
-REWRITES = ("split_geglu", "keep_channels_last", "tiny_vae_conv_relu", "tiny_vae_fold_upsample")
-
-
 def adapter(cache: dict[tuple[str, str], Any], model: str, kind: str) -> Any:
-    """kind: fast (graphs, the defaults: with the four rewrites below), fast-nhwc-gn (and GroupNorms
+    """kind: fast (graphs, the defaults: with settings.DEFAULT_REWRITES), fast-nhwc-gn (and GroupNorms
     in channels_last), fast-split-geglu, fast-keep-cl, fast-taesd-rewrites (each rewrite alone, the
     others off: GEGLU's halves projected apart; transformer outputs kept channels_last; the tiny
     VAE's fused convolutions and folded upsampling), fast-fp8 (and the UNet's transformer linears
@@ -77,14 +73,14 @@ def adapter(cache: dict[tuple[str, str], Any], model: str, kind: str) -> Any:
                 del cache[key]
             gc.collect()
             torch.cuda.empty_cache()
-        fast, none = {"fast_path": "on", "cuda_graphs": True}, dict.fromkeys(REWRITES, False)
+        fast, none = {"fast_path": "on", "cuda_graphs": True}, dict.fromkeys(DEFAULT_REWRITES, False)
         update: dict[str, Any] = {
             "fast": fast,
             "fast-nhwc-gn": {**fast, "nhwc_group_norm": True},
             "fast-split-geglu": {**fast, **none, "split_geglu": True},
             "fast-keep-cl": {**fast, **none, "keep_channels_last": True},
             "fast-taesd-rewrites": {**fast, **none, "tiny_vae_conv_relu": True, "tiny_vae_fold_upsample": True},
-            "fast-fp8": {"fast_path": "on", "cuda_graphs": True, "fp8_linear": True, "fuse_qkv": True},
+            "fast-fp8": {**fast, "fp8_linear": True, "fuse_qkv": True},
             "eager": {"fast_path": "on", "cuda_graphs": False},
             "plain-tiny": {"fast_path": "off", "tiny_vae": True},
             "plain-full": {"fast_path": "off", "tiny_vae": False},

@@ -32,7 +32,7 @@ from livegen.engine import GenerationRequest, Priority, Task
 from livegen.engine.pipelines import common
 from livegen.engine.registry import resolve_source, spec_for
 from livegen.engine.worker import STAGES, Worker, stage_summary
-from livegen.settings import Settings
+from livegen.settings import DEFAULT_REWRITES, Settings
 
 PROMPT = "a photo of a red fox in the snow, detailed, 4k"
 
@@ -43,10 +43,6 @@ MODIFIERS = (
     "sdpa-cudnn", "nhwc-gn", "split-geglu", "taesd-relu", "taesd-fold", "keep-cl", "no-text-graph", "fp8",
     "no-split-geglu", "no-taesd-relu", "no-taesd-fold", "no-keep-cl", "no-rewrites", "no-fp8-geglu",
 )  # fmt: skip
-
-# The fast path's rewrites that are on by default (session 22); no-rewrites turns all four off,
-# for the fast path as it was before them.
-_REWRITES = ("split_geglu", "tiny_vae_conv_relu", "tiny_vae_fold_upsample", "keep_channels_last")
 
 
 # A modifier that sets one engine setting: (setting, value).
@@ -77,7 +73,7 @@ _ONE_SETTING: dict[str, tuple[str, Any]] = {
 _MODIFIER_SETTINGS: dict[str, dict[str, Any]] = {
     name: {setting: value} for name, (setting, value) in _ONE_SETTING.items()
 }
-_MODIFIER_SETTINGS["no-rewrites"] = dict.fromkeys(_REWRITES, False)
+_MODIFIER_SETTINGS["no-rewrites"] = dict.fromkeys(DEFAULT_REWRITES, False)  # the fast path before them
 
 
 @dataclass(frozen=True)
